@@ -1,0 +1,381 @@
+"""Fine-tune a MiniCPM-V model (2.0, Llama3-V 2.5, 2.6, o-2.6, 4.x) on JSON conversations.
+
+Launch through the scripts, which hold the reference flags:
+    bash finetune_lora.sh     # LoRA, DeepSpeed ZeRO-2
+    bash finetune_ds.sh       # full fine-tune, DeepSpeed ZeRO-3
+or directly: ``torchrun --nproc_per_node N finetune.py --model_name_or_path ... --data_path ...``.
+"""
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training, set_peft_model_state_dict
+from peft.utils import load_peft_weights
+from torchvision import transforms
+from transformers.integrations import is_deepspeed_zero3_enabled
+
+import loading
+from dataset import DataCollator, SupervisedDataset, load_records
+from trainer import CPMTrainer, model_source_dir
+
+logger = logging.getLogger(__name__)
+
+LLM_TYPES = ("minicpm", "llama3", "qwen")
+DEFAULT_LORA_TARGETS = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj)"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="openbmb/MiniCPM-V-2", metadata={"help": "Hub id or local folder of the model to fine-tune."}
+    )
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(default=None, metadata={"help": "Training data: a .json list or a .jsonl of records."})
+    eval_data_path: str = field(default=None, metadata={"help": "Evaluation data, same format (optional)."})
+    image_folder: str = field(
+        default=None,
+        metadata={"help": "Folder that relative image paths resolve against (default: the data file's folder)."},
+    )
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    cache_dir: str = field(default=None, metadata={"help": "Where downloaded models are cached."})
+    optim: str = field(default="adamw_torch", metadata={"help": "Optimizer name (see transformers OptimizerNames)."})
+    model_max_length: int = field(
+        default=2048, metadata={"help": "Maximum sequence length; samples are right-padded and truncated to it."}
+    )
+    tune_vision: bool = field(default=True, metadata={"help": "Train the vision encoder (vpm)."})
+    tune_llm: bool = field(default=True, metadata={"help": "Train the language model (llm) in full."})
+    llm_type: str = field(default="minicpm", metadata={"help": f"Chat template: one of {', '.join(LLM_TYPES)}."})
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on the LLM instead of its weights."})
+    max_slice_nums: int = field(default=9, metadata={"help": "Most slices a high-resolution image is cut into."})
+    # Our batches are dicts the model reads whole; the Trainer must not prune their keys.
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the model reads every key."})
+    label_names: list[str] = field(default_factory=lambda: ["labels"], metadata={"help": "Batch keys with labels."})
+    gradient_checkpointing_kwargs: dict = field(
+        default_factory=lambda: {"use_reentrant": False},
+        metadata={"help": "Keyword arguments for gradient checkpointing (non-reentrant by default)."},
+    )
+
+    def __post_init__(self):
+        if self.llm_type not in LLM_TYPES:
+            raise ValueError(f"--llm_type {self.llm_type!r} is not one of {', '.join(LLM_TYPES)}")
+        if self.use_lora and self.tune_llm:
+            raise ValueError(
+                "cannot tune the LLM and apply LoRA at once: pass --tune_llm false together with --use_lora true"
+            )
+        if self.model_max_length < 1:
+            raise ValueError("--model_max_length must be positive")
+        if self.max_slice_nums < 1:
+            raise ValueError("--max_slice_nums must be at least 1")
+        super().__post_init__()
+
+
+@dataclass
+class LoraArguments:
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=64, metadata={"help": "LoRA scaling alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
+    lora_target_modules: str = field(
+        default=DEFAULT_LORA_TARGETS, metadata={"help": "Regex (full match) of the module names that get LoRA."}
+    )
+    lora_weight_path: str = field(default="", metadata={"help": "An existing adapter folder to start training from."})
+    lora_bias: str = field(default="none", metadata={"help": "Which biases train: none, all or lora_only."})
+    q_lora: bool = field(default=False, metadata={"help": "QLoRA: load the LLM in 4 bit (nf4, double quant)."})
+    lora_modules_to_save: str = field(
+        default="",
+        metadata={"help": "Comma-separated modules trained in full and saved with the adapter "
+                  "(default: embed_tokens,resampler, plus vpm with --tune_vision)."},
+    )
+    lora_layer_replication: str = field(
+        default=None, metadata={"help": "peft layer_replication as start:end ranges, e.g. '0:4,2:6'."}
+    )
+    lora_layers_to_transform: list[int] = field(
+        default=None, metadata={"help": "Only these LLM layer indices get LoRA (space-separated)."}
+    )
+    lora_layers_pattern: str = field(
+        default=None, metadata={"help": "Name of the layers container for --lora_layers_to_transform (e.g. layers)."}
+    )
+
+    def __post_init__(self):
+        if self.lora_bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"--lora_bias must be none, all or lora_only, not {self.lora_bias!r}")
+        if self.lora_layers_pattern and not self.lora_layers_to_transform:
+            raise ValueError("--lora_layers_pattern only applies together with --lora_layers_to_transform")
+        self.layer_replication()  # fail at parse time on a malformed value
+
+    def modules_to_save(self, tune_vision):
+        if self.lora_modules_to_save.strip():
+            return [name.strip() for name in self.lora_modules_to_save.split(",") if name.strip()]
+        return ["embed_tokens", "resampler"] + (["vpm"] if tune_vision else [])
+
+    def layer_replication(self):
+        if not self.lora_layer_replication:
+            return None
+        ranges = []
+        for part in self.lora_layer_replication.split(","):
+            start, sep, end = part.partition(":")
+            if not sep or not start.strip().isdigit() or not end.strip().isdigit() or int(start) >= int(end):
+                raise ValueError(
+                    f"--lora_layer_replication: {part!r} is not a range 'start:end' with start < end "
+                    "(example: '0:4,2:6')"
+                )
+            ranges.append((int(start), int(end)))
+        return ranges
+
+
+def parse_args(argv=None):
+    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, LoraArguments))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return parser.parse_args_into_dataclasses(args=cpu_deepspeed_argv(argv))
+
+
+def cpu_deepspeed_argv(argv):
+    """Adapt a GPU-first DeepSpeed config for a machine without CUDA, without editing the file.
+
+    DeepSpeed's fused CPU Adam is compiled with g++ on first use (minutes); torch's AdamW does
+    the same job here. The adapted copy goes to a temporary file and the argument points to it.
+    """
+    if torch.cuda.is_available():
+        return argv
+    for i, arg in enumerate(argv):
+        if arg == "--deepspeed" and i + 1 < len(argv):
+            index, path = i + 1, argv[i + 1]
+        elif arg.startswith("--deepspeed="):
+            index, path = i, arg.split("=", 1)[1]
+        else:
+            continue
+        if not path.endswith(".json"):
+            return argv
+        with open(path) as f:
+            config = json.load(f)
+        optimizer = config.get("optimizer")
+        if not optimizer or optimizer.get("params", {}).get("torch_adam"):
+            return argv
+        optimizer.setdefault("params", {})["torch_adam"] = True
+        fd, adapted = tempfile.mkstemp(prefix="ds_cpu_", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(config, f, indent=2)
+        argv = list(argv)
+        argv[index] = adapted if argv[index] == path else f"--deepspeed={adapted}"
+        logger.warning("No CUDA: using %s, a copy of %s with torch's AdamW (torch_adam)", adapted, path)
+        return argv
+    return argv
+
+
+def compute_dtype(training_args):
+    if training_args.fp16:
+        return torch.float16
+    if training_args.bf16:
+        return torch.bfloat16
+    return torch.float32
+
+
+def check_launch(training_args, lora_args):
+    """Refuse combinations that would silently train something other than what was asked."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if lora_args.q_lora and (is_deepspeed_zero3_enabled() or training_args.fsdp):
+        logger.warning("QLoRA does not work with FSDP or ZeRO-3: the 4-bit weights cannot be partitioned")
+    if world_size > 1 and training_args.world_size != world_size:
+        hint = " On a machine without GPUs add --use_cpu True (the launchers do)." if not torch.cuda.is_available() else ""
+        raise RuntimeError(
+            f"WORLD_SIZE={world_size} processes were launched, but the Trainer runs {training_args.world_size} "
+            f"process(es): each rank would train alone.{hint}"
+        )
+
+
+def check_engine(trainer, training_args):
+    if training_args.deepspeed and not trainer.is_deepspeed_enabled:
+        raise RuntimeError(
+            "--deepspeed was given but the Trainer is not running DeepSpeed (is ACCELERATE_USE_CPU set?); "
+            "refusing to train with another engine"
+        )
+
+
+def data_settings(config, training_args):
+    """What dataset.py needs from the model config: slicing, placeholder size, image layout."""
+    slice_config = getattr(config, "slice_config", None)
+    if slice_config is not None:
+        slice_config.max_slice_nums = training_args.max_slice_nums
+        slicing = slice_config.to_dict()
+    else:
+        config.max_slice_nums = training_args.max_slice_nums
+        slicing = config.to_dict() if getattr(config, "slice_mode", True) else None
+    return dict(
+        slice_config=slicing,
+        query_num=config.query_num,
+        patch_size=getattr(config, "patch_size", 14),
+        batch_vision=getattr(config, "batch_vision_input", False),
+        use_image_id=getattr(config, "use_image_id", False),
+    )
+
+
+def build_datasets(data_args, training_args, tokenizer, settings):
+    transform = transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))]
+    )
+
+    def make(path):
+        root = data_args.image_folder or os.path.dirname(os.path.abspath(path))
+        return SupervisedDataset(
+            load_records(path),
+            tokenizer,
+            transform=transform,
+            llm_type=training_args.llm_type,
+            max_length=training_args.model_max_length,
+            image_root=root,
+            data_path=path,
+            **settings,
+        )
+
+    if data_args.data_path is None:
+        raise ValueError("--data_path is required")
+    train_dataset = make(data_args.data_path)
+    eval_dataset = make(data_args.eval_data_path) if data_args.eval_data_path else None
+    return train_dataset, eval_dataset
+
+
+def quantization_config(lora_args, dtype):
+    if not lora_args.q_lora:
+        return None
+    return transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        # Only the LLM is quantized: the vision tower, resampler and output head stay in `dtype`.
+        llm_int8_skip_modules=["vpm", "resampler", "lm_head"],
+    )
+
+
+def apply_lora(model, training_args, lora_args):
+    model.llm.requires_grad_(False)
+    config = LoraConfig(
+        r=lora_args.lora_r,
+        lora_alpha=lora_args.lora_alpha,
+        target_modules=lora_args.lora_target_modules,
+        lora_dropout=lora_args.lora_dropout,
+        bias=lora_args.lora_bias,
+        layers_to_transform=lora_args.lora_layers_to_transform,
+        layers_pattern=lora_args.lora_layers_pattern,
+        layer_replication=lora_args.layer_replication(),
+        modules_to_save=lora_args.modules_to_save(training_args.tune_vision),
+    )
+    try:
+        model.get_input_embeddings()
+    except NotImplementedError:
+        # peft and gradient checkpointing reach the token embeddings through this method.
+        model.get_input_embeddings = lambda: model.llm.get_input_embeddings()
+    if lora_args.q_lora:
+        if not getattr(model, "is_loaded_in_4bit", False):
+            raise RuntimeError("--q_lora was given but the model did not load in 4 bit")
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training_args.gradient_checkpointing)
+    model = get_peft_model(model, config)
+    if lora_args.lora_weight_path:
+        load_adapter_weights(model, lora_args.lora_weight_path)
+    if training_args.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model
+
+
+def load_adapter_weights(model, path):
+    """Start from an existing adapter: its weights must fit the LoRA layout given on the command line."""
+    weights = load_peft_weights(path)
+    result = set_peft_model_state_dict(model, weights)
+    if result.unexpected_keys:
+        raise ValueError(
+            f"--lora_weight_path {path}: {len(result.unexpected_keys)} tensors do not fit this LoRA layout, "
+            f"e.g. {result.unexpected_keys[:3]}; pass the LoRA arguments the adapter was trained with"
+        )
+    logger.info("Loaded %d adapter tensors from %s", len(weights), path)
+
+
+def count_parameters(model):
+    def numel(p):
+        return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+
+    total = sum(numel(p) for p in model.parameters())
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def log_sample(dataset, tokenizer):
+    sample = dataset[0]
+    ids, labels = sample["input_ids"].tolist(), sample["labels"].tolist()
+    logger.info("First training sample, as the model reads it:\n%s", tokenizer.decode(ids))
+    learned = [label for label in labels if label != -100]
+    logger.info("...and the tokens it learns to predict (%d):\n%s", len(learned), tokenizer.decode(learned))
+
+
+def train(argv=None):
+    model_args, data_args, training_args, lora_args = parse_args(argv)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=training_args.get_process_log_level(),
+        force=True,
+    )
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    check_launch(training_args, lora_args)
+    if training_args.deepspeed and not torch.cuda.is_available():
+        import deepspeed
+
+        # ZeRO-3 partitions weights while from_pretrained loads them: the process group must exist.
+        deepspeed.init_distributed(dist_backend="gloo")
+
+    dtype = compute_dtype(training_args)
+    config = loading.load_config(model_args.model_name_or_path, training_args.cache_dir)
+    tokenizer = loading.load_tokenizer(model_args.model_name_or_path, training_args.cache_dir)
+    settings = data_settings(config, training_args)
+    train_dataset, eval_dataset = build_datasets(data_args, training_args, tokenizer, settings)
+    if training_args.should_log:
+        log_sample(train_dataset, tokenizer)
+
+    device_map = None
+    if lora_args.q_lora:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        device_map = {"": local_rank if torch.cuda.is_available() else "cpu"}
+    model = loading.load_model(
+        model_args.model_name_or_path,
+        config,
+        dtype=dtype,
+        cache_dir=training_args.cache_dir,
+        device_map=device_map,
+        quantization_config=quantization_config(lora_args, dtype),
+    )
+    if not training_args.tune_vision:
+        model.vpm.requires_grad_(False)
+    if not training_args.tune_llm:
+        model.llm.requires_grad_(False)
+    if training_args.use_lora:
+        model = apply_lora(model, training_args, lora_args)
+    total, trainable = count_parameters(model)
+    logger.info("Parameters: %s total, %s trainable (%.2f%%)", f"{total:,}", f"{trainable:,}", 100 * trainable / total)
+
+    trainer = CPMTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=DataCollator(training_args.model_max_length),
+        processing_class=tokenizer,
+        model_source=model_source_dir(model_args.model_name_or_path, training_args.cache_dir),
+    )
+    check_engine(trainer, training_args)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_state()
+    trainer.save_model(training_args.output_dir)
+    return trainer
+
+
+if __name__ == "__main__":
+    train()

@@ -1,0 +1,78 @@
+#!/bin/bash
+# Full-parameter fine-tuning of MiniCPM-V with DeepSpeed ZeRO-3.
+#
+#   bash finetune_ds.sh
+#
+# Edit DATA / EVAL_DATA below, or override any variable from the environment:
+#   MODEL=openbmb/MiniCPM-V-2_6 LLM_TYPE=qwen DATA=train.json EVAL_DATA=eval.json bash finetune_ds.sh
+# Arguments after the script name go to finetune.py and win over the defaults below:
+#   bash finetune_ds.sh --max_steps 500 --learning_rate 1e-5
+# Without a GPU the script still runs (CPU, gloo, fp32): that is how the demo and tests use it.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-localhost}
+MASTER_PORT=${MASTER_PORT:-6001}
+
+MODEL=${MODEL:-"openbmb/MiniCPM-V-2_6"} # or openbmb/MiniCPM-V-2, openbmb/MiniCPM-Llama3-V-2_5, ...
+# The data: a .json list (or .jsonl) of {"id", "image", "conversations"} records.
+DATA=${DATA:-"path/to/training_data.json"}
+EVAL_DATA=${EVAL_DATA:-"path/to/eval_data.json"} # set EVAL_DATA= (empty) to train without evaluation
+# minicpm for MiniCPM-V 2.0, llama3 for MiniCPM-Llama3-V 2.5, qwen for MiniCPM-V 2.6, MiniCPM-o 2.6 and 4.x
+LLM_TYPE=${LLM_TYPE:-"qwen"}
+MODEL_MAX_Length=${MODEL_MAX_Length:-2048} # 2048 fits 9 slices of an image with room for text
+OUTPUT_DIR=${OUTPUT_DIR:-"output/output_full"}
+DS_CONFIG=${DS_CONFIG:-"$HERE/ds_config_zero3.json"}
+TORCHRUN=${TORCHRUN:-torchrun}
+PYTHON=${PYTHON:-python}
+
+if "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    DEVICE_ARGS=${DEVICE_ARGS:-"--bf16 true --bf16_full_eval true"}
+else
+    # No GPU: CPU processes over gloo, in fp32 (fp16 is not supported on CPUs).
+    DEVICE_ARGS=${DEVICE_ARGS:-"--use_cpu true --ddp_backend gloo"}
+fi
+
+EVAL_ARGS=()
+if [ -n "$EVAL_DATA" ]; then
+    EVAL_ARGS=(--eval_data_path "$EVAL_DATA" --do_eval --eval_strategy steps --eval_steps 1000)
+fi
+
+$TORCHRUN --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
+    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+    "$HERE/finetune.py" \
+    --model_name_or_path "$MODEL" \
+    --llm_type "$LLM_TYPE" \
+    --data_path "$DATA" \
+    "${EVAL_ARGS[@]}" \
+    --remove_unused_columns false \
+    --label_names labels \
+    --prediction_loss_only false \
+    $DEVICE_ARGS \
+    --do_train \
+    --tune_vision true \
+    --tune_llm false \
+    --model_max_length "$MODEL_MAX_Length" \
+    --max_slice_nums 9 \
+    --max_steps 10000 \
+    --output_dir "$OUTPUT_DIR" \
+    --logging_strategy steps \
+    --per_device_train_batch_size 1 \
+    --per_device_eval_batch_size 1 \
+    --gradient_accumulation_steps 1 \
+    --save_strategy steps \
+    --save_steps 1000 \
+    --save_total_limit 10 \
+    --learning_rate 1e-6 \
+    --weight_decay 0.1 \
+    --adam_beta2 0.95 \
+    --warmup_steps 0.01 \
+    --lr_scheduler_type cosine \
+    --logging_steps 1 \
+    --gradient_checkpointing true \
+    --deepspeed "$DS_CONFIG" \
+    --report_to tensorboard \
+    "$@"

@@ -1,0 +1,114 @@
+"""CPMTrainer: the two hooks where MiniCPM-V differs from a plain causal LM.
+
+1. Loss. MiniCPM-V's ``forward(data=...)`` takes the whole batch dict (ids, images, image
+   bounds) and ignores ``labels``, so the loss is computed here. ``dataset.py`` stores labels
+   already shifted by one (``labels[i]`` is the token that must follow position ``i``), so
+   the cross-entropy compares logits and labels position by position, with no extra shift.
+2. Saving. A full fine-tune must be loadable on its own with ``trust_remote_code=True``, so
+   the model's remote-code files (and processor files) travel with every saved folder.
+
+Everything else (the loop, gradient accumulation, DeepSpeed, checkpoints, evaluation) is the
+stock ``transformers.Trainer``.
+"""
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import transformers
+from peft import PeftModel
+from transformers.integrations import is_deepspeed_zero3_enabled
+
+logger = logging.getLogger(__name__)
+
+# Files besides the weights that make a checkpoint folder self-contained: the model's remote
+# code and the processor description (the tokenizer is saved by the Trainer itself).
+REMOTE_CODE_PATTERNS = ("*.py", "preprocessor_config.json", "processor_config.json")
+
+
+def model_source_dir(name_or_path, cache_dir=None):
+    """The local folder holding a model's files: the path itself, or its hub cache snapshot."""
+    if os.path.isdir(name_or_path):
+        return Path(name_or_path)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name_or_path, cache_dir=cache_dir, allow_patterns=list(REMOTE_CODE_PATTERNS)))
+
+
+def copy_remote_code(source_dir, output_dir):
+    """Copy remote-code and processor files that ``output_dir`` does not have yet."""
+    copied = []
+    for pattern in REMOTE_CODE_PATTERNS:
+        for src in sorted(Path(source_dir).glob(pattern)):
+            dst = Path(output_dir) / src.name
+            if not dst.exists():
+                shutil.copy2(src, dst)
+                copied.append(src.name)
+    return copied
+
+
+def register_zero3_external_parameters(model):
+    """Let ZeRO-3 gather parameters that are used outside their own module's forward.
+
+    ``nn.MultiheadAttention`` (the resampler's attention) reads ``out_proj.weight`` and
+    ``out_proj.bias`` directly in ``F.multi_head_attention_forward``; ``out_proj.forward`` never
+    runs, so ZeRO-3's module hooks would leave those partitioned (empty) during the forward.
+    Registering them as external parameters of the attention module makes DeepSpeed gather
+    them for that module's forward and backward.
+    """
+    import deepspeed
+
+    registered = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.MultiheadAttention):
+            for param in module.out_proj.parameters():
+                deepspeed.zero.register_external_parameter(module, param)
+                registered += 1
+    return registered
+
+
+class CPMTrainer(transformers.Trainer):
+    def __init__(self, *args, model_source=None, **kwargs):
+        """``model_source``: folder of the base model, whose remote code full saves copy."""
+        super().__init__(*args, **kwargs)
+        self.model_source = model_source
+        if is_deepspeed_zero3_enabled():
+            count = register_zero3_external_parameters(self.model)
+            logger.info("ZeRO-3: registered %d attention output parameters for gathering", count)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        # A PeftModel forwards keyword arguments to the base model inside its LoRA hooks.
+        outputs = model(data=inputs, use_cache=False)
+        logits = outputs.logits
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)).float(),
+            labels.reshape(-1).to(logits.device),
+            ignore_index=-100,
+            reduction="sum",
+        )
+        # Normalise by the learned tokens of the whole accumulated batch when the Trainer
+        # counted them (it does for models whose forward takes **kwargs, as MiniCPM-V's does);
+        # otherwise by this micro-batch's own count, and the Trainer divides by the
+        # accumulation steps.
+        if num_items_in_batch is None:
+            num_items = labels.ne(-100).sum().clamp(min=1)
+        else:
+            num_items = num_items_in_batch
+        loss = loss / num_items
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            # The count is summed over processes, and DDP averages gradients over them.
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        super().save_model(output_dir, _internal_call=_internal_call)
+        output_dir = output_dir or self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        if self.args.should_save and self.model_source is not None and not isinstance(model, PeftModel):
+            copied = copy_remote_code(self.model_source, output_dir)
+            if copied:
+                logger.info("Copied remote code into %s: %s", output_dir, ", ".join(copied))
