@@ -228,3 +228,362 @@ def reshape_by_patch(image, patch_size):
     rows, cols = height // patch_size, width // patch_size
     patches = image[:, : rows * patch_size, : cols * patch_size].reshape(channels, rows, patch_size, cols, patch_size)
     return patches.permute(0, 2, 1, 3, 4).reshape(channels, patch_size, -1)
+
+
+# --------------------------------------------------------------------------------------------
+# Placeholders and chat templates
+
+
+def image_placeholder(tokenizer, *, query_num, grid=None, new_schema=False, image_id=None):
+    """The text standing for one image, as the model's processor writes it.
+
+    ``grid`` is ``[cols, rows]`` of slices (None: not sliced); ``image_id`` (new schema, with
+    ``use_image_id``) prefixes ``<image_id>N</image_id>``. With ``query_num=0`` this is the
+    compact form the dataset tokenizes before splicing in the query runs.
+    """
+    unk = tokenizer.unk_token * query_num
+    text = "" if image_id is None else f"{tokenizer.im_id_start}{image_id}{tokenizer.im_id_end}"
+    text += tokenizer.im_start + unk + tokenizer.im_end
+    if grid is None:
+        return text
+    cols, rows = grid
+    if new_schema:
+        one_slice = tokenizer.slice_start + unk + tokenizer.slice_end
+        return text + "\n".join(one_slice * cols for _ in range(rows))
+    one_slice = tokenizer.im_start + unk + tokenizer.im_end
+    return text + tokenizer.slice_start + "\n".join(one_slice * cols for _ in range(rows)) + tokenizer.slice_end
+
+
+def place_images(conversations, placeholders):
+    """Messages with each image tag replaced by its placeholder text (a new list).
+
+    One image (tag ``<image>``): its tag is replaced where it sits; without a tag, the
+    placeholder and a newline go in front of the first user message. Several images
+    (``<image_NN>``): a message is split at its tags and the non-empty pieces are joined with
+    "\\n", like the model's ``chat()`` lays out a list of images and texts.
+    """
+    messages = [{"role": m["role"], "content": m["content"]} for m in conversations]
+    if SINGLE_IMAGE_TAG in placeholders:
+        placeholder = placeholders[SINGLE_IMAGE_TAG]
+        for message in messages:
+            if SINGLE_IMAGE_TAG in message["content"]:
+                message["content"] = message["content"].replace(SINGLE_IMAGE_TAG, placeholder)
+                break
+        else:
+            messages[0]["content"] = placeholder + "\n" + messages[0]["content"]
+        return messages
+    if placeholders:
+        for message in messages:
+            if MULTI_IMAGE_TAG.search(message["content"]):
+                pieces = re.split(f"({MULTI_IMAGE_TAG.pattern})", message["content"])
+                message["content"] = "\n".join(placeholders.get(p, p) for p in pieces if p.strip())
+    return messages
+
+
+def render_llama3(messages, tokenizer):
+    """Llama-3 layout: ``(text, learned character spans)``; assistant content through <|eot_id|>."""
+    text = tokenizer.bos_token
+    spans = []
+    for message in messages:
+        text += f"<|start_header_id|>{message['role']}<|end_header_id|>\n\n"
+        start = len(text)
+        text += message["content"].strip() + "<|eot_id|>"
+        if message["role"] == "assistant":
+            spans.append((start, len(text)))
+    return text, spans
+
+
+def render_qwen(messages, tokenizer):
+    """The tokenizer's own ChatML template: ``(text, learned character spans)``.
+
+    Learned: after each ``<|im_start|>assistant\\n`` through its ``<|im_end|>``, except an empty
+    think block the template writes into a turn whose message had none.
+    """
+    assistants = [m["content"] for m in messages if m["role"] == "assistant"]
+    thinking = bool(THINK_BLOCK.search(assistants[-1]))
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=False, enable_thinking=thinking
+    )
+    header, end = "<|im_start|>assistant\n", "<|im_end|>"
+    spans = []
+    position = 0
+    for content in assistants:
+        found = text.find(header, position)
+        if found < 0:
+            raise ValueError("the chat template output lacks an assistant turn")
+        start = found + len(header)
+        if text.startswith(EMPTY_THINK, start) and "<think>" not in content:
+            start += len(EMPTY_THINK)
+        stop = text.find(end, start)
+        if stop < 0:
+            raise ValueError("an assistant turn in the chat template output has no <|im_end|>")
+        position = stop + len(end)
+        spans.append((start, position))
+    return text, spans
+
+
+def tokenize_with_spans(tokenizer, text, spans):
+    """Ids of ``text`` and a context flag per token (1: not learned): learned tokens start in a span."""
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = torch.tensor(encoding["input_ids"], dtype=torch.long)
+    token_starts = torch.tensor([start for start, _ in encoding["offset_mapping"]], dtype=torch.long)
+    context = torch.ones(len(ids), dtype=torch.int8)
+    for start, stop in spans:
+        context[(token_starts >= start) & (token_starts < stop)] = 0
+    return ids, context
+
+
+def tokenize_minicpm(messages, tokenizer):
+    """MiniCPM layout: ``<用户>``/``<AI>`` prefixes, eos after the last message, pieces encoded alone."""
+    ids, context = [], []
+    for n, message in enumerate(messages):
+        prefix = "<用户>" if message["role"] == "user" else "<AI>"
+        content = message["content"] + (tokenizer.eos_token if n == len(messages) - 1 else "")
+        prefix_ids = tokenizer.encode(prefix, add_special_tokens=False)
+        content_ids = tokenizer.encode(content, add_special_tokens=False)
+        ids += prefix_ids + content_ids
+        context += [1] * len(prefix_ids) + [int(message["role"] != "assistant")] * len(content_ids)
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(context, dtype=torch.int8)
+
+
+def shifted_labels(ids, context, end_of_turn_id):
+    """The reference's labels: ``labels[i-1] = ids[i]`` where token ``i`` is learned; where a
+    learned run ends, the last learned position gets ``end_of_turn_id``."""
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    learned_next = context[1:] == 0
+    labels[:-1][learned_next] = ids[1:][learned_next]
+    labels[:-1][(context[1:] == 1) & (context[:-1] == 0)] = end_of_turn_id
+    return labels
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset and collator
+
+
+class SupervisedDataset(Dataset):
+    """Records -> model inputs. See the module docstring and docs/CONTRACTS.md."""
+
+    def __init__(
+        self,
+        records,
+        tokenizer,
+        *,
+        transform,
+        slice_config,
+        llm_type,
+        patch_size,
+        query_num,
+        batch_vision,
+        max_length,
+        use_image_id,
+        image_root,
+        data_path=None,
+    ):
+        if llm_type not in LLM_TYPES:
+            raise ValueError(f"llm_type must be one of {LLM_TYPES}, got {llm_type!r}")
+        self.records = records
+        self.tokenizer = tokenizer
+        self.transform = transform
+        self.slice_config = (
+            None
+            if slice_config is None
+            else {key: slice_config[key] for key in ("max_slice_nums", "scale_resolution", "patch_size")}
+        )
+        self.llm_type = llm_type
+        self.new_schema = llm_type == "qwen"
+        self.patch_size = patch_size
+        self.query_num = query_num
+        self.batch_vision = batch_vision
+        self.max_length = max_length
+        self.use_image_id = use_image_id
+        self.data_path = None if data_path is None else os.fspath(data_path)
+        if image_root is None:
+            image_root = os.path.dirname(os.path.abspath(self.data_path)) if self.data_path else os.getcwd()
+        self.image_root = os.fspath(image_root)
+
+        t = tokenizer
+        self.unk_id = t.unk_id
+        self.end_of_turn_id = t.eot_id if hasattr(t, "eot_id") else t.eos_id
+        openers = [t.im_start_id] + ([t.slice_start_id] if self.new_schema else [])
+        closers = [t.im_end_id] + ([t.slice_end_id] if self.new_schema else [])
+        self.opener_ids = torch.tensor(openers, dtype=torch.long)
+        self.closer_ids = torch.tensor(closers, dtype=torch.long)
+        # The sliced old schema closes an image with slice_end after its last slice.
+        self.image_end_extra = None if self.new_schema else t.slice_end_id
+        self.im_id_start_id = t.im_id_start_id if use_image_id else None
+        self.reserved_tokens = tuple(
+            token
+            for token in (t.im_end, t.slice_start, t.slice_end, t.im_id_start, t.im_id_end, t.unk_token)
+            if token
+        )
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        record = self.records[index]
+        validate_record(record, index, data_path=self.data_path, reserved_tokens=self.reserved_tokens)
+        try:
+            return self._build(record, index)
+        except DataError:
+            raise
+        except Exception as e:  # any other failure still names the record; the cause stays chained
+            raise self._error(index, record, f"{type(e).__name__}: {e}") from e
+
+    def _error(self, index, record, reason, path=None):
+        return DataError(reason, index=index, record_id=record.get("id"), path=path, data_path=self.data_path)
+
+    def _load_image(self, index, record, tag, path):
+        full_path = path if os.path.isabs(path) else os.path.join(self.image_root, path)
+        try:
+            with Image.open(full_path) as image:
+                return image.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise self._error(index, record, f"cannot load image {tag} from {full_path}: {e}", path=full_path) from e
+
+    def _build(self, record, index):
+        paths = record_images(record)
+        # Images are numbered, and their tensors ordered, as their tags appear in the text.
+        if SINGLE_IMAGE_TAG in paths:
+            order = [SINGLE_IMAGE_TAG]
+        else:
+            order = [tag for m in record["conversations"] for tag in MULTI_IMAGE_TAG.findall(m["content"])]
+
+        views, placeholders, layouts = [], {}, []
+        for number, tag in enumerate(order):
+            image = self._load_image(index, record, tag, paths[tag])
+            slices = []
+            if self.slice_config is not None:
+                image, slices = slice_image(image, **self.slice_config)
+            grid = [len(slices[0]), len(slices)] if slices else None
+            views.append([image] + [s for row in slices for s in row])
+            layouts.append(len(views[-1]))  # query runs of this image: source + slices
+            placeholders[tag] = image_placeholder(
+                self.tokenizer,
+                query_num=0,
+                grid=grid,
+                new_schema=self.new_schema,
+                image_id=number if self.use_image_id else None,
+            )
+
+        messages = place_images(record["conversations"], placeholders)
+        if self.llm_type == "minicpm":
+            ids, context = tokenize_minicpm(messages, self.tokenizer)
+        else:
+            render = render_llama3 if self.llm_type == "llama3" else render_qwen
+            ids, context = tokenize_with_spans(self.tokenizer, *render(messages, self.tokenizer))
+        ids, context, bounds = self._splice_query_runs(ids, context)
+        if len(bounds) != sum(layouts):
+            raise self._error(index, record, f"found {len(bounds)} image query runs, expected {sum(layouts)}")
+        spans = self._image_spans(ids, bounds, layouts)
+
+        truncated = len(ids) > self.max_length
+        if truncated:
+            cut = self.max_length
+            for number, (first, last) in enumerate(spans):
+                if first < cut <= last:
+                    raise self._error(
+                        index,
+                        record,
+                        f"{len(ids)} tokens: max_length {cut} would cut image {order[number]}'s placeholder "
+                        f"(tokens {first}..{last}); raise model_max_length or shorten the record",
+                    )
+            kept = sum(last < cut for _, last in spans)
+            logger.warning(
+                "record %d (id %r) of %s: %d tokens truncated to max_length %d (%d of %d images kept)",
+                index, record.get("id"), self.data_path, len(ids), cut, kept, len(order),
+            )
+            ids, context = ids[:cut], context[:cut]
+            bounds = bounds[: sum(layouts[:kept])]
+            views = views[:kept]
+
+        labels = shifted_labels(ids, context, self.end_of_turn_id)
+        for start, end in bounds.tolist():
+            labels[start - 1 : end - 1] = IGNORE_INDEX  # image features are never prediction targets
+        if not (labels != IGNORE_INDEX).any():
+            after = f" after truncation to max_length {self.max_length}" if truncated else ""
+            raise self._error(index, record, f"no learnable token left{after}")
+
+        pixel_values, tgt_sizes = self._image_tensors([v for group in views for v in group])
+        return dict(
+            input_ids=ids,
+            position_ids=torch.arange(len(ids), dtype=torch.long),
+            labels=labels,
+            attention_mask=torch.ones(len(ids), dtype=torch.bool),
+            pixel_values=pixel_values,
+            tgt_sizes=tgt_sizes,
+            image_bound=bounds,
+        )
+
+    def _splice_query_runs(self, ids, context):
+        """Insert ``query_num`` unk ids after every opening token; return ids, context, bounds."""
+        q = self.query_num
+        is_opener = torch.isin(ids, self.opener_ids)
+        counts = 1 + q * is_opener.long()
+        new_positions = torch.cumsum(counts, 0) - counts
+        ids = ids.repeat_interleave(counts)
+        context = context.repeat_interleave(counts)
+        starts = new_positions[is_opener] + 1
+        ids[(starts[:, None] + torch.arange(q)).reshape(-1)] = self.unk_id
+        bounds = torch.stack([starts, starts + q], dim=1)
+        ends = bounds[:, 1]
+        if (ends >= len(ids)).any() or not torch.isin(ids[ends.clamp(max=len(ids) - 1)], self.closer_ids).all():
+            raise ValueError("an image start token is not followed by its end token after the chat template")
+        return ids, context, bounds
+
+    def _image_spans(self, ids, bounds, layouts):
+        """Per image, the (first, last) token of its whole placeholder, id prefix included."""
+        id_starts = torch.where(ids == self.im_id_start_id)[0] if self.im_id_start_id is not None else None
+        spans, run = [], 0
+        for runs in layouts:
+            first = int(bounds[run, 0]) - 1
+            last = int(bounds[run + runs - 1, 1])
+            if id_starts is not None:
+                first = int(id_starts[id_starts < first].max())
+            if runs > 1 and self.image_end_extra is not None:
+                last += 1  # the old schema's slice_end
+            spans.append((first, last))
+            run += runs
+        return spans
+
+    def _image_tensors(self, images):
+        tensors = [self.transform(image) for image in images]
+        if not self.batch_vision:
+            return tensors, torch.zeros((0, 2), dtype=torch.int32)
+        p = self.patch_size
+        sizes = [[t.shape[1] // p, t.shape[2] // p] for t in tensors]
+        return [reshape_by_patch(t, p) for t in tensors], torch.tensor(sizes, dtype=torch.int32).reshape(-1, 2)
+
+
+class DataCollator:
+    """Pads a list of samples into a batch; images, bounds and sizes stay per-sample lists.
+
+    Samples are expected to be truncated by the dataset already (it knows where images are);
+    cutting here is a last resort and refuses to cut through an image placeholder.
+    """
+
+    def __init__(self, max_length, pad_token_id=0):
+        self.max_length = max_length
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples):
+        for n, example in enumerate(examples):
+            bounds = example["image_bound"]
+            if len(bounds) and int(bounds[:, 1].max()) >= self.max_length:
+                raise ValueError(
+                    f"sample {n} of the batch ({len(example['input_ids'])} tokens) has an image placeholder past "
+                    f"max_length {self.max_length}; build the dataset with the same max_length"
+                )
+
+        def pad(key, value):
+            return pad_sequence([e[key][: self.max_length] for e in examples], batch_first=True, padding_value=value)
+
+        return {
+            "input_ids": pad("input_ids", self.pad_token_id),
+            "position_ids": pad("position_ids", 0),
+            "labels": pad("labels", IGNORE_INDEX),
+            "attention_mask": pad("attention_mask", False),
+            "pixel_values": [e["pixel_values"] for e in examples],
+            "image_bound": [e["image_bound"] for e in examples],
+            "tgt_sizes": [e["tgt_sizes"] for e in examples],
+        }
