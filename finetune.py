@@ -194,6 +194,20 @@ def check_launch(training_args, lora_args):
         )
 
 
+def init_cpu_deepspeed():
+    """Start DeepSpeed's process group on a machine without CUDA.
+
+    ZeRO-3 partitions weights while from_pretrained loads them, so the group must exist
+    before the model loads. DeepSpeed would also compile its shared-memory all-reduce with g++
+    on first use (minutes, and only a speed-up): plain gloo collectives are used instead.
+    """
+    import deepspeed
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+    deepspeed.init_distributed(dist_backend="gloo")
+
+
 def check_engine(trainer, training_args):
     if training_args.deepspeed and not trainer.is_deepspeed_enabled:
         raise RuntimeError(
@@ -327,10 +341,7 @@ def train(argv=None):
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     check_launch(training_args, lora_args)
     if training_args.deepspeed and not torch.cuda.is_available():
-        import deepspeed
-
-        # ZeRO-3 partitions weights while from_pretrained loads them: the process group must exist.
-        deepspeed.init_distributed(dist_backend="gloo")
+        init_cpu_deepspeed()
 
     dtype = compute_dtype(training_args)
     config = loading.load_config(model_args.model_name_or_path, training_args.cache_dir)

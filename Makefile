@@ -1,0 +1,23 @@
+# The two commands a newcomer needs; both create the git-ignored .venv when it is missing.
+#   make demo   # build a tiny MiniCPM-V 2.6, fine-tune it with LoRA on 2 CPU processes, ask it questions
+#   make test   # the whole test suite (no GPU needed)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU machines this project is developed on take torch from local files; elsewhere pip downloads it.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test venv
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+demo: venv
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) demo.py
+
+test: venv
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q
