@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -122,7 +123,7 @@ def make_dataset(records, tokenizer, llm_type, root, **overrides):
         max_length=512,
         use_image_id=llm_type == "qwen",
         image_root=root,
-        data_path=str(Path(root) / "data.json"),
+        data_path=str(Path(root) / "data.json") if root is not None else None,
     )
     kwargs.update(overrides)
     return dataset.SupervisedDataset(records, tokenizer, **kwargs)
@@ -307,3 +308,322 @@ def check_bounds_q(sample, tok, new_schema, q):
     assert len(sample["image_bound"]) == len(sample["pixel_values"]) == len(sample["tgt_sizes"])
     for start, end in sample["image_bound"].tolist():
         assert end - start == q and int(ids[end]) in closers and (ids[start:end] == tok.unk_id).all()
+
+
+@pytest.mark.parametrize("llm_type", LLM_TYPES)
+def test_multi_image_tags_in_two_turns(llm_type, tokenizers, tmp_path):
+    tok = tokenizers[llm_type]
+    write_image(tmp_path / "wide.png", (112, 56))  # sliced 2x1
+    write_image(tmp_path / "small.png", (28, 28))  # not sliced
+    record = {
+        "id": "multi",
+        "image": {"<image_00>": "wide.png", "<image_01>": "small.png"},
+        "conversations": [
+            {"role": "user", "content": "Look: <image_01>"},
+            {"role": "assistant", "content": "A small one."},
+            {"role": "user", "content": "<image_00>And this?"},
+            {"role": "assistant", "content": "A wide one."},
+        ],
+    }
+    sample = make_dataset([record], tok, llm_type, tmp_path)[0]
+    text = tok.decode(sample["input_ids"])
+    one = f"<image>{UNK2}</image>"
+    if llm_type == "qwen":  # numbered in order of appearance, pieces joined with "\n"
+        assert f"Look: \n<image_id>0</image_id>{one}<|im_end|>" in text
+        assert f"<image_id>1</image_id>{one}<slice>{UNK2}</slice><slice>{UNK2}</slice>\nAnd this?" in text
+    else:
+        assert f"Look: \n{one}" in text
+        assert f"{one}<slice>{one}{one}</slice>\nAnd this?" in text
+    # Tensors follow the placeholders' order: the small image first, then the wide one's views.
+    assert sample["tgt_sizes"].tolist() == [[SCALE // 14, SCALE // 14], [3, 6], [4, 4], [4, 4]]
+    check_bounds(sample, tok, new_schema=llm_type == "qwen")
+    assert len(learned_runs(sample["labels"])) == 2
+
+
+@pytest.mark.parametrize("llm_type", LLM_TYPES)
+def test_text_only_record(llm_type, tokenizers, tmp_path):
+    tok = tokenizers[llm_type]
+    record = {"id": "t", "conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}
+    sample = make_dataset([record], tok, llm_type, tmp_path)[0]
+    assert sample["pixel_values"] == []
+    assert sample["image_bound"].shape == (0, 2) and sample["tgt_sizes"].shape == (0, 2)
+    assert tok.unk_id not in sample["input_ids"].tolist()
+    (start, stop), = learned_runs(sample["labels"])
+    assert tok.decode(sample["labels"][start:stop]).startswith("Yo")
+
+
+def test_qwen_thinking_record(tokenizers, tmp_path):
+    tok = tokenizers["qwen-thinking"]
+    thought = "<think>\nIt has whiskers.\n</think>\n\nA cat."
+    records = [
+        {"id": "think", "conversations": [{"role": "user", "content": "What?"}, {"role": "assistant", "content": thought}]},
+        {"id": "plain", "conversations": [{"role": "user", "content": "What?"}, {"role": "assistant", "content": "A cat."}]},
+    ]
+    data = make_dataset(records, tok, "qwen", tmp_path)
+    kept = data[0]
+    (start, stop), = learned_runs(kept["labels"])
+    assert tok.decode(kept["input_ids"]).endswith(f"<|im_start|>assistant\n{thought}<|im_end|>\n")
+    assert tok.decode(kept["labels"][start:stop]) == thought + "<|im_end|><|im_end|>"  # the think block is learned
+
+    inserted = data[1]
+    text = tok.decode(inserted["input_ids"])
+    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nA cat.<|im_end|>\n")
+    (start, stop), = learned_runs(inserted["labels"])
+    assert tok.decode(inserted["input_ids"][: start + 1]).endswith("</think>\n\n")  # the empty block is context
+    assert tok.decode(inserted["labels"][start:stop]) == "A cat.<|im_end|><|im_end|>"
+
+
+def test_qwen_thinking_flag_reaches_the_template(tokenizers, tmp_path, monkeypatch):
+    tok = tokenizers["qwen-thinking"]
+    seen = []
+    original = type(tok).apply_chat_template
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("enable_thinking"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tok), "apply_chat_template", spy)
+    conv = lambda answer: [{"role": "user", "content": "Q"}, {"role": "assistant", "content": answer}]  # noqa: E731
+    data = make_dataset([{"conversations": conv("<think>x</think>A")}, {"conversations": conv("A")}], tok, "qwen", tmp_path)
+    data[0], data[1]
+    assert seen == [True, False]
+
+
+# --------------------------------------------------------------------------------------------
+# Files: data formats and image paths
+
+
+def test_load_records_json_and_jsonl(tmp_path):
+    records = [two_turn_record(), {"id": "t", "conversations": []}]
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
+    assert dataset.load_records(tmp_path / "d.json") == records
+    assert dataset.load_records(str(tmp_path / "d.jsonl")) == records
+
+
+def test_image_paths_resolve_against_image_root_and_absolute_paths_stay(tokenizers, tmp_path):
+    tok = tokenizers["qwen"]
+    (tmp_path / "imgs").mkdir()
+    write_image(tmp_path / "imgs" / "rel.png", (28, 28))
+    elsewhere = write_image(tmp_path / "abs.png", (56, 28))
+    records = [two_turn_record("imgs/rel.png"), two_turn_record(str(elsewhere))]
+    data = make_dataset(records, tok, "qwen", tmp_path, slice_config=None, batch_vision=False)
+    assert data[0]["pixel_values"][0].shape == (3, 28, 28)
+    assert data[1]["pixel_values"][0].shape == (3, 28, 56)
+    # image_root None: relative to the data file's folder.
+    data = make_dataset(records, tok, "qwen", None, slice_config=None, batch_vision=False,
+                        data_path=str(tmp_path / "data.json"))
+    assert data[0]["pixel_values"][0].shape == (3, 28, 28)
+
+
+def test_images_convert_to_rgb(tokenizers, tmp_path):
+    write_image(tmp_path / "gray.png", (28, 28), mode="L")
+    data = make_dataset([two_turn_record("gray.png")], tokenizers["llama3"], "llama3", tmp_path,
+                        slice_config=None, batch_vision=False)
+    assert data[0]["pixel_values"][0].shape == (3, 28, 28)
+
+
+# --------------------------------------------------------------------------------------------
+# Over-long samples
+
+
+def long_answer_record(image="cat.png"):
+    record = two_turn_record(image)
+    record["conversations"] = record["conversations"][:2]
+    record["conversations"][1]["content"] = "word " * 40
+    return record
+
+
+def test_truncation_keeps_images_whole_and_warns(tokenizers, tmp_path, caplog):
+    tok = tokenizers["llama3"]
+    write_image(tmp_path / "cat.png", (112, 56))
+    full = make_dataset([long_answer_record()], tok, "llama3", tmp_path)[0]
+    cut = int(full["image_bound"][-1, 1]) + 30  # well after the image, inside the answer
+    with caplog.at_level("WARNING", logger="dataset"):
+        sample = make_dataset([long_answer_record()], tok, "llama3", tmp_path, max_length=cut)[0]
+    assert "record 0 (id 'r0')" in caplog.text and "truncated" in caplog.text
+    assert len(sample["input_ids"]) == cut
+    assert torch.equal(sample["input_ids"], full["input_ids"][:cut])
+    assert torch.equal(sample["labels"][:-1], full["labels"][: cut - 1])
+    assert sample["labels"][-1] == -100  # the reference builds labels after cutting
+    assert torch.equal(sample["image_bound"], full["image_bound"])
+
+
+@pytest.mark.parametrize("llm_type", LLM_TYPES)
+def test_truncation_inside_an_image_placeholder_is_an_error(llm_type, tokenizers, tmp_path):
+    tok = tokenizers[llm_type]
+    write_image(tmp_path / "cat.png", (112, 56))
+    full = make_dataset([long_answer_record()], tok, llm_type, tmp_path)[0]
+    bounds = full["image_bound"]
+    # Inside the source's query run, between source and slices, and on the image's very last token.
+    last = int(bounds[-1, 1]) + (0 if llm_type == "qwen" else 1)  # old schema: </slice> closes the image
+    for cut in (int(bounds[0, 0]) + 1, int(bounds[1, 0]) - 1, last):
+        with pytest.raises(DataError, match=r"record 0 \(id 'r0'\).*would cut image <image>"):
+            make_dataset([long_answer_record()], tok, llm_type, tmp_path, max_length=cut)[0]
+    if llm_type == "qwen":  # the image id belongs to the image
+        with pytest.raises(DataError, match="would cut image"):
+            make_dataset([long_answer_record()], tok, llm_type, tmp_path, max_length=int(bounds[0, 0]) - 2)[0]
+
+
+def test_truncation_drops_whole_later_images(tokenizers, tmp_path):
+    tok = tokenizers["qwen"]
+    write_image(tmp_path / "a.png", (28, 28))
+    record = {
+        "id": "m",
+        "image": {"<image_00>": "a.png", "<image_01>": "a.png"},
+        "conversations": [
+            {"role": "user", "content": "<image_00>first"},
+            {"role": "assistant", "content": "answer " * 10},
+            {"role": "user", "content": "<image_01>second"},
+            {"role": "assistant", "content": "more"},
+        ],
+    }
+    full = make_dataset([record], tok, "qwen", tmp_path)[0]
+    cut = int(full["image_bound"][1, 0]) - 25  # before the second image's id, after the first answer started
+    sample = make_dataset([record], tok, "qwen", tmp_path, max_length=cut)[0]
+    assert len(sample["pixel_values"]) == 1 and sample["image_bound"].tolist() == full["image_bound"][:1].tolist()
+    assert sample["tgt_sizes"].shape == (1, 2)
+
+
+def test_truncation_leaving_nothing_to_learn_is_an_error(tokenizers, tmp_path):
+    write_image(tmp_path / "cat.png", (112, 56))
+    tok = tokenizers["minicpm"]
+    full = make_dataset([long_answer_record()], tok, "minicpm", tmp_path)[0]
+    cut = learned_runs(full["labels"])[0][0] + 1  # ends on the <AI> prefix: no answer token left
+    with pytest.raises(DataError, match=r"record 0 \(id 'r0'\).*no learnable token left after truncation"):
+        make_dataset([long_answer_record()], tok, "minicpm", tmp_path, max_length=cut)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Errors: every one names the record (index, id), the file, and the reason
+
+
+def conv(*contents):
+    roles = ["user", "assistant"] * len(contents)
+    return [{"role": r, "content": c} for r, c in zip(roles, contents)]
+
+
+BAD_RECORDS = {
+    "not an object": (["a list"], "must be a JSON object"),
+    "one message": ({"id": "x", "conversations": conv("hi")}, "at least two messages"),
+    "bad role": ({"id": "x", "conversations": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]},
+                 "role 'user' or 'assistant'"),
+    "no content": ({"id": "x", "conversations": [{"role": "user", "content": "a"}, {"role": "assistant"}]},
+                   "no text 'content'"),
+    "assistant first": ({"id": "x", "conversations": conv("a", "b")[::-1]}, "first message must come from 'user'"),
+    "no assistant": ({"id": "x", "conversations": [{"role": "user", "content": "a"}] * 2}, "no assistant message"),
+    "image twice": ({"id": "x", "image": "cat.png", "conversations": conv("<image><image>", "b")},
+                    "more than once"),
+    "image in assistant": ({"id": "x", "image": "cat.png", "conversations": conv("a", "<image>")},
+                           "an assistant message"),
+    "tag without image": ({"id": "x", "conversations": conv("<image> a", "b")}, "no single 'image' path"),
+    "unknown tag": ({"id": "x", "image": {"<image_00>": "cat.png"}, "conversations": conv("<image_00><image_07>", "b")},
+                    "<image_07> not found"),
+    "unused image": ({"id": "x", "image": {"<image_00>": "cat.png", "<image_01>": "cat.png"},
+                      "conversations": conv("<image_00>", "b")}, "<image_01> is never referenced"),
+    "tag used twice": ({"id": "x", "image": {"<image_00>": "cat.png"}, "conversations": conv("<image_00>", "<image_00>")},
+                       "referenced more than once"),
+    "bad key": ({"id": "x", "image": {"img0": "cat.png"}, "conversations": conv("a", "b")}, "not of the form"),
+    "multi tag without dict": ({"id": "x", "image": "cat.png", "conversations": conv("<image_00>", "b")},
+                               "no image dict"),
+    "image not a path": ({"id": "x", "image": 3, "conversations": conv("a", "b")}, "'image' must be a path"),
+    "reserved token": ({"id": "x", "conversations": conv("a <slice> b", "c")}, "reserved image token '<slice>'"),
+    "missing file": ({"id": "x", "image": "nowhere.png", "conversations": conv("a", "b")},
+                     "cannot load image <image> from .*nowhere.png"),
+    "corrupt file": ({"id": "x", "image": "broken.png", "conversations": conv("a", "b")},
+                     "cannot load image <image> from .*broken.png"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RECORDS))
+def test_bad_record_raises_data_error_naming_it(case, tokenizers, tmp_path):
+    record, reason = BAD_RECORDS[case]
+    write_image(tmp_path / "cat.png", (28, 28))
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    good = two_turn_record()
+    data = make_dataset([good, record], tokenizers["qwen"], "qwen", tmp_path)
+    data[0]  # a good record next to it still builds
+    with pytest.raises(DataError) as info:
+        data[1]
+    error = info.value
+    record_id = record.get("id") if isinstance(record, dict) else None
+    assert error.index == 1 and error.record_id == record_id
+    assert str(error).startswith(f"record 1 (id {record_id!r}) of {tmp_path / 'data.json'}: ")
+    assert re.search(reason, error.reason), error.reason
+    if case in ("missing file", "corrupt file"):
+        assert error.path == str(tmp_path / record["image"]) and error.__cause__ is not None
+    else:
+        assert error.path == str(tmp_path / "data.json")
+
+
+def test_validate_record_is_usable_alone():
+    dataset.validate_record(two_turn_record(), 0)
+    with pytest.raises(DataError, match=r"record 5 \(id 'x'\): .*at least two messages"):
+        dataset.validate_record({"id": "x", "conversations": []}, 5)
+
+
+def test_unexpected_failure_is_wrapped_naming_the_record(tokenizers, tmp_path):
+    def broken_transform(image):
+        raise RuntimeError("boom")
+
+    write_image(tmp_path / "cat.png", (28, 28))
+    data = make_dataset([two_turn_record()], tokenizers["llama3"], "llama3", tmp_path, transform=broken_transform)
+    with pytest.raises(DataError, match=r"record 0 \(id 'r0'\) of .*data.json: RuntimeError: boom") as info:
+        data[0]
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [("[1, 2", "not valid JSON"), ('{"id": 1}', "must hold a list")],
+)
+def test_load_records_errors_name_the_file(tmp_path, content, reason):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(DataError, match=reason) as info:
+        dataset.load_records(path)
+    assert info.value.path == str(path)
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"id": 1}\n{oops\n')
+    with pytest.raises(DataError, match=r"record 1 .*line 2 is not valid JSON"):
+        dataset.load_records(path)
+
+
+def test_unknown_llm_type_is_rejected(tokenizers, tmp_path):
+    with pytest.raises(ValueError, match="llm_type must be one of"):
+        make_dataset([], tokenizers["qwen"], "qwen2", tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Collator
+
+
+def test_collator_pads_truncates_and_keeps_per_sample_lists(tokenizers, tmp_path):
+    tok = tokenizers["qwen"]
+    write_image(tmp_path / "cat.png", (112, 56))
+    text_only = {"id": "t", "conversations": conv("Hi", "Hello there, " * 5)}
+    data = make_dataset([two_turn_record(), text_only], tok, "qwen", tmp_path)
+    samples = [data[0], data[1]]
+    lengths = [len(s["input_ids"]) for s in samples]
+    assert lengths[0] > lengths[1]
+
+    batch = dataset.DataCollator(max_length=512, pad_token_id=7)(samples)
+    L = max(lengths)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["position_ids"].shape == (2, L)
+    short = lengths[1]
+    assert (batch["input_ids"][1, short:] == 7).all()
+    assert (batch["position_ids"][1, short:] == 0).all()
+    assert (batch["labels"][1, short:] == -100).all()
+    assert batch["attention_mask"].dtype == torch.bool
+    assert batch["attention_mask"][1, :short].all() and not batch["attention_mask"][1, short:].any()
+    assert torch.equal(batch["input_ids"][0], samples[0]["input_ids"])
+    assert batch["pixel_values"][0] is samples[0]["pixel_values"] and batch["pixel_values"][1] == []
+    assert [b.shape for b in batch["image_bound"]] == [(3, 2), (0, 2)]
+    assert [t.shape for t in batch["tgt_sizes"]] == [(3, 2), (0, 2)]
+
+    # Cutting: fine after every image, refused through one.
+    cut = int(samples[0]["image_bound"][-1, 1]) + 1
+    batch = dataset.DataCollator(max_length=cut)([samples[0], samples[1]])
+    assert batch["input_ids"].shape == (2, cut)
+    with pytest.raises(ValueError, match="sample 0 of the batch .* image placeholder past max_length"):
+        dataset.DataCollator(max_length=cut - 1)(samples)
