@@ -49,10 +49,10 @@ class DataError(ValueError):
         self.reason = reason
         self.path = path if path is not None else data_path
         self.data_path = data_path
-        where = f"record {index} (id {record_id!r})"
+        where = [] if index is None else [f"record {index} (id {record_id!r})"]
         if data_path is not None:
-            where += f" of {data_path}"
-        super().__init__(f"{where}: {reason}")
+            where.append(os.fspath(data_path))
+        super().__init__(f"{' of '.join(where)}: {reason}")
 
 
 # --------------------------------------------------------------------------------------------
