@@ -1,0 +1,21 @@
+"""Shared fixtures: tiny random MiniCPM-V checkpoints, built once per test session."""
+
+import pytest
+
+from tiny_models.build import build_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A factory: `tiny_checkpoint("minicpmv2_6") -> Path` of a checkpoint folder (seed 0).
+
+    Each family is built once per session; treat the folder as read-only (copy it to change it).
+    """
+    built = {}
+
+    def get(family):
+        if family not in built:
+            built[family] = build_checkpoint(family, tmp_path_factory.mktemp(f"tiny_{family}"), seed=0)
+        return built[family]
+
+    return get

@@ -1,0 +1,1 @@
+"""Tiny, randomly initialised MiniCPM-V checkpoints for tests and demos: see `tiny_models.build`."""

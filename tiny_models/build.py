@@ -1,0 +1,304 @@
+"""Write a tiny, randomly initialised MiniCPM-V checkpoint that loads with trust_remote_code.
+
+    python -m tiny_models.build minicpmv2_6 /tmp/tiny-2_6 [--seed 0]
+
+The folder holds config.json (auto_map to the remote code), the remote code itself, safetensors
+weights, a byte-level BPE tokenizer with the family's special tokens and chat template, and
+generation_config.json. Everything is built offline in well under a second per family and is
+deterministic given the seed.
+"""
+
+import argparse
+import importlib
+import json
+import pathlib
+import shutil
+
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import GenerationConfig
+
+from .corpus import corpus_lines
+
+FAMILIES = ("minicpmv2_0", "minicpmv2_5", "minicpmv2_6", "minicpmo2_6", "minicpmv4_5")
+LLM_TYPE = {
+    "minicpmv2_0": "minicpm",
+    "minicpmv2_5": "llama3",
+    "minicpmv2_6": "qwen",
+    "minicpmo2_6": "qwen",
+    "minicpmv4_5": "qwen",
+}
+
+REMOTE_CODE = pathlib.Path(__file__).parent / "remote_code"
+SHARED_FILES = (
+    "configuration_minicpm.py",
+    "modeling_minicpmv.py",
+    "modeling_navit_siglip.py",
+    "resampler.py",
+    "tokenization_minicpmv_fast.py",
+)
+BPE_VOCAB_SIZE = 768  # including the 256 byte symbols; special tokens come on top
+SCALE_RESOLUTION = 112
+PATCH_SIZE = 14
+
+# Tokens every family's tokenizer has (the real ones carry the same placeholders).
+IMAGE_TOKENS = [
+    "<unk>",
+    "<image>",
+    "</image>",
+    "<slice>",
+    "</slice>",
+    "<image_id>",
+    "</image_id>",
+    "<ref>",
+    "</ref>",
+    "<box>",
+    "</box>",
+    "<quad>",
+    "</quad>",
+    "<point>",
+    "</point>",
+]
+
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Qwen3-style: the assistant turns after the last user message carry a think block (an empty one
+# when the message has none); earlier turns lose theirs; enable_thinking=False closes the block
+# of the generation prompt.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- set ns = namespace(last_query=-1) -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{%- set ns.last_query = loop.index0 -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- set content = message['content'] -%}"
+    "{%- set reasoning = '' -%}"
+    "{%- if '</think>' in content -%}"
+    "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\n') -%}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\n') -%}"
+    "{%- endif -%}"
+    "{%- if loop.index0 > ns.last_query -%}"
+    "{{- '<|im_start|>assistant\n<think>\n' + reasoning + '\n</think>\n\n' + content + '<|im_end|>\n' -}}"
+    "{%- else -%}"
+    "{{- '<|im_start|>assistant\n' + content + '<|im_end|>\n' -}}"
+    "{%- endif -%}"
+    "{%- else -%}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\n\n</think>\n\n' -}}{%- endif -%}"
+    "{%- endif -%}"
+)
+
+LLAMA3_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+MINICPM_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '<用户>' + message['content'] }}"
+    "{% else %}{{ '<AI>' + message['content'] }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<AI>' }}{% endif %}"
+)
+
+TOKENIZER_SPECS = {
+    "minicpm": {
+        "extra_tokens": ["<s>", "</s>", "<用户>", "<AI>"],
+        "bos": "<s>",
+        "eos": "</s>",
+        "pad": None,
+        "class": "MiniCPMVTokenizerFast",
+        "template": MINICPM_CHAT_TEMPLATE,
+        "terminators": ["</s>"],
+    },
+    "llama3": {
+        "extra_tokens": [
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eot_id|>",
+        ],
+        "bos": "<|begin_of_text|>",
+        "eos": "<|end_of_text|>",
+        "pad": None,
+        "class": "MiniCPMVLlama3TokenizerFast",
+        "template": LLAMA3_CHAT_TEMPLATE,
+        "terminators": ["<|end_of_text|>", "<|eot_id|>"],
+    },
+    "qwen": {
+        "extra_tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        "bos": None,
+        "eos": "<|im_end|>",
+        "pad": "<|endoftext|>",
+        "class": "MiniCPMVTokenizerFast",
+        "template": QWEN_CHAT_TEMPLATE,
+        "terminators": ["<|im_end|>", "<|endoftext|>"],
+    },
+}
+
+
+def train_bpe(special_tokens, bos):
+    """A byte-level BPE on the shipped corpus, special tokens appended after the learned vocab."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB_SIZE,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus_lines(), trainer=trainer)
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in special_tokens])
+    if bos is None:
+        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    else:
+        bos_id = tokenizer.token_to_id(bos)
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+        )
+    return tokenizer
+
+
+def remote_module(name):
+    return importlib.import_module(f"{__package__}.remote_code.{name}")
+
+
+def build_tokenizer(family):
+    spec = TOKENIZER_SPECS[LLM_TYPE[family]]
+    special_tokens = IMAGE_TOKENS + spec["extra_tokens"]
+    if family == "minicpmv4_5":
+        special_tokens = special_tokens + ["<think>", "</think>"]
+    tokenizer_class = getattr(remote_module("tokenization_minicpmv_fast"), spec["class"])
+    tokenizer = tokenizer_class(
+        tokenizer_object=train_bpe(special_tokens, spec["bos"]),
+        bos_token=spec["bos"],
+        eos_token=spec["eos"],
+        unk_token="<unk>",
+        pad_token=spec["pad"],
+        add_bos_token=spec["bos"] is not None,
+        chat_template=QWEN3_CHAT_TEMPLATE if family == "minicpmv4_5" else spec["template"],
+    )
+    return tokenizer, spec
+
+
+def build_config(family, tokenizer, terminators):
+    config_module = remote_module("configuration_minicpm")
+    llm_type = LLM_TYPE[family]
+    version = {"minicpmv2_0": 2.0, "minicpmv2_5": 2.5, "minicpmv2_6": 2.6, "minicpmo2_6": 2.6, "minicpmv4_5": 4.5}
+    fields = {
+        "llm_model_type": "qwen2" if llm_type == "qwen" else "llama",
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "version": version[family],
+        "query_num": 16 if llm_type in ("minicpm", "llama3") else 8,
+        "patch_size": PATCH_SIZE,
+        "image_size": 224,
+        "terminators": terminators,
+        "vision_config": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 224,
+            "patch_size": PATCH_SIZE,
+        },
+        "slice_mode": True,
+    }
+    slicing = {"max_slice_nums": 9, "patch_size": PATCH_SIZE, "scale_resolution": SCALE_RESOLUTION}
+    if family == "minicpmv2_0":
+        fields.update(slicing)
+    else:
+        fields["slice_config"] = slicing
+        fields["batch_vision_input"] = True
+    if llm_type == "qwen":
+        fields["use_image_id"] = True
+    if family == "minicpmo2_6":
+        fields.update(init_vision=True, init_audio=False, init_tts=False)
+    return config_module.MiniCPMVConfig(**fields)
+
+
+def model_entry(family):
+    """(remote-code module, class name) of the family's model."""
+    if family == "minicpmv2_0":
+        return "modeling_minicpmv2", "MiniCPMV"
+    if family == "minicpmo2_6":
+        return "modeling_minicpmo", "MiniCPMO"
+    return "modeling_minicpmv", "MiniCPMV"
+
+
+def build_checkpoint(family, out_dir, seed=0):
+    """Build `family` into `out_dir` (created if needed) and return its path."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    tokenizer, spec = build_tokenizer(family)
+    config = build_config(family, tokenizer, spec["terminators"])
+    module_name, class_name = model_entry(family)
+    model_entry_point = f"{module_name}.{class_name}"
+    config.auto_map = {
+        "AutoConfig": "configuration_minicpm.MiniCPMVConfig",
+        "AutoModel": model_entry_point,
+        "AutoModelForCausalLM": model_entry_point,
+    }
+    torch.manual_seed(seed)
+    model = getattr(remote_module(module_name), class_name)(config)
+    model.save_pretrained(out_dir)
+
+    tokenizer.save_pretrained(out_dir)
+    tokenizer_config_path = out_dir / "tokenizer_config.json"
+    tokenizer_config = json.loads(tokenizer_config_path.read_text())
+    tokenizer_config["tokenizer_class"] = spec["class"]
+    tokenizer_config["auto_map"] = {"AutoTokenizer": [None, f"tokenization_minicpmv_fast.{spec['class']}"]}
+    tokenizer_config_path.write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
+
+    terminator_ids = [tokenizer.convert_tokens_to_ids(token) for token in spec["terminators"]]
+    GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=terminator_ids,
+        pad_token_id=0,
+        do_sample=False,
+    ).save_pretrained(out_dir)
+
+    extra = {"modeling_minicpmv2": ["modeling_minicpmv2.py"], "modeling_minicpmo": ["modeling_minicpmo.py"]}
+    for name in SHARED_FILES + tuple(extra.get(module_name, [])):
+        shutil.copyfile(REMOTE_CODE / name, out_dir / name)
+    return out_dir
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("family", choices=FAMILIES)
+    parser.add_argument("out_dir", type=pathlib.Path)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(build_checkpoint(args.family, args.out_dir, seed=args.seed))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Tiny MiniCPM-V (2.5, 2.6, 4.5): an LLM, a NaViT vision transformer and a resampler.
+
+`forward(data)` embeds the text, writes the resampled image features over the placeholder
+tokens inside each `image_bound`, and runs the LLM; the caller computes the loss from
+`.logits` (labels in `data` are ignored, as in the real remote code).
+"""
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
+from transformers import initialization as init
+
+from .configuration_minicpm import MiniCPMVConfig
+from .modeling_navit_siglip import SiglipVisionTransformer
+from .resampler import Resampler, default_num_heads
+
+LLM_CLASSES = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
+
+
+class MiniCPMVPreTrainedModel(PreTrainedModel):
+    config_class = MiniCPMVConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["VisionEncoderLayer", "Qwen2DecoderLayer", "LlamaDecoderLayer"]
+    _skip_keys_device_placement = "past_key_values"
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, Resampler):
+            init.trunc_normal_(module.query, std=0.02)
+            init.normal_(module.proj, std=module.embed_dim**-0.5)
+            # Not in the weights file: recomputed on every load.
+            init.copy_(module.pos_embed, module.compute_pos_embed())
+
+
+class MiniCPMV(MiniCPMVPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        llm_config_class, llm_class = LLM_CLASSES[config.llm_model_type]
+        self.llm = llm_class(llm_config_class(**config.llm_config_kwargs()))
+        self.embed_dim = config.hidden_size
+        self.vpm = SiglipVisionTransformer(config.vision_config)
+        if config.drop_vision_last_layer:
+            self.vpm.encoder.layers = self.vpm.encoder.layers[:-1]
+        self.vision_dim = config.vision_config.hidden_size
+        self.resampler = Resampler(
+            num_queries=config.query_num,
+            embed_dim=self.embed_dim,
+            num_heads=default_num_heads(self.embed_dim),
+            kv_dim=self.vision_dim,
+        )
+        self.terminators = list(config.terminators)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.llm.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.llm.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.llm.get_output_embeddings()
+
+    def set_output_embeddings(self, new_embeddings):
+        self.llm.set_output_embeddings(new_embeddings)
+
+    # ---- vision -------------------------------------------------------------------------------
+
+    def encode_images(self, images, tgt_sizes):
+        """Packed NaViT batch: images is a list of `[3, patch, n * patch]`, tgt_sizes `[n_img, 2]`."""
+        dtype = self.vpm.embeddings.patch_embedding.weight.dtype
+        device = self.vpm.embeddings.patch_embedding.weight.device
+        tgt_sizes = tgt_sizes.to(torch.int32)
+        features = []
+        step = self.config.vision_batch_size
+        for start in range(0, len(images), step):
+            chunk, sizes = images[start : start + step], tgt_sizes[start : start + step]
+            # [3, patch, L * patch] -> [L * patch, 3 * patch] so that pad_sequence pads patches.
+            flat = [image.flatten(end_dim=1).permute(1, 0) for image in chunk]
+            packed = pad_sequence(flat, batch_first=True, padding_value=0.0)
+            n, length, _ = packed.shape
+            packed = packed.permute(0, 2, 1).reshape(n, 3, -1, length).to(device=device, dtype=dtype)
+            patch_counts = (sizes[:, 0] * sizes[:, 1]).to(device)
+            max_patches = length // self.config.patch_size
+            mask = torch.arange(max_patches, device=device)[None, :] < patch_counts[:, None]
+            hidden = self.vpm(packed, patch_attention_mask=mask.unsqueeze(1), tgt_sizes=sizes).last_hidden_state
+            features.append(self.resampler(hidden, sizes))
+        return torch.cat(features)
+
+    def get_vision_hidden_states(self, data):
+        """Per sample, a `[n_images, query_num, hidden]` tensor (`[0, ...]` for a text-only sample)."""
+        counts = [len(images) for images in data["pixel_values"]]
+        images = [image for sample in data["pixel_values"] for image in sample]
+        if not images:
+            return [None] * len(counts)
+        tgt_sizes = torch.vstack([sizes for sizes in data["tgt_sizes"] if len(sizes) > 0])
+        return list(torch.split(self.encode_images(images, tgt_sizes), counts))
+
+    def dummy_vision_feature(self):
+        """A vision pass on a blank 2x2-patch image, so every vision weight joins the graph (DDP)."""
+        patch = self.config.patch_size
+        image = torch.zeros(3, patch, 4 * patch)
+        return self.encode_images([image], torch.tensor([[2, 2]], dtype=torch.int32))
+
+    # ---- embedding ----------------------------------------------------------------------------
+
+    def get_vllm_embedding(self, data):
+        """Returns (inputs_embeds [B, L, hidden], vision_hidden_states per sample)."""
+        if "vision_hidden_states" in data:
+            vision_hidden_states = data["vision_hidden_states"]
+        else:
+            vision_hidden_states = self.get_vision_hidden_states(data)
+
+        input_ids = data["input_ids"].to(torch.long)
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        rows = []
+        for i, features in enumerate(vision_hidden_states):
+            row = embeds[i]
+            bounds = data["image_bound"][i] if i < len(data["image_bound"]) else []
+            bounds = torch.as_tensor(bounds, dtype=torch.long).reshape(-1, 2)
+            n_images = 0 if features is None else len(features)
+            if len(bounds) != n_images:
+                raise ValueError(f"sample {i}: {len(bounds)} image bounds for {n_images} images")
+            if n_images:
+                if not bool(((bounds[:, 1] - bounds[:, 0]) == self.config.query_num).all()):
+                    raise ValueError(f"sample {i}: every image bound must span query_num={self.config.query_num}")
+                positions = torch.cat([torch.arange(start, end) for start, end in bounds.tolist()]).to(row.device)
+                row = row.index_put((positions,), features.reshape(-1, row.shape[-1]).to(row.dtype))
+            rows.append(row)
+        embeds = torch.stack(rows)
+
+        if self.training and all(features is None for features in vision_hidden_states):
+            embeds = embeds + 0.0 * self.dummy_vision_feature().sum().to(embeds.dtype)
+        return embeds, vision_hidden_states
+
+    def forward(self, data, **kwargs):
+        embeds, _ = self.get_vllm_embedding(data)
+        position_ids = data["position_ids"].to(torch.long)
+        return self.llm(input_ids=None, position_ids=position_ids, inputs_embeds=embeds, **kwargs)
+
+    # ---- inference ----------------------------------------------------------------------------
+
+    def generate(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        tgt_sizes=None,
+        image_bound=None,
+        attention_mask=None,
+        tokenizer=None,
+        vision_hidden_states=None,
+        return_vision_hidden_states=False,
+        stream=False,
+        decode_text=False,
+        **kwargs,
+    ):
+        """Greedy decoding; returns new token ids, or their text with decode_text=True."""
+        if input_ids is None or pixel_values is None or len(input_ids) != len(pixel_values):
+            raise ValueError("generate needs input_ids and one pixel_values list per sample")
+        if stream:
+            raise NotImplementedError("the tiny model does not stream")
+        data = {"input_ids": input_ids, "image_bound": image_bound}
+        if vision_hidden_states is None:
+            data["pixel_values"] = pixel_values
+            data["tgt_sizes"] = tgt_sizes
+        else:
+            data["vision_hidden_states"] = vision_hidden_states
+        with torch.inference_mode():
+            embeds, vision_hidden_states = self.get_vllm_embedding(data)
+            terminators = [tokenizer.convert_tokens_to_ids(token) for token in self.terminators]
+            kwargs.setdefault("do_sample", False)
+            output = self.llm.generate(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                pad_token_id=0,
+                eos_token_id=terminators,
+                **kwargs,
+            )
+        result = self.decode_text(output, tokenizer, terminators) if decode_text else output
+        if return_vision_hidden_states:
+            return result, vision_hidden_states
+        return result
+
+    @staticmethod
+    def decode_text(output, tokenizer, terminators):
+        texts = []
+        for row in output.tolist():
+            kept = []
+            for token in row:
+                if token in terminators:
+                    break
+                kept.append(token)
+            texts.append(tokenizer.decode(kept, skip_special_tokens=False))
+        return texts
