@@ -1,7 +1,6 @@
 """dataset.py: slicing, placeholder layouts, chat templates, labels, image bounds, collator, errors."""
 
 import json
-import math
 import re
 from pathlib import Path
 
@@ -98,13 +97,27 @@ def transform():
     return transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
 
 
-@pytest.fixture(scope="module")
-def tokenizers():
-    from dataset_tokenizers import build_tokenizer
+TOKENIZER_FAMILY = {"minicpm": "minicpmv2_0", "llama3": "minicpmv2_5", "qwen": "minicpmv2_6", "qwen-thinking": "minicpmv4_5"}
 
-    made = {t: build_tokenizer(t) for t in LLM_TYPES}
-    made["qwen-thinking"] = build_tokenizer("qwen", thinking=True)
-    return made
+
+@pytest.fixture(scope="module")
+def checkpoints(request, tmp_path_factory):
+    """The session's tiny checkpoints (tests/conftest.py), else built here once for this module."""
+    try:
+        return request.getfixturevalue("tiny_checkpoint")
+    except pytest.FixtureLookupError:
+        from tiny_models.build import build_checkpoint
+
+        root, built = tmp_path_factory.mktemp("tiny"), {}
+        return lambda family: built.setdefault(family, build_checkpoint(family, root / family))
+
+
+@pytest.fixture(scope="module")
+def tokenizers(checkpoints):
+    """The tiny checkpoints' own tokenizers, by llm_type ("qwen-thinking": the Qwen3-style template)."""
+    import loading
+
+    return {name: loading.load_tokenizer(str(checkpoints(family))) for name, family in TOKENIZER_FAMILY.items()}
 
 
 def write_image(path, size, color=(200, 30, 30), mode="RGB"):
@@ -479,7 +492,8 @@ def test_truncation_drops_whole_later_images(tokenizers, tmp_path):
         ],
     }
     full = make_dataset([record], tok, "qwen", tmp_path)[0]
-    cut = int(full["image_bound"][1, 0]) - 25  # before the second image's id, after the first answer started
+    second_image = int(torch.where(full["input_ids"] == tok.im_id_start_id)[0][1])
+    cut = second_image  # the cut falls right before the second image's <image_id>
     sample = make_dataset([record], tok, "qwen", tmp_path, max_length=cut)[0]
     assert len(sample["pixel_values"]) == 1 and sample["image_bound"].tolist() == full["image_bound"][:1].tolist()
     assert sample["tgt_sizes"].shape == (1, 2)
@@ -582,7 +596,7 @@ def test_load_records_errors_name_the_file(tmp_path, content, reason):
     path.write_text(content)
     with pytest.raises(DataError, match=reason) as info:
         dataset.load_records(path)
-    assert info.value.path == str(path)
+    assert info.value.path == str(path) and str(info.value).startswith(f"{path}: ")
     path = tmp_path / "bad.jsonl"
     path.write_text('{"id": 1}\n{oops\n')
     with pytest.raises(DataError, match=r"record 1 .*line 2 is not valid JSON"):
@@ -627,3 +641,71 @@ def test_collator_pads_truncates_and_keeps_per_sample_lists(tokenizers, tmp_path
     assert batch["input_ids"].shape == (2, cut)
     with pytest.raises(ValueError, match="sample 0 of the batch .* image placeholder past max_length"):
         dataset.DataCollator(max_length=cut - 1)(samples)
+
+
+# --------------------------------------------------------------------------------------------
+# The built batch feeds a tiny checkpoint of each family
+
+FAMILY_LLM_TYPE = {
+    "minicpmv2_0": "minicpm",
+    "minicpmv2_5": "llama3",
+    "minicpmv2_6": "qwen",
+    "minicpmo2_6": "qwen",
+    "minicpmv4_5": "qwen",
+}
+
+
+def data_settings_from(config, max_slice_nums=9):
+    """What finetune.py hands the dataset, read off a model config."""
+    slice_config = getattr(config, "slice_config", None)
+    if slice_config is not None:
+        slicing = slice_config.to_dict()
+    else:
+        slicing = config.to_dict() if getattr(config, "slice_mode", True) else None
+    if slicing is not None:
+        slicing["max_slice_nums"] = max_slice_nums
+    return dict(
+        slice_config=slicing,
+        query_num=config.query_num,
+        patch_size=getattr(config, "patch_size", 14),
+        batch_vision=getattr(config, "batch_vision_input", False),
+        use_image_id=getattr(config, "use_image_id", False),
+    )
+
+
+@pytest.mark.parametrize("family", list(FAMILY_LLM_TYPE))
+def test_built_batch_feeds_the_tiny_model_forward(family, checkpoints, tmp_path):
+    import loading
+
+    path = checkpoints(family)
+    config = loading.load_config(str(path))
+    tokenizer = loading.load_tokenizer(str(path))
+    model = loading.load_model(str(path), config, dtype=torch.float32).eval()
+
+    write_image(tmp_path / "wide.png", (300, 120))
+    write_image(tmp_path / "small.png", (40, 30))
+    records = [
+        two_turn_record("wide.png"),
+        {"id": "text", "conversations": conv("Hi", "Hello there")},
+        {
+            "id": "multi",
+            "image": {"<image_00>": "small.png", "<image_01>": "wide.png"},
+            "conversations": conv("<image_00> vs <image_01>?", "Same colour.", "Sure?", "<think>\nhm\n</think>\n\nYes."),
+        },
+    ]
+    llm_type = FAMILY_LLM_TYPE[family]
+    data = dataset.SupervisedDataset(
+        records, tokenizer, transform=transform(), llm_type=llm_type, max_length=2048,
+        image_root=tmp_path, data_path=tmp_path / "data.json", **data_settings_from(config),
+    )
+    samples = [data[i] for i in range(len(data))]
+    for sample in samples:
+        bounds = sample["image_bound"]
+        assert ((bounds[:, 1] - bounds[:, 0]) == config.query_num).all()
+        assert len(bounds) == len(sample["pixel_values"])
+    batch = dataset.DataCollator(max_length=2048, pad_token_id=0)(samples)
+    with torch.no_grad():
+        logits = model(data=batch).logits
+    assert logits.shape == (*batch["input_ids"].shape, config.vocab_size)
+    loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), batch["labels"].view(-1))
+    assert torch.isfinite(loss)
