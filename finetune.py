@@ -59,12 +59,15 @@ class TrainingArguments(transformers.TrainingArguments):
     llm_type: str = field(default="minicpm", metadata={"help": f"Chat template: one of {', '.join(LLM_TYPES)}."})
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on the LLM instead of its weights."})
     max_slice_nums: int = field(default=9, metadata={"help": "Most slices a high-resolution image is cut into."})
+    log_level: str = field(default="info", metadata={"help": "Log level of the main process."})
     # Our batches are dicts the model reads whole; the Trainer must not prune their keys.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the model reads every key."})
     label_names: list[str] = field(default_factory=lambda: ["labels"], metadata={"help": "Batch keys with labels."})
-    gradient_checkpointing_kwargs: dict = field(
+    # transformers 5.x calls gradient checkpointing "activation checkpointing" (the old names
+    # stay as aliases); non-reentrant checkpointing works with frozen inputs and LoRA.
+    activation_checkpointing_kwargs: dict = field(
         default_factory=lambda: {"use_reentrant": False},
-        metadata={"help": "Keyword arguments for gradient checkpointing (non-reentrant by default)."},
+        metadata={"help": "Keyword arguments for gradient (activation) checkpointing."},
     )
 
     def __post_init__(self):
@@ -209,11 +212,19 @@ def init_cpu_deepspeed():
 
 
 def check_engine(trainer, training_args):
+    """Fail unless the engine the user asked for is the one the Trainer runs; log which it is."""
     if training_args.deepspeed and not trainer.is_deepspeed_enabled:
         raise RuntimeError(
             "--deepspeed was given but the Trainer is not running DeepSpeed (is ACCELERATE_USE_CPU set?); "
             "refusing to train with another engine"
         )
+    if trainer.is_deepspeed_enabled:
+        engine = f"DeepSpeed ZeRO-{trainer.accelerator.state.deepspeed_plugin.zero_stage}"
+    elif training_args.world_size > 1:
+        engine = "DDP"
+    else:
+        engine = "a single process"
+    logger.info("Training with %s on %d process(es), device %s", engine, training_args.world_size, training_args.device)
 
 
 def data_settings(config, training_args):

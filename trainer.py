@@ -79,28 +79,32 @@ class CPMTrainer(transformers.Trainer):
             count = register_zero3_external_parameters(self.model)
             logger.info("ZeRO-3: registered %d attention output parameters for gathering", count)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs["labels"]
-        # A PeftModel forwards keyword arguments to the base model inside its LoRA hooks.
-        outputs = model(data=inputs, use_cache=False)
-        logits = outputs.logits
+    @staticmethod
+    def token_loss(logits, labels, num_items=None):
+        """Cross-entropy summed over learned tokens, divided by ``num_items`` (default: their count).
+
+        Labels are already shifted (``labels[i]`` follows position ``i``): no shift here.
+        """
         loss = F.cross_entropy(
             logits.reshape(-1, logits.size(-1)).float(),
             labels.reshape(-1).to(logits.device),
             ignore_index=-100,
             reduction="sum",
         )
-        # Normalise by the learned tokens of the whole accumulated batch when the Trainer
-        # counted them (it does for models whose forward takes **kwargs, as MiniCPM-V's does);
-        # otherwise by this micro-batch's own count, and the Trainer divides by the
-        # accumulation steps.
-        if num_items_in_batch is None:
+        if num_items is None:
             num_items = labels.ne(-100).sum().clamp(min=1)
-        else:
-            num_items = num_items_in_batch
-        loss = loss / num_items
+        return loss / num_items
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # A PeftModel forwards keyword arguments to the base model inside its LoRA hooks.
+        outputs = model(data=inputs, use_cache=False)
+        # The Trainer counts the learned tokens of the whole accumulated batch (it does for models
+        # whose forward takes **kwargs, as MiniCPM-V's does), so every token weighs the same
+        # however the batch was split. Without that count, this micro-batch's own count is used
+        # and the Trainer divides by the accumulation steps.
+        loss = self.token_loss(outputs.logits, inputs["labels"], num_items_in_batch)
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-            # The count is summed over processes, and DDP averages gradients over them.
+            # That count is summed over processes, and DDP averages gradients over them.
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 

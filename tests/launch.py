@@ -1,0 +1,98 @@
+"""Helpers for tests that launch the real entry points as subprocesses."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+# Keep the launched runs short and cheap; each test adds what it is about.
+FAST_ARGS = [
+    "--report_to", "none",
+    "--max_slice_nums", "2",
+    "--model_max_length", "512",
+    "--dataloader_num_workers", "0",
+    "--seed", "0",
+]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env(**overrides):
+    env = dict(os.environ)
+    env.update(
+        PYTHON=sys.executable,
+        TORCHRUN=f"{sys.executable} -m torch.distributed.run",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
+    env.pop("ACCELERATE_USE_CPU", None)
+    env.update({key: str(value) for key, value in overrides.items()})
+    return env
+
+
+def run(cmd, *, env=None, timeout=420, expect_ok=True, cwd=None):
+    result = subprocess.run(
+        [str(c) for c in cmd], env=env or subprocess_env(), cwd=cwd or REPO,
+        capture_output=True, text=True, timeout=timeout,
+    )
+    output = result.stdout + result.stderr
+    if expect_ok:
+        assert result.returncode == 0, f"{cmd} failed ({result.returncode}):\n{output[-6000:]}"
+    return result.returncode, output
+
+
+def run_script(script, args=(), timeout=420, expect_ok=True, **env):
+    return run(["bash", REPO / script, *FAST_ARGS, *args], env=subprocess_env(**env), timeout=timeout,
+               expect_ok=expect_ok)
+
+
+def run_finetune(args, timeout=420, expect_ok=True, **env):
+    return run([sys.executable, REPO / "finetune.py", *FAST_ARGS, *args], env=subprocess_env(**env),
+               timeout=timeout, expect_ok=expect_ok)
+
+
+def trainer_state(output_dir):
+    return json.loads((Path(output_dir) / "trainer_state.json").read_text())
+
+
+def train_losses(output_dir):
+    return [(h["step"], h["loss"]) for h in trainer_state(output_dir)["log_history"] if "loss" in h]
+
+
+def eval_losses(output_dir):
+    return [(h["step"], h["eval_loss"]) for h in trainer_state(output_dir)["log_history"] if "eval_loss" in h]
+
+
+def load_state_dict(folder):
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def eval_loss(model, dataset, collator):
+    """The eval loss as the Trainer reports it: the mean of per-batch token-mean losses (batch 1)."""
+    from trainer import CPMTrainer
+
+    losses = []
+    model.eval()
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            batch = collator([dataset[i]])
+            logits = model(data=batch, use_cache=False).logits
+            losses.append(CPMTrainer.token_loss(logits, batch["labels"]).item())
+    return sum(losses) / len(losses)

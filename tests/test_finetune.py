@@ -1,0 +1,164 @@
+"""finetune.py, CPMTrainer and the launchers, run as users run them: real processes, real engines."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModel
+
+import demo_data
+import finetune
+import loading
+from dataset import DataCollator
+from launch import (
+    eval_loss,
+    eval_losses,
+    load_state_dict,
+    run,
+    run_finetune,
+    run_script,
+    subprocess_env,
+    train_losses,
+    trainer_state,
+)
+from tiny_models.build import LLM_TYPE
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return demo_data.generate(tmp_path_factory.mktemp("shapes"), count=8)
+
+
+def lora_args(model, data, output_dir, llm_type="qwen", use_cpu=True):
+    return [
+        "--model_name_or_path", model, "--data_path", data, "--llm_type", llm_type,
+        "--output_dir", output_dir, "--use_lora", "true", "--tune_llm", "false",
+        "--logging_steps", "1", "--learning_rate", "1e-3",
+    ] + (["--use_cpu", "true"] if use_cpu else [])
+
+
+def eval_dataset_for(model_dir, data, training_argv):
+    """Rebuild the eval dataset exactly as finetune.train() does, from the same arguments."""
+    _, data_args, training_args, _ = finetune.parse_args(
+        ["--model_name_or_path", str(model_dir), "--data_path", str(data), "--output_dir", "unused",
+         "--use_cpu", "true", *training_argv]
+    )
+    config = loading.load_config(model_dir)
+    tokenizer = loading.load_tokenizer(model_dir)
+    dataset, _ = finetune.build_datasets(data_args, training_args, tokenizer, finetune.data_settings(config, training_args))
+    return dataset, DataCollator(training_args.model_max_length)
+
+
+def assert_falls(losses):
+    values = [loss for _, loss in losses]
+    assert all(torch.isfinite(torch.tensor(values))), values
+    head, tail = sum(values[:3]) / 3, sum(values[-3:]) / 3
+    assert tail < 0.8 * head, f"loss did not fall: {values}"
+
+
+def test_lora_launcher_torchrun_two_processes_zero2(tiny_checkpoint, shapes, tmp_path):
+    model, out = tiny_checkpoint("minicpmv2_6"), tmp_path / "lora"
+    steps = "30"
+    _, output = run_script(
+        "finetune_lora.sh",
+        ["--max_steps", steps, "--learning_rate", "5e-3", "--eval_steps", steps, "--save_steps", steps,
+         "--warmup_steps", "0"],
+        GPUS_PER_NODE=2, MODEL=model, DATA=shapes, EVAL_DATA=shapes, LLM_TYPE="qwen", OUTPUT_DIR=out,
+    )
+    assert "Training with DeepSpeed ZeRO-2 on 2 process(es)" in output
+    assert trainer_state(out)["global_step"] == 30
+    assert_falls(train_losses(out))
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == ["embed_tokens", "resampler", "vpm"]
+
+    # The adapter reloads onto the base model and reproduces the eval loss the run reported.
+    [(_, reported)] = eval_losses(out)
+    base = AutoModel.from_pretrained(model, trust_remote_code=True, dtype=torch.float32)
+    reloaded = PeftModel.from_pretrained(base, out)
+    dataset, collator = eval_dataset_for(model, shapes, ["--llm_type", "qwen", "--max_slice_nums", "2",
+                                                         "--model_max_length", "512"])
+    assert eval_loss(reloaded, dataset, collator) == pytest.approx(reported, rel=1e-4)
+    assert eval_loss(base.eval(), dataset, collator) > reported * 1.2  # and the adapter is what made it better
+
+
+def test_full_finetune_zero3_two_processes_freezes_vision(tiny_checkpoint, shapes, tmp_path):
+    model, out = tiny_checkpoint("minicpmv2_6"), tmp_path / "full"
+    _, output = run_script(
+        "finetune_ds.sh",
+        ["--max_steps", "4", "--learning_rate", "1e-3", "--save_steps", "1000", "--tune_vision", "false",
+         "--warmup_steps", "0"],
+        GPUS_PER_NODE=2, MODEL=model, DATA=shapes, EVAL_DATA="", LLM_TYPE="qwen", OUTPUT_DIR=out,
+    )
+    assert "Training with DeepSpeed ZeRO-3 on 2 process(es)" in output
+    before, after = load_state_dict(model), load_state_dict(out)
+    assert before.keys() == after.keys()
+
+    def changed(prefix):
+        return [k for k in before if k.startswith(prefix) and not torch.equal(before[k], after[k])]
+
+    assert changed("vpm.") == []
+    assert changed("llm.") and changed("resampler.")
+    # The folder is self-contained: remote code, tokenizer and training args travel with it.
+    for name in ("config.json", "modeling_minicpmv.py", "tokenizer_config.json", "training_args.bin"):
+        assert (out / name).is_file(), name
+    standalone = tmp_path / "moved"
+    shutil.copytree(out, standalone)
+    loaded = AutoModel.from_pretrained(standalone, trust_remote_code=True, dtype=torch.float32)
+    for key, value in loaded.state_dict().items():
+        if key in after:
+            assert torch.equal(value, after[key]), key
+
+
+def test_single_process_eval_and_resume_match_uninterrupted_run(tiny_checkpoint, shapes, tmp_path):
+    model = tiny_checkpoint("minicpmv2_6")
+    common = ["--max_steps", "6", "--save_steps", "3", "--eval_strategy", "steps", "--eval_steps", "3",
+              "--eval_data_path", shapes]
+    full = tmp_path / "uninterrupted"
+    run_finetune(lora_args(model, shapes, full) + common)
+    assert [step for step, _ in eval_losses(full)] == [3, 6]
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
+    run_finetune(lora_args(model, shapes, resumed) + common + ["--resume_from_checkpoint", resumed / "checkpoint-3"])
+    assert trainer_state(resumed)["global_step"] == 6
+    assert train_losses(resumed) == pytest.approx(train_losses(full), abs=1e-6)
+    assert eval_losses(resumed) == pytest.approx(eval_losses(full), abs=1e-6)
+
+
+@pytest.mark.parametrize("family", sorted(LLM_TYPE))
+def test_every_family_trains(tiny_checkpoint, shapes, tmp_path, family):
+    out = tmp_path / family
+    run_finetune(lora_args(tiny_checkpoint(family), shapes, out, LLM_TYPE[family]) + ["--max_steps", "3"])
+    losses = train_losses(out)
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor([loss for _, loss in losses])))
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_torchrun_on_cpu_without_use_cpu_is_refused(tiny_checkpoint, shapes, tmp_path):
+    # Without --use_cpu, transformers runs each CPU rank alone: no DDP, and nothing says so.
+    args = lora_args(tiny_checkpoint("minicpmv2_6"), shapes, tmp_path / "out", use_cpu=False)
+    code, output = run(
+        [finetune.sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", subprocess_env()["MASTER_PORT"], "finetune.py", *args, "--max_steps", "1"],
+        expect_ok=False,
+    )
+    assert code != 0
+    assert "each rank would train alone" in output and "--use_cpu True" in output
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--use_lora", "true"], "cannot tune the LLM and apply LoRA at once"),
+        (["--llm_type", "gpt"], "--llm_type 'gpt'"),
+        (["--lora_layers_pattern", "layers"], "only applies together with --lora_layers_to_transform"),
+        (["--lora_layer_replication", "0-4"], "is not a range 'start:end'"),
+        (["--lora_bias", "some"], "--lora_bias must be"),
+    ],
+)
+def test_contradictory_arguments_are_rejected(argv, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("'", "'")):
+        finetune.parse_args(["--output_dir", "unused", "--use_cpu", "true", *argv])
