@@ -68,7 +68,6 @@ class Resampler(nn.Module):
             x + pos_embed.permute(1, 0, 2),
             x,
             key_padding_mask=key_padding_mask,
-            need_weights=False,
         )[0]
         out = self.ln_post(out.permute(1, 0, 2))
         return out @ self.proj

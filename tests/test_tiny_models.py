@@ -1,0 +1,352 @@
+"""tiny_models: the tiny checkpoints load offline through the Auto classes and behave like MiniCPM-V."""
+
+import functools
+import hashlib
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+from tiny_models.build import FAMILIES, LLM_TYPE, build_checkpoint, main
+
+LORA_REGEX = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj)"
+
+
+def load(path, **kwargs):
+    model = AutoModel.from_pretrained(path, trust_remote_code=True, **kwargs)
+    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+
+
+def text_ids(tokenizer, text):
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def sliced_image_sample(tokenizer, config):
+    """ids and bounds of "Look:" + one image cut into a source and two slices + an answer,
+    in the family's placeholder layout, plus matching pixel tensors and tgt_sizes."""
+    q = config.query_num
+    new_schema = getattr(config, "use_image_id", False)
+    ids, bounds = text_ids(tokenizer, "Look:"), []
+
+    def placeholder(start_id, end_id):
+        bounds.append((len(ids) + 1, len(ids) + 1 + q))
+        ids.extend([start_id] + [tokenizer.unk_id] * q + [end_id])
+
+    if new_schema:
+        ids.extend([tokenizer.im_id_start_id] + text_ids(tokenizer, "0") + [tokenizer.im_id_end_id])
+    placeholder(tokenizer.im_start_id, tokenizer.im_end_id)
+    if new_schema:
+        placeholder(tokenizer.slice_start_id, tokenizer.slice_end_id)
+        placeholder(tokenizer.slice_start_id, tokenizer.slice_end_id)
+    else:
+        ids.append(tokenizer.slice_start_id)
+        placeholder(tokenizer.im_start_id, tokenizer.im_end_id)
+        placeholder(tokenizer.im_start_id, tokenizer.im_end_id)
+        ids.append(tokenizer.slice_end_id)
+    ids.extend(text_ids(tokenizer, "\nred circle"))
+
+    generator = torch.Generator().manual_seed(0)
+    patch = config.patch_size
+    grids = [(2, 3), (2, 2), (2, 2)]
+    if hasattr(config, "slice_config"):  # NaViT packing: [3, patch, rows * cols * patch]
+        pixels = [torch.randn(3, patch, h * w * patch, generator=generator) for h, w in grids]
+        tgt_sizes = torch.tensor(grids, dtype=torch.int32)
+    else:  # 2.0: plain [3, H, W] images
+        pixels = [torch.randn(3, h * patch, w * patch, generator=generator) for h, w in grids]
+        tgt_sizes = torch.zeros(0, 2, dtype=torch.int32)
+    return ids, torch.tensor(bounds), pixels, tgt_sizes
+
+
+def two_sample_batch(tokenizer, config):
+    """Sample 0: a sliced image and text; sample 1: text only. Right-padded to one length."""
+    ids0, bounds0, pixels0, tgt0 = sliced_image_sample(tokenizer, config)
+    ids1 = text_ids(tokenizer, "What colour is the shape?\nblue square")
+    length = max(len(ids0), len(ids1))
+    input_ids = torch.zeros(2, length, dtype=torch.int32)
+    input_ids[0, : len(ids0)] = torch.tensor(ids0)
+    input_ids[1, : len(ids1)] = torch.tensor(ids1)
+    labels = torch.full((2, length), -100)
+    for row, ids in enumerate((ids0, ids1)):
+        answer = len(text_ids(tokenizer, "\nred circle"))  # the last tokens of each sample are learned
+        for i in range(len(ids) - answer, len(ids)):
+            labels[row, i - 1] = ids[i]
+    return {
+        "input_ids": input_ids,
+        "position_ids": torch.arange(length).repeat(2, 1),
+        "attention_mask": input_ids != 0,
+        "labels": labels,
+        "pixel_values": [pixels0, []],
+        "tgt_sizes": [tgt0, torch.zeros(0, 2, dtype=torch.int32)],
+        "image_bound": [bounds0, torch.zeros(0, 2, dtype=torch.long)],
+    }
+
+
+def loss_of(model, batch):
+    logits = model(data=batch, use_cache=False).logits
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), batch["labels"].view(-1), ignore_index=-100)
+
+
+@functools.cache
+def fresh_pos_embed(embed_dim, max_size):
+    from tiny_models.remote_code.resampler import sincos_pos_embed_2d
+
+    return sincos_pos_embed_2d(embed_dim, max_size)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_loads_offline_with_the_contract_config(tiny_checkpoint, family):
+    path = tiny_checkpoint(family)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    model, tokenizer = load(path)
+    assert config.model_type == "minicpmv"
+    assert set(config.auto_map) >= {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
+    assert config.version == {"minicpmv2_0": 2.0, "minicpmv2_5": 2.5, "minicpmv4_5": 4.5}.get(family, 2.6)
+    assert config.patch_size == 14 and config.vocab_size == len(tokenizer)
+    llm_class = "Qwen2ForCausalLM" if LLM_TYPE[family] == "qwen" else "LlamaForCausalLM"
+    assert type(model.llm).__name__ == llm_class
+    assert "llm.model.layers.1.self_attn.q_proj.weight" in model.state_dict()
+    if family == "minicpmv2_0":
+        assert not hasattr(config, "batch_vision_input") and not hasattr(config, "slice_config")
+        assert (config.slice_mode, config.max_slice_nums, config.scale_resolution) == (True, 9, 112)
+    else:
+        assert config.batch_vision_input is True
+        assert {"max_slice_nums": 9, "patch_size": 14, "scale_resolution": 112}.items() <= config.slice_config.to_dict().items()
+    assert getattr(config, "use_image_id", False) == (LLM_TYPE[family] == "qwen")
+    buffers = {name for name, _ in model.named_buffers()} - set(model.state_dict())
+    assert {name for name in buffers if "rotary" not in name} == {"resampler.pos_embed"}
+    assert torch.equal(model.resampler.pos_embed, fresh_pos_embed(config.hidden_size, (70, 70)))
+    assert model.resampler.query.shape == (config.query_num, config.hidden_size)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tokenizer_has_the_real_special_tokens(tiny_checkpoint, family):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint(family), trust_remote_code=True)
+    expected = {"im_start": "<image>", "im_end": "</image>", "slice_start": "<slice>", "slice_end": "</slice>",
+                "im_id_start": "<image_id>", "im_id_end": "</image_id>", "unk_token": "<unk>"}
+    for attribute, token in expected.items():
+        assert getattr(tokenizer, attribute) == token
+        assert getattr(tokenizer, f"{attribute.removesuffix('_token')}_id") == tokenizer.convert_tokens_to_ids(token)
+        assert tokenizer.encode(token, add_special_tokens=False) == [tokenizer.convert_tokens_to_ids(token)]
+    assert tokenizer.decode([tokenizer.newline_id]) == "\n"
+    assert tokenizer.eos_id == tokenizer.eos_token_id is not None
+    for word in ("red", " red", " circle", " blue", " square", "user", "assistant"):
+        assert len(text_ids(tokenizer, word)) == 1, word
+    llm_type = LLM_TYPE[family]
+    assert hasattr(tokenizer, "eot_id") == (llm_type == "llama3")
+    messages = [{"role": "user", "content": "What colour is the shape?"}, {"role": "assistant", "content": "red circle"}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    if llm_type == "minicpm":
+        assert tokenizer.encode("hi")[0] == tokenizer.bos_id == tokenizer.convert_tokens_to_ids("<s>")
+        assert tokenizer.eos_token == "</s>"
+        assert len(text_ids(tokenizer, "<用户>")) == 1 and len(text_ids(tokenizer, "<AI>")) == 1
+        assert rendered == "<s><用户>What colour is the shape?<AI>red circle"
+    elif llm_type == "llama3":
+        assert tokenizer.encode("hi")[0] == tokenizer.bos_id == tokenizer.convert_tokens_to_ids("<|begin_of_text|>")
+        assert tokenizer.eos_token == "<|end_of_text|>"
+        assert tokenizer.eot_id == tokenizer.convert_tokens_to_ids("<|eot_id|>")
+        header = text_ids(tokenizer, "<|start_header_id|>assistant<|end_header_id|>")
+        assert len(header) == 3
+        assert rendered.endswith("<|start_header_id|>assistant<|end_header_id|>\n\nred circle<|eot_id|>")
+    else:
+        assert tokenizer.bos_id is None and tokenizer.eos_token == "<|im_end|>"
+        assert tokenizer.encode("hi") == text_ids(tokenizer, "hi")
+        assert "<|im_start|>user\nWhat colour is the shape?<|im_end|>\n" in rendered
+    if family == "minicpmv4_5":
+        assert rendered.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nred circle<|im_end|>\n")
+        thought = [messages[0], {"role": "assistant", "content": "<think>\nIt is round.\n</think>\n\nred circle"}]
+        assert tokenizer.apply_chat_template(thought, tokenize=False).endswith(
+            "<|im_start|>assistant\n<think>\nIt is round.\n</think>\n\nred circle<|im_end|>\n")
+        prompt = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True,
+                                               enable_thinking=False)
+        assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        assert len(text_ids(tokenizer, "<think>")) == 1
+    elif llm_type == "qwen":
+        assert rendered.endswith("<|im_start|>assistant\nred circle<|im_end|>\n")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_mixes_sliced_images_and_text_only_samples(tiny_checkpoint, family):
+    model, tokenizer = load(tiny_checkpoint(family))
+    batch = two_sample_batch(tokenizer, model.config)
+    model.eval()
+    with torch.no_grad():
+        logits = model(data=batch).logits
+        assert logits.shape == (*batch["input_ids"].shape, model.config.vocab_size)
+        assert torch.isfinite(logits).all()
+        # The image reaches the logits of sample 0 and nothing of sample 1.
+        other = dict(batch, pixel_values=[[p + 1 for p in batch["pixel_values"][0]], []])
+        changed = model(data=other).logits
+        assert not torch.allclose(changed[0], logits[0])
+        assert torch.equal(changed[1], logits[1])
+        text_only = dict(batch, pixel_values=[[], []], tgt_sizes=[[], []], image_bound=[[], []])
+        assert torch.isfinite(model(data=text_only).logits).all()
+    model.train()
+    loss = loss_of(model, dict(batch, pixel_values=[[], []], tgt_sizes=[[], []], image_bound=[[], []]))
+    loss.backward()  # a text-only batch in train mode still touches every vision weight (DDP)
+    assert model.vpm.embeddings.patch_embedding.weight.grad is not None
+    assert model.resampler.query.grad is not None
+
+
+def test_forward_rejects_bounds_that_do_not_match_the_images(tiny_checkpoint):
+    model, tokenizer = load(tiny_checkpoint("minicpmv2_6"))
+    batch = two_sample_batch(tokenizer, model.config)
+    with pytest.raises(ValueError, match="image bounds"):
+        model(data=dict(batch, image_bound=[batch["image_bound"][0][:2], batch["image_bound"][1]]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_twenty_adamw_steps_halve_the_loss(tiny_checkpoint, family):
+    torch.manual_seed(0)
+    model, tokenizer = load(tiny_checkpoint(family))
+    batch = two_sample_batch(tokenizer, model.config)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(20):
+        loss = loss_of(model, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(map(torch.isfinite, map(torch.tensor, losses)))
+    assert losses[-1] < losses[0] / 2, losses
+
+
+def test_default_lora_regex_matches_llm_attention_only(tiny_checkpoint):
+    import re
+
+    for family in ("minicpmv2_6", "minicpmv2_0"):
+        model, _ = load(tiny_checkpoint(family))
+        matched = {name for name, _ in model.named_modules() if re.fullmatch(LORA_REGEX, name)}
+        expected = {f"llm.model.layers.{i}.self_attn.{p}" for i in range(model.config.num_hidden_layers)
+                    for p in ("q_proj", "k_proj", "v_proj")}
+        assert matched == expected
+        assert any(name.startswith("vpm.") and name.endswith("self_attn.q_proj") for name, _ in model.named_modules())
+
+
+@pytest.mark.parametrize("family", ["minicpmv2_6", "minicpmv2_0"])
+def test_lora_with_modules_to_save_trains_saves_and_reloads(tiny_checkpoint, tmp_path, family):
+    path = tiny_checkpoint(family)
+    model, tokenizer = load(path)
+    if family == "minicpmv2_0":  # like the real 2.0 code, the class has no get_input_embeddings
+        assert not hasattr(model, "get_input_embeddings")
+        model.get_input_embeddings = types.MethodType(lambda self: self.llm.get_input_embeddings(), model)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_REGEX, modules_to_save=["embed_tokens", "resampler"])
+    peft_model = get_peft_model(model, config)
+    batch = two_sample_batch(tokenizer, model.config)
+    vpm_before = model.vpm.embeddings.patch_embedding.weight.detach().clone()
+    query_before = peft_model.base_model.model.resampler.modules_to_save["default"].query.detach().clone()
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    peft_model.train()
+    for _ in range(3):
+        loss = loss_of(peft_model, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert torch.equal(model.vpm.embeddings.patch_embedding.weight, vpm_before)
+    assert not torch.equal(peft_model.base_model.model.resampler.modules_to_save["default"].query, query_before)
+    # Frozen like the reloaded adapter: CPU kernels may pick another (1-ulp different) path
+    # when weights require grad, and the comparison below is exact.
+    peft_model.eval().requires_grad_(False)
+    with torch.no_grad():
+        expected = peft_model(data=batch).logits
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    base, _ = load(path)
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(data=batch).logits, expected)
+
+
+@pytest.mark.parametrize("family", ["minicpmv2_5", "minicpmv2_0"])
+def test_bf16_lora_with_gradient_checkpointing_backpropagates(tiny_checkpoint, family):
+    model, tokenizer = load(tiny_checkpoint(family), dtype=torch.bfloat16)
+    assert model.llm.model.embed_tokens.weight.dtype == torch.bfloat16
+    if not hasattr(model, "get_input_embeddings"):
+        model.get_input_embeddings = types.MethodType(lambda self: self.llm.get_input_embeddings(), model)
+    model.requires_grad_(False)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=LORA_REGEX))
+    peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model.enable_input_require_grads()
+    assert model.llm.model.layers[0].gradient_checkpointing
+    peft_model.train()
+    loss = loss_of(peft_model, two_sample_batch(tokenizer, model.config))
+    loss.backward()
+    # lora_B starts at zero, so lora_A gets no gradient on the first step; lora_B must.
+    grads = [p.grad for name, p in peft_model.named_parameters() if "lora_B" in name]
+    assert len(grads) == 3 * model.config.num_hidden_layers
+    assert all(g is not None and torch.isfinite(g.float()).all() and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("family", ["minicpmv2_6", "minicpmv2_0"])
+def test_save_and_reload_reproduce_logits_and_rebuild_the_position_buffer(tiny_checkpoint, tmp_path, family):
+    model, tokenizer = load(tiny_checkpoint(family))
+    batch = two_sample_batch(tokenizer, model.config)
+    with torch.no_grad():  # perturb the weights so the reload is not just a rebuild from the seed
+        for parameter in model.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    model.eval()
+    with torch.no_grad():
+        expected = model(data=batch).logits
+    model.save_pretrained(tmp_path)
+    assert "resampler.pos_embed" not in model.state_dict()
+    assert (tmp_path / "modeling_minicpmv.py").exists()  # the folder carries its own code
+    reloaded = AutoModel.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    assert torch.equal(reloaded.resampler.pos_embed, fresh_pos_embed(model.config.hidden_size, (70, 70)))
+    with torch.no_grad():
+        assert torch.equal(reloaded(data=batch).logits, expected)
+
+
+def test_omni_init_switches(tiny_checkpoint):
+    omni = AutoModel.from_pretrained(tiny_checkpoint("minicpmo2_6"), trust_remote_code=True,
+                                     init_vision=True, init_audio=False, init_tts=False)
+    assert (omni.config.init_vision, omni.config.init_audio, omni.config.init_tts) == (True, False, False)
+    config = AutoConfig.from_pretrained(tiny_checkpoint("minicpmo2_6"), trust_remote_code=True)
+    AutoModel.from_pretrained(tiny_checkpoint("minicpmo2_6"), config=config, trust_remote_code=True, init_vision=True,
+                              init_audio=False, init_tts=False)
+    with pytest.raises(ValueError, match="vision tower only"):
+        AutoModel.from_pretrained(tiny_checkpoint("minicpmo2_6"), config=config, trust_remote_code=True, init_audio=True)
+    config = AutoConfig.from_pretrained(tiny_checkpoint("minicpmv2_6"), trust_remote_code=True)
+    with pytest.raises(TypeError):
+        AutoModel.from_pretrained(tiny_checkpoint("minicpmv2_6"), config=config, trust_remote_code=True,
+                                  init_vision=True, init_audio=False, init_tts=False)
+
+
+def test_generate_is_greedy_and_decodes(tiny_checkpoint):
+    model, tokenizer = load(tiny_checkpoint("minicpmv2_6"))
+    model.eval()
+    ids, bounds, pixels, tgt_sizes = sliced_image_sample(tokenizer, model.config)
+    inputs = dict(input_ids=torch.tensor([ids]), pixel_values=[pixels], tgt_sizes=[tgt_sizes], image_bound=[bounds],
+                  attention_mask=torch.ones(1, len(ids), dtype=torch.long), tokenizer=tokenizer, max_new_tokens=4)
+    first, second = model.generate(**inputs), model.generate(**inputs)
+    assert first.shape[0] == 1 and 1 <= first.shape[1] <= 4
+    assert torch.equal(first, second)
+    # Greedy: the first new token is the argmax of the forward pass at the last position.
+    with torch.no_grad():
+        logits = model(data={"input_ids": inputs["input_ids"], "position_ids": torch.arange(len(ids))[None],
+                             "pixel_values": [pixels], "tgt_sizes": [tgt_sizes], "image_bound": [bounds]}).logits
+    assert first[0, 0] == logits[0, -1].argmax()
+    (text,) = model.generate(**inputs, decode_text=True)
+    assert isinstance(text, str) and text == tokenizer.decode([t for t in first[0].tolist()
+                                                               if t not in (tokenizer.eos_id, tokenizer.pad_token_id)])
+
+
+def file_digests(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_build_is_deterministic_given_the_seed(tiny_checkpoint, tmp_path):
+    main(["minicpmv2_6", str(tmp_path / "again")])  # the CLI, seed 0 by default
+    assert file_digests(tmp_path / "again") == file_digests(tiny_checkpoint("minicpmv2_6"))
+    build_checkpoint("minicpmv2_6", tmp_path / "other", seed=1)
+    other = file_digests(tmp_path / "other")
+    assert other["model.safetensors"] != file_digests(tiny_checkpoint("minicpmv2_6"))["model.safetensors"]
+    assert other["tokenizer.json"] == file_digests(tiny_checkpoint("minicpmv2_6"))["tokenizer.json"]
+    with pytest.raises(ValueError, match="unknown family"):
+        build_checkpoint("minicpmv3", tmp_path / "bad")
