@@ -20,8 +20,9 @@ import math
 import os
 import re
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
@@ -41,12 +42,15 @@ class DataError(ValueError):
     """A record that cannot become a training sample.
 
     ``path`` is the file at fault: the image that failed to load, else the data file.
+    ``code`` is a stable short name of the kind of problem (``missing_image``,
+    ``no_assistant_turn``, ...; see ``preflight.REASONS``), for summaries and reports.
     """
 
-    def __init__(self, reason, *, index=None, record_id=None, path=None, data_path=None):
+    def __init__(self, reason, *, index=None, record_id=None, path=None, data_path=None, code="invalid_record"):
         self.index = index
         self.record_id = record_id
         self.reason = reason
+        self.code = code
         self.path = path if path is not None else data_path
         self.data_path = data_path
         where = [] if index is None else [f"record {index} (id {record_id!r})"]
@@ -71,14 +75,18 @@ def load_records(path):
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise DataError(f"line {line_no} is not valid JSON: {e}", index=len(records), data_path=path) from e
+                    raise DataError(
+                        f"line {line_no} is not valid JSON: {e}", index=len(records), data_path=path, code="invalid_json"
+                    ) from e
             return records
         try:
             records = json.load(f)
         except json.JSONDecodeError as e:
-            raise DataError(f"not valid JSON: {e}", data_path=path) from e
+            raise DataError(f"not valid JSON: {e}", data_path=path, code="invalid_json") from e
     if not isinstance(records, list):
-        raise DataError(f"a .json data file must hold a list of records, got {type(records).__name__}", data_path=path)
+        raise DataError(
+            f"a .json data file must hold a list of records, got {type(records).__name__}", data_path=path, code="invalid_json"
+        )
     return records
 
 
@@ -100,63 +108,140 @@ def validate_record(record, index, *, data_path=None, reserved_tokens=()):
     """
     record_id = record.get("id") if isinstance(record, dict) else None
 
-    def fail(reason):
-        raise DataError(reason, index=index, record_id=record_id, data_path=data_path)
+    def fail(code, reason):
+        raise DataError(reason, index=index, record_id=record_id, data_path=data_path, code=code)
 
     if not isinstance(record, dict):
-        fail(f"a record must be a JSON object, got {type(record).__name__}")
+        fail("not_an_object", f"a record must be a JSON object, got {type(record).__name__}")
     conversations = record.get("conversations")
     if not isinstance(conversations, list) or len(conversations) < 2:
-        fail("'conversations' must be a list of at least two messages")
+        fail("bad_conversations", "'conversations' must be a list of at least two messages")
     for n, message in enumerate(conversations):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
-            fail(f"message {n} must be an object with role 'user' or 'assistant', got {message!r:.80}")
+            fail("bad_message", f"message {n} must be an object with role 'user' or 'assistant', got {message!r:.80}")
         if not isinstance(message.get("content"), str):
-            fail(f"message {n} ({message['role']}) has no text 'content'")
+            fail("bad_content", f"message {n} ({message['role']}) has no text 'content'")
     if conversations[0]["role"] != "user":
-        fail(f"the first message must come from 'user', not {conversations[0]['role']!r}")
+        fail("first_not_user", f"the first message must come from 'user', not {conversations[0]['role']!r}")
     if not any(m["role"] == "assistant" for m in conversations):
-        fail("no assistant message: nothing to learn")
+        fail("no_assistant_turn", "no assistant message: nothing to learn")
 
     image = record.get("image")
     if image is not None and not isinstance(image, (str, dict)):
-        fail(f"'image' must be a path or a dict of <image_NN> -> path, got {type(image).__name__}")
+        fail("bad_image_field", f"'image' must be a path or a dict of <image_NN> -> path, got {type(image).__name__}")
     if isinstance(image, dict):
         if not image:
-            fail("'image' is an empty dict")
+            fail("bad_image_field", "'image' is an empty dict")
         for tag, path in image.items():
             if not MULTI_IMAGE_TAG.fullmatch(tag):
-                fail(f"image key {tag!r} is not of the form <image_NN>")
+                fail("bad_image_field", f"image key {tag!r} is not of the form <image_NN>")
             if not isinstance(path, str) or not path:
-                fail(f"image {tag} has no path")
+                fail("bad_image_field", f"image {tag} has no path")
     elif isinstance(image, str) and not image:
-        fail("'image' is an empty path")
+        fail("bad_image_field", "'image' is an empty path")
 
     for n, message in enumerate(conversations):
         for token in reserved_tokens:
             if token in message["content"]:
-                fail(f"message {n} contains the reserved image token {token!r}")
+                fail("reserved_token", f"message {n} contains the reserved image token {token!r}")
     singles = [n for n, m in enumerate(conversations) if SINGLE_IMAGE_TAG in m["content"]]
     if isinstance(image, str):
         if sum(m["content"].count(SINGLE_IMAGE_TAG) for m in conversations) > 1:
-            fail("<image> appears more than once, but the record has one image")
+            fail("image_tag_count", "<image> appears more than once, but the record has one image")
         if singles and conversations[singles[0]]["role"] != "user":
-            fail(f"<image> sits in message {singles[0]}, an assistant message; put it in a user message")
+            fail(
+                "image_in_assistant",
+                f"<image> sits in message {singles[0]}, an assistant message; put it in a user message",
+            )
     elif singles:
-        fail("a message contains <image> but the record has no single 'image' path")
+        fail("unknown_image_tag", "a message contains <image> but the record has no single 'image' path")
     used = [tag for m in conversations for tag in MULTI_IMAGE_TAG.findall(m["content"])]
     if isinstance(image, dict):
         unknown = sorted(set(used) - set(image))
         if unknown:
-            fail(f"{', '.join(unknown)} not found among the record's images {sorted(image)}")
+            fail("unknown_image_tag", f"{', '.join(unknown)} not found among the record's images {sorted(image)}")
         unused = sorted(set(image) - set(used))
         if unused:
-            fail(f"image {', '.join(unused)} is never referenced in the conversation")
+            fail("unused_image", f"image {', '.join(unused)} is never referenced in the conversation")
         repeated = sorted({tag for tag in used if used.count(tag) > 1})
         if repeated:
-            fail(f"image {', '.join(repeated)} is referenced more than once")
+            fail("repeated_image_tag", f"image {', '.join(repeated)} is referenced more than once")
     elif used:
-        fail(f"{used[0]} appears but the record has no image dict")
+        fail("unknown_image_tag", f"{used[0]} appears but the record has no image dict")
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+
+# Images with more pixels are refused before they are decoded. PIL only warns above its
+# MAX_IMAGE_PIXELS and raises at twice that; a training set has no use for either.
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
+# Errors PIL raises on a file it cannot decode (truncated streams, broken chunks).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+class ImageProblem(Exception):
+    """An image file that cannot be used; ``code`` as in DataError."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
+def open_rgb(path, max_pixels=MAX_IMAGE_PIXELS):
+    """Open, fully decode and convert an image to RGB, or raise ImageProblem saying why not.
+
+    The whole file is decoded here (a truncated file fails now, not mid-training). EXIF
+    orientation is applied, as viewers show the picture; alpha (RGBA, LA, palette with
+    transparency) is composited onto white; 16-bit greyscale is scaled to 8 bits rather than
+    clipped; CMYK and other modes go through PIL's conversion.
+    """
+    try:
+        image = Image.open(path)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+        raise ImageProblem("missing_image", f"no such file ({type(e).__name__})") from e
+    except UnidentifiedImageError as e:
+        if os.path.getsize(path) == 0:
+            raise ImageProblem("empty_image", "the file is empty (0 bytes)") from e
+        raise ImageProblem("not_an_image", f"not an image file PIL can read: {e}") from e
+    except Image.DecompressionBombError as e:
+        raise ImageProblem("image_too_large", str(e)) from e
+    except DECODE_ERRORS as e:
+        raise ImageProblem("truncated_image", f"cannot read the image header: {e}") from e
+    with image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageProblem(
+                "image_too_large",
+                f"{width}x{height} = {width * height} pixels is more than the limit of {max_pixels} "
+                "(a decompression bomb, or an image far larger than the model uses); downscale it",
+            )
+        try:
+            image.load()
+        except DECODE_ERRORS as e:
+            raise ImageProblem("truncated_image", f"the image data is truncated or corrupt: {e}") from e
+        return to_rgb(image)
+
+
+def to_rgb(image):
+    """A decoded image as RGB; see open_rgb."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in SIXTEEN_BIT_MODES:
+        pixels = np.asarray(image, dtype=np.int64)
+        if image.mode != "I" or pixels.max() > 255:
+            pixels = pixels >> 8
+        image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        image = Image.fromarray(np.asarray(image).clip(0, 255).astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info or image.mode == "PA":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,27 +506,41 @@ class SupervisedDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, index):
+        return self._checked_build(index, pixels=True)
+
+    def check(self, index):
+        """Build record ``index`` exactly as training does, minus the image tensors.
+
+        Raises DataError if the record is unusable; else returns ``{"tokens", "truncated"}``.
+        Every image is opened and decoded once. This is what preflight.py runs over a dataset.
+        """
+        return self._checked_build(index, pixels=False)
+
+    def _checked_build(self, index, pixels):
         record = self.records[index]
         validate_record(record, index, data_path=self.data_path, reserved_tokens=self.reserved_tokens)
         try:
-            return self._build(record, index)
+            return self._build(record, index, pixels)
         except DataError:
             raise
         except Exception as e:  # any other failure still names the record; the cause stays chained
-            raise self._error(index, record, f"{type(e).__name__}: {e}") from e
+            raise self._error(index, record, f"{type(e).__name__}: {e}", code="build_failed") from e
 
-    def _error(self, index, record, reason, path=None):
-        return DataError(reason, index=index, record_id=record.get("id"), path=path, data_path=self.data_path)
+    def _error(self, index, record, reason, path=None, code="invalid_record"):
+        return DataError(
+            reason, index=index, record_id=record.get("id"), path=path, data_path=self.data_path, code=code
+        )
 
     def _load_image(self, index, record, tag, path):
         full_path = path if os.path.isabs(path) else os.path.join(self.image_root, path)
         try:
-            with Image.open(full_path) as image:
-                return image.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise self._error(index, record, f"cannot load image {tag} from {full_path}: {e}", path=full_path) from e
+            return open_rgb(full_path)
+        except ImageProblem as e:
+            raise self._error(
+                index, record, f"cannot load image {tag} from {full_path}: {e}", path=full_path, code=e.code
+            ) from e
 
-    def _build(self, record, index):
+    def _build(self, record, index, pixels=True):
         paths = record_images(record)
         # Images are numbered, and their tensors ordered, as their tags appear in the text.
         if SINGLE_IMAGE_TAG in paths:
@@ -452,12 +551,13 @@ class SupervisedDataset(Dataset):
         views, placeholders, layouts = [], {}, []
         for number, tag in enumerate(order):
             image = self._load_image(index, record, tag, paths[tag])
-            slices = []
+            grid = None
             if self.slice_config is not None:
-                image, slices = slice_image(image, **self.slice_config)
-            grid = [len(slices[0]), len(slices)] if slices else None
-            views.append([image] + [s for row in slices for s in row])
-            layouts.append(len(views[-1]))  # query runs of this image: source + slices
+                grid = best_grid(image.size, self.slice_config["max_slice_nums"], self.slice_config["scale_resolution"])
+            if pixels:  # slice_image cuts along the same best_grid
+                source, slices = slice_image(image, **self.slice_config) if self.slice_config else (image, [])
+                views.append([source] + [s for row in slices for s in row])
+            layouts.append(1 + (grid[0] * grid[1] if grid else 0))  # query runs of this image: source + slices
             placeholders[tag] = image_placeholder(
                 self.tokenizer,
                 query_num=0,
@@ -474,10 +574,13 @@ class SupervisedDataset(Dataset):
             ids, context = tokenize_with_spans(self.tokenizer, *render(messages, self.tokenizer))
         ids, context, bounds = self._splice_query_runs(ids, context)
         if len(bounds) != sum(layouts):
-            raise self._error(index, record, f"found {len(bounds)} image query runs, expected {sum(layouts)}")
+            raise self._error(
+                index, record, f"found {len(bounds)} image query runs, expected {sum(layouts)}", code="build_failed"
+            )
         spans = self._image_spans(ids, bounds, layouts)
 
-        truncated = len(ids) > self.max_length
+        full_length = len(ids)
+        truncated = full_length > self.max_length
         if truncated:
             cut = self.max_length
             for number, (first, last) in enumerate(spans):
@@ -487,12 +590,14 @@ class SupervisedDataset(Dataset):
                         record,
                         f"{len(ids)} tokens: max_length {cut} would cut image {order[number]}'s placeholder "
                         f"(tokens {first}..{last}); raise model_max_length or shorten the record",
+                        code="too_long",
                     )
             kept = sum(last < cut for _, last in spans)
-            logger.warning(
-                "record %d (id %r) of %s: %d tokens truncated to max_length %d (%d of %d images kept)",
-                index, record.get("id"), self.data_path, len(ids), cut, kept, len(order),
-            )
+            if pixels:  # a check (preflight) counts truncations in its own summary
+                logger.warning(
+                    "record %d (id %r) of %s: %d tokens truncated to max_length %d (%d of %d images kept)",
+                    index, record.get("id"), self.data_path, len(ids), cut, kept, len(order),
+                )
             ids, context = ids[:cut], context[:cut]
             bounds = bounds[: sum(layouts[:kept])]
             views = views[:kept]
@@ -502,7 +607,9 @@ class SupervisedDataset(Dataset):
             labels[start - 1 : end - 1] = IGNORE_INDEX  # image features are never prediction targets
         if not (labels != IGNORE_INDEX).any():
             after = f" after truncation to max_length {self.max_length}" if truncated else ""
-            raise self._error(index, record, f"no learnable token left{after}")
+            raise self._error(index, record, f"no learnable token left{after}", code="no_learnable_tokens")
+        if not pixels:
+            return {"tokens": full_length, "truncated": truncated}
 
         pixel_values, tgt_sizes = self._image_tensors([v for group in views for v in group])
         return dict(
