@@ -21,6 +21,7 @@ from torchvision import transforms
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 import loading
+import preflight
 from dataset import DataCollator, SupervisedDataset, load_records
 from trainer import CPMTrainer, model_source_dir
 
@@ -44,6 +45,14 @@ class DataArguments:
     image_folder: str = field(
         default=None,
         metadata={"help": "Folder that relative image paths resolve against (default: the data file's folder)."},
+    )
+    skip_bad_samples: bool = field(
+        default=False,
+        metadata={"help": "Train without the records preflight reports as unusable, instead of stopping."},
+    )
+    preflight_only: bool = field(
+        default=False,
+        metadata={"help": "Only check the data (no weights load): report problems, exit 1 if there are any."},
     )
 
 
@@ -359,6 +368,16 @@ def train(argv=None):
     tokenizer = loading.load_tokenizer(model_args.model_name_or_path, training_args.cache_dir)
     settings = data_settings(config, training_args)
     train_dataset, eval_dataset = build_datasets(data_args, training_args, tokenizer, settings)
+    checked = preflight.run(
+        {"train": train_dataset, "eval": eval_dataset},
+        training_args.output_dir,
+        skip_bad=data_args.skip_bad_samples,
+        preflight_only=data_args.preflight_only,
+        is_main=training_args.process_index == 0,
+    )
+    if data_args.preflight_only:
+        return None
+    train_dataset, eval_dataset = checked["train"], checked["eval"]
     if training_args.should_log:
         log_sample(train_dataset, tokenizer)
 

@@ -1,0 +1,231 @@
+"""Preflight: check every record of the train and eval files before any model weights load.
+
+Each record is built through ``SupervisedDataset.check``, the very code path training runs
+(structure checks, every image opened and fully decoded once, slicing layout, chat template,
+tokenisation, truncation to ``model_max_length``), minus the image tensors. All problems are
+gathered, not only the first: the console gets a table (reason -> count, first records) and
+``<output_dir>/preflight_report.json`` gets every one. Then the run stops before the weights
+load, or, with ``--skip_bad_samples``, trains without exactly the reported records.
+
+Only the main process checks; the others wait for its verdict, so every rank drops the same
+records. ``python finetune.py --preflight_only true ...`` runs the check alone (it needs the
+model's config and tokenizer, not its weights), e.g. on a laptop.
+"""
+
+import datetime
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import torch.distributed as dist
+from torch.utils.data import Subset
+from tqdm import tqdm
+
+from dataset import DataError
+
+logger = logging.getLogger(__name__)
+
+REPORT_NAME = "preflight_report.json"
+# Stable reason codes (DataError.code) and what each means; the table and report use them.
+REASONS = {
+    "invalid_json": "the data file or a line of it is not valid JSON of the expected shape",
+    "not_an_object": "the record is not a JSON object",
+    "bad_conversations": "'conversations' is missing, not a list, or has fewer than two messages",
+    "bad_message": "a message is not an object with role 'user' or 'assistant'",
+    "bad_content": "a message has no text 'content'",
+    "first_not_user": "the first message does not come from 'user'",
+    "no_assistant_turn": "no assistant message: nothing to learn",
+    "bad_image_field": "'image' is not a path or a dict of <image_NN> -> path",
+    "reserved_token": "message text contains one of the tokenizer's image tokens",
+    "image_tag_count": "<image> appears more often than the record has images",
+    "image_in_assistant": "the <image> tag sits in an assistant message",
+    "unknown_image_tag": "an image tag in the text has no image in the record",
+    "unused_image": "an image of the record is never referenced in the text",
+    "repeated_image_tag": "an <image_NN> tag is used more than once",
+    "missing_image": "an image file does not exist",
+    "empty_image": "an image file is empty (0 bytes)",
+    "not_an_image": "an image file is not an image PIL can read",
+    "truncated_image": "an image file is truncated or corrupt",
+    "image_too_large": "an image has more pixels than the decompression-bomb limit",
+    "too_long": "model_max_length would cut through an image placeholder",
+    "no_learnable_tokens": "no assistant token is left to learn (after truncation)",
+    "build_failed": "building the sample failed for another reason",
+    "invalid_record": "the record is unusable",
+}
+EXAMPLES_PER_REASON = 3
+# The other ranks wait this long for the main process's check (default collectives time out
+# after 10-30 minutes, less than a large dataset may need).
+WAIT_FOR_CHECK = datetime.timedelta(hours=12)
+
+
+class PreflightFailed(SystemExit):
+    """Bad records were found and the run must stop (exit status 1) before weights load."""
+
+    def __init__(self, message):
+        super().__init__(1)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
+@dataclass
+class Problem:
+    split: str
+    file: str
+    index: int
+    record_id: object
+    reason: str
+    message: str
+    path: str
+
+    @classmethod
+    def from_error(cls, split, error):
+        return cls(split, error.data_path, error.index, error.record_id, error.code, str(error), error.path)
+
+    def where(self):
+        return f"{self.split}#{self.index}" + ("" if self.record_id is None else f" ({self.record_id!r})")
+
+
+def check_dataset(dataset, split, *, progress=True):
+    """Run ``dataset.check`` over every record; return ``(problems, stats)``."""
+    problems, truncated, longest = [], [], 0
+    start = time.perf_counter()
+    for index in tqdm(range(len(dataset)), desc=f"preflight {split}", unit="rec", disable=not progress, mininterval=1):
+        try:
+            info = dataset.check(index)
+        except DataError as e:
+            problems.append(Problem.from_error(split, e))
+            continue
+        longest = max(longest, info["tokens"])
+        if info["truncated"]:
+            truncated.append(index)
+    seconds = time.perf_counter() - start
+    stats = dict(
+        split=split,
+        file=dataset.data_path,
+        records=len(dataset),
+        bad=len(problems),
+        truncated=truncated,
+        longest_tokens=longest,
+        max_length=dataset.max_length,
+        seconds=round(seconds, 3),
+    )
+    return problems, stats
+
+
+def summary_table(problems, stats):
+    """The console summary: one row per reason, with its count and first records."""
+    total = sum(s["records"] for s in stats)
+    files = "; ".join(f"{s['split']}: {s['bad']} of {s['records']} in {s['file']}" for s in stats)
+    lines = [f"Preflight: {len(problems)} of {total} records are unusable ({files})"]
+    by_reason = {}
+    for problem in problems:
+        by_reason.setdefault(problem.reason, []).append(problem)
+    if by_reason:
+        width = max(len("reason"), *(len(reason) for reason in by_reason))
+        lines.append(f"  {'reason':<{width}}  {'count':>6}  first records (split#index (id))")
+        for reason, group in sorted(by_reason.items(), key=lambda item: (-len(item[1]), item[0])):
+            first = ", ".join(p.where() for p in group[:EXAMPLES_PER_REASON])
+            more = f", ... {len(group) - EXAMPLES_PER_REASON} more" if len(group) > EXAMPLES_PER_REASON else ""
+            lines.append(f"  {reason:<{width}}  {len(group):>6}  {first}{more}")
+            lines.append(f"  {'':<{width}}  {'':>6}  e.g. {group[0].message}")
+    for s in stats:
+        if s["truncated"]:
+            lines.append(
+                f"  note: {len(s['truncated'])} {s['split']} records are longer than model_max_length "
+                f"{s['max_length']} and will be truncated (first: {s['truncated'][:EXAMPLES_PER_REASON]})"
+            )
+    return "\n".join(lines)
+
+
+def write_report(path, problems, stats, action):
+    records = sum(s["records"] for s in stats)
+    seconds = sum(s["seconds"] for s in stats)
+    report = dict(
+        ok=not problems,
+        action=action,
+        records=records,
+        bad_records=len(problems),
+        seconds=round(seconds, 3),
+        seconds_per_1000_records=round(1000 * seconds / max(records, 1), 3),
+        reasons=dict(Counter(p.reason for p in problems).most_common()),
+        files=stats,
+        dropped={s["split"]: sorted(p.index for p in problems if p.split == s["split"]) for s in stats}
+        if action == "skipped"
+        else {},
+        problems=[asdict(p) for p in problems],
+    )
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1, ensure_ascii=False, default=str)
+    return report
+
+
+def check_all(datasets, output_dir, *, skip_bad, preflight_only, progress=True):
+    """Check every dataset (main process); log the table, write the report; return ``{split: [bad indices]}``."""
+    problems, stats = [], []
+    for split, dataset in datasets.items():
+        found, numbers = check_dataset(dataset, split, progress=progress)
+        problems += found
+        stats.append(numbers)
+    action = "passed" if not problems else ("skipped" if skip_bad and not preflight_only else "stopped")
+    report_path = os.path.join(output_dir, REPORT_NAME)
+    report = write_report(report_path, problems, stats, action)
+    table = summary_table(problems, stats)
+    records = report["records"]
+    timing = f"{records} records in {report['seconds']:.1f} s ({report['seconds_per_1000_records']:.2f} s per 1,000)"
+    if problems:
+        (logger.warning if action == "skipped" else logger.error)("%s\nFull report: %s", table, report_path)
+    else:
+        logger.info("%s\nReport: %s", table, report_path)
+    logger.info("Preflight checked %s", timing)
+    return {split: sorted(p.index for p in problems if p.split == split) for split in datasets}
+
+
+def share(bad, is_main):
+    """The main process's ``bad`` dict, on every rank (a no-op without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return bad
+    # A CPU (gloo) group with a long timeout: the others may wait a long time for the check,
+    # and an object broadcast over NCCL would need the device set up first.
+    group = dist.new_group(backend="gloo", timeout=WAIT_FOR_CHECK)
+    box = [bad if is_main else None]
+    dist.broadcast_object_list(box, src=0, group=group)
+    dist.destroy_process_group(group)
+    return box[0]
+
+
+def run(datasets, output_dir, *, skip_bad=False, preflight_only=False, is_main=True):
+    """Check ``{split: SupervisedDataset or None}`` and return them as training should see them.
+
+    Raises PreflightFailed (exit status 1) on every rank if any record is bad, unless
+    ``skip_bad``: then each dataset comes back as a Subset without exactly the bad records
+    (original indices still name records in later errors). ``preflight_only`` always stops
+    after the check: with status 1 if anything is bad, else PreflightFailed is not raised and
+    the caller should return.
+    """
+    present = {split: dataset for split, dataset in datasets.items() if dataset is not None}
+    bad = check_all(present, output_dir, skip_bad=skip_bad, preflight_only=preflight_only) if is_main else None
+    bad = share(bad, is_main)
+    count = sum(len(indices) for indices in bad.values())
+    if count and (preflight_only or not skip_bad):
+        hint = "" if preflight_only else "; fix them, or pass --skip_bad_samples true to train without them"
+        message = f"Preflight: {count} unusable records (see {os.path.join(output_dir, REPORT_NAME)}){hint}"
+        logger.error("%s", message)
+        raise PreflightFailed(message)
+    result = dict(datasets)
+    for split, indices in bad.items():
+        if indices:
+            dataset = present[split]
+            dropped = set(indices)
+            result[split] = Subset(dataset, [i for i in range(len(dataset)) if i not in dropped])
+            logger.warning(
+                "--skip_bad_samples: dropping %d of %d %s records flagged by preflight; training on %d",
+                len(dropped), len(dataset), split, len(result[split]),
+            )
+    return result
+
