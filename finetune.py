@@ -22,6 +22,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 import loading
 import preflight
+import resilience
 from dataset import DataCollator, SupervisedDataset, load_records
 from trainer import CPMTrainer, model_source_dir
 
@@ -410,6 +411,7 @@ def train(argv=None):
         data_collator=DataCollator(training_args.model_max_length),
         processing_class=tokenizer,
         model_source=model_source_dir(model_args.model_name_or_path, training_args.cache_dir),
+        callbacks=[resilience.PreemptionCallback()],
     )
     check_engine(trainer, training_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

@@ -6,6 +6,8 @@
    the cross-entropy compares logits and labels position by position, with no extra shift.
 2. Saving. A full fine-tune must be loadable on its own with ``trust_remote_code=True``, so
    the model's remote-code files (and processor files) travel with every saved folder.
+3. Checkpoints. A crash during a save must not leave an unusable "latest" checkpoint, and
+   ``--resume_from_checkpoint`` must pick a complete one (see ``resilience.py``).
 
 Everything else (the loop, gradient accumulation, DeepSpeed, checkpoints, evaluation) is the
 stock ``transformers.Trainer``.
@@ -21,6 +23,8 @@ import torch.nn.functional as F
 import transformers
 from peft import PeftModel
 from transformers.integrations import is_deepspeed_zero3_enabled
+
+import resilience
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +111,23 @@ class CPMTrainer(transformers.Trainer):
             # That count is summed over processes, and DDP averages gradients over them.
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        resume_from_checkpoint = resilience.resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        folder = resilience.checkpoint_folder(self._get_output_dir(trial=trial), self.state.global_step)
+        if self.args.should_save:
+            resilience.remove_stale(folder)
+        self.accelerator.wait_for_everyone()
+        super()._save_checkpoint(model, trial)
+
+    def _save_rng_state(self, output_dir):
+        super()._save_rng_state(output_dir)
+        # The last files every rank writes: once all are on disk, the main process writes
+        # trainer_state.json, which marks the checkpoint complete (resilience.is_complete).
+        self.accelerator.wait_for_everyone()
 
     def save_model(self, output_dir=None, _internal_call=False):
         super().save_model(output_dir, _internal_call=_internal_call)

@@ -1,0 +1,173 @@
+"""Never lose a run: a checkpoint on SIGTERM, and checkpoints that a crash cannot corrupt.
+
+Preemption. A preempted node gets SIGTERM (torchrun forwards it to every worker, then waits
+30 s before SIGKILL). ``PreemptionCallback`` only notes the signal; at the end of each
+optimizer step the ranks agree, with one all-reduce, whether any of them got it, so all of
+them stop after the same step, save ``checkpoint-N`` together and exit with status 143.
+
+Crash-safe checkpoints. transformers 5.23's ``Trainer._save_checkpoint`` writes
+``checkpoint-N`` in place (weights, optimizer, scheduler, one RNG file per rank, then
+``trainer_state.json``, then it deletes checkpoints beyond ``save_total_limit``) and marks
+nothing as finished; ``resume_from_checkpoint=True`` takes the highest step number, finished
+or not. What is added here (hooked in by ``CPMTrainer``):
+- ``trainer_state.json`` is the commit record: a checkpoint is complete when that file parses
+  and names the folder's step. The Trainer writes it last, and CPMTrainer makes every rank
+  finish its own files before it is written; older checkpoints are rotated away only after.
+- a stale folder of the same step (left by an earlier crash) is removed before a save, so a
+  half-overwritten folder never looks complete.
+- ``resolve_checkpoint`` turns ``--resume_from_checkpoint`` (a checkpoint, a run folder, or
+  ``true``/``last`` for the output dir) into the newest complete checkpoint.
+"""
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import threading
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+STATE_FILE = "trainer_state.json"
+EXIT_PREEMPTED = 128 + signal.SIGTERM  # the status a process killed by SIGTERM reports
+
+
+def checkpoint_folder(run_dir, step):
+    return os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+
+
+def is_complete(folder):
+    """Whether ``folder`` is a checkpoint whose save finished (see the module docstring)."""
+    match = CHECKPOINT_NAME.match(os.path.basename(os.path.normpath(folder)))
+    try:
+        with open(os.path.join(folder, STATE_FILE), encoding="utf-8") as f:
+            step = json.load(f).get("global_step")
+    except (OSError, ValueError):
+        return False
+    return match is None or int(match.group(1)) == step
+
+
+def complete_checkpoints(run_dir):
+    """``[(step, folder)]`` of the complete checkpoints in ``run_dir``, oldest first."""
+    found = []
+    for name in os.listdir(run_dir):
+        match = CHECKPOINT_NAME.match(name)
+        folder = os.path.join(run_dir, name)
+        if match and os.path.isdir(folder):
+            if is_complete(folder):
+                found.append((int(match.group(1)), folder))
+            else:
+                logger.warning("%s is incomplete (its save was interrupted): not resuming from it", folder)
+    return sorted(found)
+
+
+def resolve_checkpoint(value, output_dir):
+    """The checkpoint folder to resume from, for a ``--resume_from_checkpoint`` value.
+
+    ``None``/``False``: none. ``True``, ``"true"``, ``"last"``: the newest complete checkpoint
+    of ``output_dir``. A checkpoint folder: itself if complete, else an error naming the one to
+    use. Any other folder: a run folder, whose newest complete checkpoint is taken.
+    """
+    if value is None or value is False:
+        return None
+    if value is True or str(value).lower() in ("true", "last", "latest"):
+        run_dir = output_dir
+    elif CHECKPOINT_NAME.match(os.path.basename(os.path.normpath(value))):
+        if is_complete(value):
+            return value
+        usable = complete_checkpoints(os.path.dirname(os.path.normpath(value)))
+        hint = f"resume from {usable[-1][1]}" if usable else "no complete checkpoint is left beside it"
+        raise ValueError(
+            f"--resume_from_checkpoint {value}: its save did not finish ({STATE_FILE} missing or unreadable); "
+            f"{hint}, or pass the run folder to take the newest complete checkpoint"
+        )
+    else:
+        run_dir = value
+    if not os.path.isdir(run_dir):
+        raise ValueError(f"--resume_from_checkpoint {value}: {run_dir} is not a folder")
+    usable = complete_checkpoints(run_dir)
+    if not usable:
+        raise ValueError(f"--resume_from_checkpoint {value}: no complete checkpoint in {run_dir}")
+    step, folder = usable[-1]
+    logger.info("Resuming from %s (step %d), the newest complete checkpoint of %s", folder, step, run_dir)
+    return folder
+
+
+def remove_stale(folder):
+    """Delete a leftover folder the next save would write into, so it is never half old, half new."""
+    if os.path.isdir(folder):
+        logger.warning("Removing %s, left by an earlier run, before saving over it", folder)
+        shutil.rmtree(folder)
+
+
+class Preempted(SystemExit):
+    """Raised on every rank once the SIGTERM checkpoint is saved: exit status 143."""
+
+    def __init__(self, message):
+        super().__init__(EXIT_PREEMPTED)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
+class PreemptionCallback(TrainerCallback):
+    """On SIGTERM: finish the current step, save a checkpoint at it on every rank, exit 143."""
+
+    def __init__(self):
+        self.signalled = False
+        self.stopping = False
+        self.previous_handler = None
+
+    def _on_sigterm(self, signum, frame):
+        # Only a flag: the step in progress finishes, and the ranks agree at its end.
+        self.signalled = True
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            self.previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.previous_handler is not None:
+            signal.signal(signal.SIGTERM, self.previous_handler)
+            self.previous_handler = None
+
+    def any_rank_signalled(self, args):
+        """Whether any rank got SIGTERM, the same answer on every rank (one all-reduce per step)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.signalled
+        flag = torch.tensor([int(self.signalled)], device=args.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.stopping and self.any_rank_signalled(args):
+            self.stopping = True
+            control.should_save = True
+            control.should_training_stop = True
+            logger.warning(
+                "SIGTERM: rank %d stops after step %d and saves %s",
+                args.process_index, state.global_step, checkpoint_folder(args.output_dir, state.global_step),
+            )
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if not self.stopping:
+            return control
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # the main process has finished the checkpoint on every rank's exit
+        folder = checkpoint_folder(args.output_dir, state.global_step)
+        logger.warning(
+            "SIGTERM: rank %d saved step %d to %s; exiting with status %d. Continue with "
+            "--resume_from_checkpoint %s",
+            args.process_index, state.global_step, folder, EXIT_PREEMPTED, args.output_dir,
+        )
+        self.on_train_end(args, state, control)
+        raise Preempted(f"preempted by SIGTERM after step {state.global_step}; checkpoint saved to {folder}")
