@@ -1,0 +1,137 @@
+"""Never lose a run: SIGTERM, kill -9 and a crash mid-save, each with real finetune.py processes."""
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import demo_data
+import resilience
+from launch import FAST_ARGS, REPO, run_finetune, subprocess_env, train_losses, trainer_state
+
+STEPS, SAVE_EVERY = "30", "5"
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return demo_data.generate(tmp_path_factory.mktemp("shapes"), count=8)
+
+
+def train_args(model, data, output_dir, *extra):
+    # Full fine-tune in fp32 on CPU, seeded: resumed losses must equal uninterrupted ones exactly.
+    return [
+        "--model_name_or_path", model, "--data_path", data, "--llm_type", "qwen", "--output_dir", output_dir,
+        "--use_cpu", "true", "--per_device_train_batch_size", "1", "--logging_steps", "1",
+        "--learning_rate", "1e-3", "--max_steps", STEPS, "--save_steps", SAVE_EVERY, *extra,
+    ]
+
+
+class Launched:
+    """A process whose merged output is collected line by line while it runs."""
+
+    def __init__(self, cmd, env):
+        self.lines = []
+        self.proc = subprocess.Popen(
+            [str(c) for c in cmd], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self.reader.start()
+
+    def wait_for(self, predicate, timeout=120, what="the condition"):
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert self.proc.poll() is None, f"exited ({self.proc.returncode}) before {what}:\n{self.output[-4000:]}"
+            assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{self.output[-4000:]}"
+            time.sleep(0.05)
+
+    def finish(self, timeout=120):
+        self.proc.wait(timeout=timeout)
+        self.reader.join(timeout=10)
+        return self.proc.returncode
+
+    @property
+    def output(self):
+        return "".join(self.lines)
+
+
+def logged_steps(launched):
+    return sum("'loss'" in line for line in launched.lines)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_checkpoint, shapes, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run_finetune(train_args(tiny_checkpoint("minicpmv2_6"), shapes, out))
+    losses = train_losses(out)
+    assert [step for step, _ in losses] == list(range(1, int(STEPS) + 1))
+    return dict(losses)
+
+
+def test_sigterm_saves_the_current_step_on_every_rank(tiny_checkpoint, shapes, tmp_path):
+    out = tmp_path / "run"
+    env = subprocess_env()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", env["MASTER_ADDR"], "--master_port", env["MASTER_PORT"]]
+    args = train_args(tiny_checkpoint("minicpmv2_6"), shapes, out, "--max_steps", "5000", "--save_steps", "5000")
+    run = Launched([*torchrun, REPO / "finetune.py", *FAST_ARGS, *args], env)
+    run.wait_for(lambda: logged_steps(run) >= 3, what="three logged steps")
+    seen = logged_steps(run)
+    run.proc.send_signal(signal.SIGTERM)  # to torchrun, as a preempted node's agent would
+    returncode = run.finish()
+    assert returncode != 0, run.output[-3000:]
+
+    [folder] = list(out.glob("checkpoint-*"))
+    step = int(folder.name.split("-")[1])
+    assert seen <= step < 5000
+    assert resilience.is_complete(folder)
+    state = trainer_state(folder)
+    assert state["global_step"] == step and state["log_history"][-1]["step"] == step
+    # Both ranks stopped after the same step and wrote their part of that checkpoint.
+    assert (folder / "rng_state_0.pth").is_file() and (folder / "rng_state_1.pth").is_file()
+    for rank in (0, 1):
+        assert f"SIGTERM: rank {rank} saved step {step} to {folder}" in run.output, run.output[-3000:]
+    assert "exiting with status 143" in run.output
+
+
+def test_kill_9_then_resume_continues_with_identical_losses(tiny_checkpoint, shapes, uninterrupted, tmp_path):
+    model, out = tiny_checkpoint("minicpmv2_6"), tmp_path / "run"
+    run = Launched([sys.executable, REPO / "finetune.py", *FAST_ARGS, *train_args(model, shapes, out)], subprocess_env())
+    run.wait_for(lambda: resilience.is_complete(out / "checkpoint-10"), what="checkpoint-10")
+    run.proc.kill()  # SIGKILL: no handler, no cleanup
+    assert run.finish() == -signal.SIGKILL
+    assert not (out / "trainer_state.json").exists(), "the run finished before it was killed"
+
+    _, output = run_finetune(train_args(model, shapes, out, "--resume_from_checkpoint", out))
+    resumed_from = int(re.search(r"Resuming from \S+checkpoint-(\d+) \(step", output).group(1))
+    assert resumed_from >= 10
+    assert trainer_state(out)["global_step"] == int(STEPS)
+    losses = dict(train_losses(out))
+    after = range(resumed_from + 1, int(STEPS) + 1)
+    assert {step: losses[step] for step in after} == {step: uninterrupted[step] for step in after}
+
+
+def test_crash_during_save_leaves_previous_checkpoint_usable(tiny_checkpoint, shapes, uninterrupted, tmp_path):
+    model, out = tiny_checkpoint("minicpmv2_6"), tmp_path / "run"
+    args = train_args(model, shapes, out, "--save_total_limit", "1")
+    crashed = subprocess.run(
+        [sys.executable, REPO / "tests" / "crash_during_save.py", *FAST_ARGS, *args],
+        env=subprocess_env(CRASH_AT_STEP=10), cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert crashed.returncode == -signal.SIGKILL, (crashed.stdout + crashed.stderr)[-3000:]
+    # The half-written checkpoint-10 is recognised as such; checkpoint-5 survived the rotation.
+    assert (out / "checkpoint-10").is_dir() and not resilience.is_complete(out / "checkpoint-10")
+    assert resilience.complete_checkpoints(out) == [(5, str(out / "checkpoint-5"))]
+    with pytest.raises(ValueError, match=r"checkpoint-10: its save did not finish.*resume from .*checkpoint-5"):
+        resilience.resolve_checkpoint(str(out / "checkpoint-10"), str(out))
+
+    _, output = run_finetune(train_args(model, shapes, out, "--resume_from_checkpoint", out, "--save_total_limit", "1"))
+    assert f"Resuming from {out / 'checkpoint-5'} (step 5)" in output
+    losses = dict(train_losses(out))
+    assert {step: losses[step] for step in range(6, int(STEPS) + 1)} == {
+        step: uninterrupted[step] for step in range(6, int(STEPS) + 1)
+    }
+    assert resilience.complete_checkpoints(out) == [(int(STEPS), str(out / f"checkpoint-{STEPS}"))]
