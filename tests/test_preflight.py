@@ -1,0 +1,228 @@
+"""Preflight: a corpus of malformed records, each reported with its reason; the CLI; skip mode."""
+
+import json
+import struct
+import sys
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import dataset
+import finetune
+import loading
+import preflight
+from launch import FAST_ARGS, REPO, run, run_finetune, subprocess_env, trainer_state
+
+MAX_LENGTH = 512  # FAST_ARGS's --model_max_length
+
+
+def png_header_only(path, width, height):
+    """A valid PNG header announcing a huge image, with no pixel data: a decompression bomb's shape."""
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def write_images(folder):
+    """Good images in unusual modes, and bad image files of every kind."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)).save(folder / "rgb.png")
+    Image.new("CMYK", (40, 30), (0, 0, 0, 0)).save(folder / "cmyk.jpg")
+    palette = Image.new("P", (30, 30), 0)
+    palette.putpalette([255, 0, 0] * 256)
+    palette.save(folder / "palette.png", transparency=0)
+    Image.new("RGBA", (30, 30), (255, 0, 0, 0)).save(folder / "rgba.png")
+    Image.fromarray(np.full((20, 30), 65535, dtype=np.uint16)).save(folder / "gray16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    Image.new("RGB", (60, 30), (0, 0, 255)).save(folder / "rotated.jpg", exif=exif)
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.png").write_text("these are not pixels")
+    full = (folder / "rgb.png").read_bytes()
+    (folder / "truncated.png").write_bytes(full[: len(full) // 2])
+    png_header_only(folder / "bomb.png", 10_000, 10_000)  # 100M pixels: over PIL's limit, under twice it
+
+
+def conv(user="<image>\nWhat is it?", assistant="a shape"):
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+
+
+def build_corpus(folder, filler_words):
+    """``(records, expected)``: ``expected`` maps the index of each bad record to its reason."""
+    write_images(folder / "images")
+    good = [
+        {"id": "good-rgb", "image": "images/rgb.png", "conversations": conv()},
+        {"id": "good-cmyk", "image": "images/cmyk.jpg", "conversations": conv()},
+        {"id": "good-palette", "image": "images/palette.png", "conversations": conv()},
+        {"id": "good-rgba", "image": "images/rgba.png", "conversations": conv()},
+        {"id": "good-16bit", "image": "images/gray16.png", "conversations": conv()},
+        {"id": "good-exif", "image": "images/rotated.jpg", "conversations": conv()},
+        {"id": "good-multi", "image": {"<image_00>": "images/rgb.png", "<image_01>": "images/cmyk.jpg"},
+         "conversations": conv("<image_00> and <image_01>: which is brighter?", "the second")},
+        {"id": "good-text", "conversations": conv("Count to three.", "one two three")},
+        {"id": "good-truncated", "image": "images/rgb.png",  # over max length, still learnable: a note
+         "conversations": conv("<image>\nRepeat.", "word " * (MAX_LENGTH + 50))},
+    ]
+    two = {"<image_00>": "images/rgb.png", "<image_01>": "images/cmyk.jpg"}
+    bad = [
+        ("not_an_object", "just a string"),
+        ("bad_conversations", {"id": "one-message", "conversations": conv()[:1]}),
+        ("bad_message", {"id": "system-role", "conversations": [{"role": "system", "content": "x"}, *conv()]}),
+        ("bad_content", {"id": "numeric-content", "conversations": conv(assistant=42)}),
+        ("first_not_user", {"id": "assistant-first", "conversations": conv()[::-1]}),
+        ("no_assistant_turn", {"id": "two-users", "image": "images/rgb.png",
+                               "conversations": [{"role": "user", "content": "<image> hi"},
+                                                 {"role": "user", "content": "hello?"}]}),
+        ("bad_image_field", {"id": "image-number", "image": 42, "conversations": conv()}),
+        ("reserved_token", {"id": "reserved", "conversations": conv("what is </image>?", "a tag")}),
+        ("image_tag_count", {"id": "two-tags-one-image", "image": "images/rgb.png",
+                             "conversations": conv("<image> <image> same?", "yes")}),
+        ("image_in_assistant", {"id": "tag-in-answer", "image": "images/rgb.png",
+                                "conversations": conv("Draw it.", "<image>")}),
+        ("unknown_image_tag", {"id": "tag-without-image", "image": two,
+                               "conversations": conv("<image_00> <image_01> <image_02>", "three")}),
+        ("unknown_image_tag", {"id": "image-tag-no-image", "conversations": conv()}),
+        ("unused_image", {"id": "unused", "image": two, "conversations": conv("<image_00> only", "one")}),
+        ("repeated_image_tag", {"id": "repeated", "image": two,
+                                "conversations": conv("<image_00> <image_01> <image_00>", "two")}),
+        ("missing_image", {"id": "missing", "image": "images/nowhere.png", "conversations": conv()}),
+        ("empty_image", {"id": "zero-bytes", "image": "images/empty.png", "conversations": conv()}),
+        ("not_an_image", {"id": "text-file", "image": "images/notes.png", "conversations": conv()}),
+        ("truncated_image", {"id": "truncated", "image": "images/truncated.png", "conversations": conv()}),
+        ("image_too_large", {"id": "bomb", "image": "images/bomb.png", "conversations": conv()}),
+        ("too_long", {"id": "cut-image", "image": "images/rgb.png",
+                      "conversations": conv("a " * filler_words + "<image>", "a shape")}),
+        ("no_learnable_tokens", {"id": "answer-cut-off",
+                                 "conversations": conv("a " * (MAX_LENGTH + 10), "a shape")}),
+    ]
+    records, expected = [], {}
+    for n in range(max(len(good), len(bad))):  # interleaved: good records sit between bad ones
+        if n < len(bad):
+            expected[len(records)] = bad[n][0]
+            records.append(bad[n][1])
+        if n < len(good):
+            records.append(good[n])
+    return records, expected
+
+
+def make_dataset(model, path, extra=()):
+    """The train dataset exactly as finetune.train() builds it from these arguments."""
+    _, data_args, training_args, _ = finetune.parse_args(
+        ["--model_name_or_path", str(model), "--data_path", str(path), "--output_dir", "unused", "--use_cpu", "true",
+         "--llm_type", "qwen", *FAST_ARGS, *extra]
+    )
+    config, tokenizer = loading.load_config(model), loading.load_tokenizer(model)
+    train, _ = finetune.build_datasets(data_args, training_args, tokenizer, finetune.data_settings(config, training_args))
+    return train
+
+
+def filler_that_cuts_the_image(model, folder):
+    """How many filler words before an image make max_length fall inside its placeholder."""
+    write_images(folder / "images")
+    probe = folder / "probe.json"
+    probe.write_text("[]")
+    data = make_dataset(model, probe)
+    for words in range(MAX_LENGTH - 40, MAX_LENGTH):
+        data.records = [{"id": "probe", "image": "images/rgb.png", "conversations": conv("a " * words + "<image>", "x")}]
+        try:
+            data.check(0)
+        except dataset.DataError as e:
+            if e.code == "too_long":
+                return words
+    raise AssertionError("no filler length cuts the image placeholder")
+
+
+@pytest.fixture(scope="module")
+def corpus(tiny_checkpoint, tmp_path_factory):
+    model = tiny_checkpoint("minicpmv2_6")
+    folder = tmp_path_factory.mktemp("corpus")
+    records, expected = build_corpus(folder, filler_that_cuts_the_image(model, tmp_path_factory.mktemp("probe")))
+    path = folder / "train.json"
+    path.write_text(json.dumps(records, indent=1))
+    return model, path, records, expected
+
+
+def test_unusual_image_modes_are_converted_not_refused(tmp_path):
+    write_images(tmp_path)
+    white = (255, 255, 255)
+    assert dataset.open_rgb(tmp_path / "cmyk.jpg").getpixel((5, 5)) == white
+    assert dataset.open_rgb(tmp_path / "palette.png").getpixel((5, 5)) == white  # transparent index -> white
+    assert dataset.open_rgb(tmp_path / "rgba.png").getpixel((5, 5)) == white  # alpha 0 composited on white
+    gray = dataset.open_rgb(tmp_path / "gray16.png")
+    assert gray.mode == "RGB" and gray.getpixel((3, 3)) == white  # 65535 scales to 255, not clipped garbage
+    rotated = dataset.open_rgb(tmp_path / "rotated.jpg")
+    assert rotated.size == (30, 60)  # EXIF orientation applied
+    assert all(abs(a - b) < 8 for a, b in zip(rotated.getpixel((15, 30)), (0, 0, 255)))
+
+
+def test_corpus_every_bad_record_is_reported_with_its_reason(corpus, tmp_path):
+    model, path, records, expected = corpus
+    assert len(set(expected.values())) >= 15
+    train = make_dataset(model, path)
+    bad = preflight.check_all({"train": train}, tmp_path, skip_bad=False, preflight_only=True, progress=False)
+    assert bad == {"train": sorted(expected)}
+    report = json.loads((tmp_path / preflight.REPORT_NAME).read_text())
+    found = {p["index"]: p["reason"] for p in report["problems"]}
+    assert found == expected
+    for problem in report["problems"]:
+        record = records[problem["index"]]
+        record_id = record.get("id") if isinstance(record, dict) else None
+        assert problem["record_id"] == record_id and problem["file"] == str(path)
+        assert problem["message"].startswith(f"record {problem['index']} (id {record_id!r}) of {path}: ")
+        assert problem["reason"] in preflight.REASONS
+    [stats] = report["files"]
+    assert stats["records"] == len(records) and stats["bad"] == len(expected)
+    good_truncated = next(i for i, r in enumerate(records) if isinstance(r, dict) and r.get("id") == "good-truncated")
+    assert stats["truncated"] == [good_truncated]
+    assert report["action"] == "stopped" and not report["ok"]
+
+
+def test_preflight_only_exits_nonzero_with_table_and_report_before_weights(corpus, tmp_path):
+    model, path, records, expected = corpus
+    out = tmp_path / "out"
+    code, output = run_finetune(
+        ["--model_name_or_path", model, "--data_path", path, "--eval_data_path", path, "--llm_type", "qwen",
+         "--output_dir", out, "--use_cpu", "true", "--preflight_only", "true"],
+        expect_ok=False,
+    )
+    assert code == 1, output[-3000:]
+    n_bad, total = len(expected), 2 * len(records)
+    assert f"Preflight: {2 * n_bad} of {total} records are unusable" in output
+    for reason in set(expected.values()):
+        assert reason in output
+    assert "Parameters:" not in output  # the model was never loaded
+    report = json.loads((out / preflight.REPORT_NAME).read_text())
+    assert report["bad_records"] == 2 * n_bad and report["action"] == "stopped"
+    assert {(p["split"], p["index"]) for p in report["problems"]} == {
+        (split, i) for split in ("train", "eval") for i in expected
+    }
+
+
+def test_skip_bad_samples_trains_on_exactly_the_good_ones(corpus, tmp_path):
+    model, path, records, expected = corpus
+    out = tmp_path / "out"
+    env = subprocess_env()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", env["MASTER_ADDR"], "--master_port", env["MASTER_PORT"]]
+    _, output = run(
+        [*torchrun, REPO / "finetune.py", *FAST_ARGS,
+         "--model_name_or_path", model, "--data_path", path, "--llm_type", "qwen", "--output_dir", out,
+         "--use_cpu", "true", "--skip_bad_samples", "true", "--num_train_epochs", "1",
+         "--per_device_train_batch_size", "1", "--logging_steps", "1", "--save_strategy", "no"],
+        env=env,
+    )
+    good = len(records) - len(expected)
+    report = json.loads((out / preflight.REPORT_NAME).read_text())
+    assert report["action"] == "skipped" and report["dropped"] == {"train": sorted(expected)}
+    # Both ranks drop the same records (rank 1 gets the list from rank 0).
+    line = f"--skip_bad_samples: dropping {len(expected)} of {len(records)} train records flagged by preflight; training on {good}"
+    assert output.count(line) == 2, output[-3000:]
+    # One epoch over the good records at one per rank and step: every one was trained on, no other
+    # (a bad record reaching the loader would have raised DataError).
+    assert trainer_state(out)["global_step"] == -(-good // 2)
