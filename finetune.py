@@ -306,11 +306,9 @@ def apply_lora(model, training_args, lora_args):
         layer_replication=lora_args.layer_replication(),
         modules_to_save=lora_args.modules_to_save(training_args.tune_vision),
     )
-    try:
-        model.get_input_embeddings()
-    except NotImplementedError:
+    if not hasattr(model, "get_input_embeddings"):
         # peft and gradient checkpointing reach the token embeddings through this method.
-        model.get_input_embeddings = lambda: model.llm.get_input_embeddings()
+        model.get_input_embeddings = model.llm.get_input_embeddings
     if lora_args.q_lora:
         if not getattr(model, "is_loaded_in_4bit", False):
             raise RuntimeError("--q_lora was given but the model did not load in 4 bit")

@@ -20,7 +20,7 @@ MASTER_PORT=${MASTER_PORT:-6001}
 MODEL=${MODEL:-"openbmb/MiniCPM-V-2_6"} # or openbmb/MiniCPM-V-2, openbmb/MiniCPM-Llama3-V-2_5, ...
 # The data: a .json list (or .jsonl) of {"id", "image", "conversations"} records.
 DATA=${DATA:-"path/to/training_data.json"}
-EVAL_DATA=${EVAL_DATA:-"path/to/eval_data.json"} # set EVAL_DATA= (empty) to train without evaluation
+EVAL_DATA=${EVAL_DATA-"path/to/eval_data.json"} # set EVAL_DATA= (empty) to train without evaluation
 # minicpm for MiniCPM-V 2.0, llama3 for MiniCPM-Llama3-V 2.5, qwen for MiniCPM-V 2.6, MiniCPM-o 2.6 and 4.x
 LLM_TYPE=${LLM_TYPE:-"qwen"}
 MODEL_MAX_Length=${MODEL_MAX_Length:-2048} # 2048 fits 9 slices of an image with room for text
@@ -54,7 +54,7 @@ $TORCHRUN --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NOD
     $DEVICE_ARGS \
     --do_train \
     --tune_vision true \
-    --tune_llm false \
+    --tune_llm true \
     --model_max_length "$MODEL_MAX_Length" \
     --max_slice_nums 9 \
     --max_steps 10000 \

@@ -85,14 +85,19 @@ def load_state_dict(folder):
 
 
 def eval_loss(model, dataset, collator):
-    """The eval loss as the Trainer reports it: the mean of per-batch token-mean losses (batch 1)."""
+    """Summed cross-entropy over all learned tokens of ``dataset``, divided by their count.
+
+    That is the Trainer's eval_loss when the whole eval set is one evaluation step (one sample
+    per process): with ``average_tokens_across_devices`` it weighs every token alike.
+    """
     from trainer import CPMTrainer
 
-    losses = []
+    total, count = 0.0, 0
     model.eval()
     with torch.no_grad():
         for i in range(len(dataset)):
             batch = collator([dataset[i]])
             logits = model(data=batch, use_cache=False).logits
-            losses.append(CPMTrainer.token_loss(logits, batch["labels"]).item())
-    return sum(losses) / len(losses)
+            total += CPMTrainer.token_loss(logits, batch["labels"], num_items=1).item()
+            count += int(batch["labels"].ne(-100).sum())
+    return total / count

@@ -40,6 +40,7 @@ SHARED_FILES = (
 BPE_VOCAB_SIZE = 768  # including the 256 byte symbols; special tokens come on top
 SCALE_RESOLUTION = 112
 PATCH_SIZE = 14
+OUTPUT_HEAD_STD = 0.25
 
 # Tokens every family's tokenizer has (the real ones carry the same placeholders).
 IMAGE_TOKENS = [
@@ -268,6 +269,11 @@ def build_checkpoint(family, out_dir, seed=0):
     }
     torch.manual_seed(seed)
     model = getattr(remote_module(module_name), class_name)(config)
+    with torch.no_grad():
+        # A trained LM head turns unit-RMS hidden states into confident logits; a random one at
+        # initializer_range (0.02) spans about one nat, so with the LLM frozen (LoRA) no
+        # fine-tune could fit even a few answers. Give the random head a trained head's scale.
+        model.llm.lm_head.weight.normal_(0.0, OUTPUT_HEAD_STD)
     model.save_pretrained(out_dir)
 
     tokenizer.save_pretrained(out_dir)

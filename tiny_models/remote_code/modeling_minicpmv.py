@@ -112,6 +112,11 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             vision_hidden_states = data["vision_hidden_states"]
         else:
             vision_hidden_states = self.get_vision_hidden_states(data)
+        dummy = None
+        if self.training and all(features is None for features in vision_hidden_states):
+            # Run the vision tower before the token embeddings, in the same order as a batch
+            # with images: under ZeRO-3 every rank must gather parameters in the same order.
+            dummy = self.dummy_vision_feature()
 
         input_ids = data["input_ids"].to(torch.long)
         embeds = self.llm.get_input_embeddings()(input_ids)
@@ -131,8 +136,8 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             rows.append(row)
         embeds = torch.stack(rows)
 
-        if self.training and all(features is None for features in vision_hidden_states):
-            embeds = embeds + 0.0 * self.dummy_vision_feature().sum().to(embeds.dtype)
+        if dummy is not None:
+            embeds = embeds + 0.0 * dummy.sum().to(embeds.dtype)
         return embeds, vision_hidden_states
 
     def forward(self, data, **kwargs):
