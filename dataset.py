@@ -623,20 +623,25 @@ class SupervisedDataset(Dataset):
         )
 
     def _splice_query_runs(self, ids, context):
-        """Insert ``query_num`` unk ids after every opening token; return ids, context, bounds."""
+        """Insert ``query_num`` unk ids after every opening token; return ids, context, bounds.
+
+        In numpy: these arrays are a few hundred elements, and torch's multi-threaded
+        repeat_interleave costs milliseconds per call on a machine whose cores are busy.
+        """
         q = self.query_num
-        is_opener = torch.isin(ids, self.opener_ids)
-        counts = 1 + q * is_opener.long()
-        new_positions = torch.cumsum(counts, 0) - counts
-        ids = ids.repeat_interleave(counts)
-        context = context.repeat_interleave(counts)
+        ids, context = ids.numpy(), context.numpy()
+        is_opener = (ids[:, None] == self.opener_ids.numpy()).any(axis=1)
+        counts = 1 + q * is_opener
+        new_positions = np.cumsum(counts) - counts
+        ids = np.repeat(ids, counts)
+        context = np.repeat(context, counts)
         starts = new_positions[is_opener] + 1
-        ids[(starts[:, None] + torch.arange(q)).reshape(-1)] = self.unk_id
-        bounds = torch.stack([starts, starts + q], dim=1)
+        ids[(starts[:, None] + np.arange(q)).reshape(-1)] = self.unk_id
+        bounds = np.stack([starts, starts + q], axis=1).reshape(-1, 2)
         ends = bounds[:, 1]
-        if (ends >= len(ids)).any() or not torch.isin(ids[ends.clamp(max=len(ids) - 1)], self.closer_ids).all():
+        if (ends >= len(ids)).any() or not (ids[ends.clip(max=len(ids) - 1), None] == self.closer_ids.numpy()).any(axis=1).all():
             raise ValueError("an image start token is not followed by its end token after the chat template")
-        return ids, context, bounds
+        return torch.from_numpy(ids), torch.from_numpy(context), torch.from_numpy(bounds.astype(np.int64))
 
     def _image_spans(self, ids, bounds, layouts):
         """Per image, the (first, last) token of its whole placeholder, id prefix included."""
