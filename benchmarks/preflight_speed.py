@@ -1,0 +1,99 @@
+"""Time preflight over a generated dataset and count image decodes.
+
+    python benchmarks/preflight_speed.py [--records 10000] [--images 10000] [--size 448x336]
+
+Writes JPEG images of the given size (noise plus shapes: real decode work) and a JSON file of
+single-image records (every 20th has two images, every 50th none) into a temporary folder,
+builds the dataset as finetune.py does for a tiny MiniCPM-V 2.6 checkpoint (its tokenizer is
+small; the real one's BPE vocabulary is larger), runs the preflight check and prints the time
+per 1,000 records and how many image decodes it did.
+"""
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import finetune  # noqa: E402
+import loading  # noqa: E402
+import preflight  # noqa: E402
+from tiny_models.build import build_checkpoint  # noqa: E402
+
+
+def write_data(folder, records, images, size):
+    rng = np.random.default_rng(0)
+    (folder / "images").mkdir()
+    for n in range(images):
+        image = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+        ImageDraw.Draw(image).ellipse((10, 10, size[0] // 2, size[1] // 2), fill=(200, 30, 30))
+        image.save(folder / "images" / f"{n:05d}.jpg", quality=90)
+    data = []
+    for n in range(records):
+        conversation = [
+            {"role": "user", "content": "What is in the image? Describe the colours and the shapes."},
+            {"role": "assistant", "content": "A red ellipse on a noisy background, top left."},
+        ]
+        record = {"id": f"r{n}", "conversations": conversation}
+        if n % 20 == 0:
+            record["image"] = {"<image_00>": f"images/{n % images:05d}.jpg", "<image_01>": f"images/{(n + 1) % images:05d}.jpg"}
+            conversation[0]["content"] = "<image_00>\n<image_01>\n" + conversation[0]["content"]
+        elif n % 50 != 1:
+            record["image"] = f"images/{n % images:05d}.jpg"
+        data.append(record)
+    path = folder / "train.json"
+    path.write_text(json.dumps(data))
+    return path, sum(len(r.get("image", {})) if isinstance(r.get("image"), dict) else int("image" in r) for r in data)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=int, default=10_000)
+    parser.add_argument("--images", type=int, default=10_000, help="distinct image files")
+    parser.add_argument("--size", default="448x336", help="image width x height")
+    args = parser.parse_args()
+    size = tuple(int(v) for v in args.size.split("x"))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    decodes = 0
+    load = ImageFile.ImageFile.load
+
+    def counting_load(self):
+        nonlocal decodes
+        decodes += bool(self.tile)  # tiles left to read: this call decodes the file
+        return load(self)
+
+    ImageFile.ImageFile.load = counting_load
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        start = time.perf_counter()
+        path, references = write_data(tmp, args.records, args.images, size)
+        print(f"wrote {args.records} records, {args.images} {args.size} JPEGs in {time.perf_counter() - start:.1f} s")
+        model = build_checkpoint("minicpmv2_6", tmp / "model")
+        _, data_args, training_args, _ = finetune.parse_args(
+            ["--model_name_or_path", str(model), "--data_path", str(path), "--output_dir", str(tmp / "out"),
+             "--use_cpu", "true", "--llm_type", "qwen", "--report_to", "none"]
+        )
+        config, tokenizer = loading.load_config(model), loading.load_tokenizer(model)
+        settings = finetune.data_settings(config, training_args)
+        train, _ = finetune.build_datasets(data_args, training_args, tokenizer, settings)
+        decodes = 0
+        start = time.perf_counter()
+        bad = preflight.check_all({"train": train}, tmp / "out", skip_bad=False, preflight_only=True)
+        seconds = time.perf_counter() - start
+    assert not bad["train"], bad
+    print(
+        f"preflight: {args.records} records ({references} image references) in {seconds:.2f} s = "
+        f"{1000 * seconds / args.records:.3f} s per 1,000 records; {decodes} image decodes "
+        f"({decodes / max(references, 1):.2f} per image reference)"
+    )
+
+
+if __name__ == "__main__":
+    main()
