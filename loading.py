@@ -1,13 +1,17 @@
 """Load a MiniCPM-V model, its config and tokenizer through their remote code.
 
 One place for what ``finetune.py``, ``infer.py`` and ``merge.py`` share: the ``AutoModel`` /
-``AutoTokenizer`` calls with ``trust_remote_code=True``, and the keyword arguments only some
-model families accept.
+``AutoTokenizer`` calls with ``trust_remote_code=True``, the keyword arguments only some
+model families accept, and the repairs (``remote_code_repairs``) that remote code written for
+transformers 4.4x needs to load correctly today.
 """
 
+import contextlib
 import logging
 
 import transformers
+
+import remote_code_repairs
 
 logger = logging.getLogger(__name__)
 
@@ -32,17 +36,34 @@ def init_kwargs_for(config):
 
 
 def load_model(name_or_path, config, *, dtype, cache_dir=None, device_map=None, quantization_config=None):
-    kwargs = init_kwargs_for(config)
-    if kwargs:
-        logger.info("Model config declares %s: loading with %s", ", ".join(kwargs), kwargs)
+    """``AutoModel.from_pretrained`` with the remote code's defects repaired where present.
+
+    The model class is imported first (supplying typing names a module lacks); a reference
+    construction with parameters on the meta device shows whether ``__init__`` skips
+    ``post_init()`` and holds the non-persistent buffers as ``__init__`` computes them, which the
+    loaded model must match.
+    """
+    init_kwargs = init_kwargs_for(config)
+    if init_kwargs:
+        logger.info("Model config declares %s: loading with %s", ", ".join(init_kwargs), init_kwargs)
+    model_class = remote_code_repairs.import_model_class(name_or_path, config, cache_dir=cache_dir)
+    reference, missed_post_init = None, False
+    if model_class is not None:
+        reference, missed_post_init = remote_code_repairs.build_reference(model_class, config, init_kwargs, dtype)
+    kwargs = dict(init_kwargs)
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
-    return transformers.AutoModel.from_pretrained(
-        name_or_path,
-        config=config,
-        trust_remote_code=True,
-        dtype=dtype,
-        cache_dir=cache_dir,
-        device_map=device_map,
-        **kwargs,
-    )
+    repair_init = remote_code_repairs.post_init_after_init(model_class) if missed_post_init else contextlib.nullcontext()
+    with repair_init:
+        model = transformers.AutoModel.from_pretrained(
+            name_or_path,
+            config=config,
+            trust_remote_code=True,
+            dtype=dtype,
+            cache_dir=cache_dir,
+            device_map=device_map,
+            **kwargs,
+        )
+    if reference is not None:
+        remote_code_repairs.restore_non_persistent_buffers(model, reference)
+    return model
