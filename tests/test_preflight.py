@@ -161,6 +161,7 @@ def test_unusual_image_modes_are_converted_not_refused(tmp_path):
     assert all(abs(a - b) < 8 for a, b in zip(rotated.getpixel((15, 30)), (0, 0, 255)))
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # the bomb record, refused
 def test_corpus_every_bad_record_is_reported_with_its_reason(corpus, tmp_path):
     model, path, records, expected = corpus
     assert len(set(expected.values())) >= 15
