@@ -40,6 +40,8 @@ from transformers.modeling_utils import local_torch_dtype
 logger = logging.getLogger(__name__)
 
 TYPING_NAMES = frozenset(typing.__all__)
+# Set on a module imported with supplied names, so that later loads can say so again.
+SUPPLIED_NAMES_ATTRIBUTE = "__supplied_typing_names__"
 
 
 # ---- defect 1: typing names a module never imports -------------------------------------------
@@ -120,6 +122,7 @@ def _import_with_names(dotted_name, path, names):
     spec = importlib.util.spec_from_file_location(dotted_name, path)
     module = importlib.util.module_from_spec(spec)
     module.__dict__.update({name: getattr(typing, name) for name in names})
+    setattr(module, SUPPLIED_NAMES_ATTRIBUTE, names)
     sys.modules[dotted_name] = module
     try:
         spec.loader.exec_module(module)
@@ -136,11 +139,20 @@ def supply_missing_typing_names(module_file):
     root = module_file.parent
     package = ".".join(root.relative_to(dynamic_module_utils.HF_MODULES_CACHE).parts)
     files = [module_file] + [Path(f) for f in dynamic_module_utils.get_relative_import_files(module_file)]
-    missing = {}
+    missing, supplied = {}, {}
     for file in files:
         dotted_name = ".".join((package, *file.relative_to(root).with_suffix("").parts))
-        if dotted_name not in sys.modules and (names := missing_typing_names(file.read_text(encoding="utf-8"))):
-            missing[file] = (dotted_name, names)
+        if dotted_name in sys.modules:  # imported before; repaired then if it needed it
+            names = getattr(sys.modules[dotted_name], SUPPLIED_NAMES_ATTRIBUTE, None)
+        elif names := missing_typing_names(file.read_text(encoding="utf-8")):
+            missing[file] = (dotted_name, file, names)
+        if names:
+            supplied[file.name] = names
+            logger.warning(
+                "Remote code %s uses %s without importing it (it relied on a star import that no "
+                "longer provides it): supplied from typing.",
+                file.name, ", ".join(names),
+            )
 
     imported = set()
 
@@ -152,17 +164,11 @@ def supply_missing_typing_names(module_file):
             dependency_file = root.joinpath(*dependency.split(".")).with_suffix(".py")
             if dependency_file in missing:
                 ensure(dependency_file)
-        dotted_name, names = missing[file]
-        logger.warning(
-            "Remote code %s uses %s without importing it (it relied on a star import that no longer "
-            "provides it): supplied from typing.",
-            file.name, ", ".join(names),
-        )
-        _import_with_names(dotted_name, file, names)
+        _import_with_names(*missing[file])
 
     for file in missing:
         ensure(file)
-    return {file.name: names for file, (_, names) in missing.items()}
+    return supplied
 
 
 def import_model_class(name_or_path, config, cache_dir=None):
@@ -228,11 +234,14 @@ def post_init_after_init(model_class):
     )
     own_init = model_class.__dict__.get("__init__")
     inherited_init = model_class.__init__
+    # AutoModel loads a copy of the class with GenerationMixin added, whose namespace copies ours.
+    patched = {model_class}
 
     @functools.wraps(inherited_init)
     def init_then_post_init(self, *args, **kwargs):
         inherited_init(self, *args, **kwargs)
-        # No check on type(self): AutoModel loads a copy of the class with GenerationMixin added.
+        if type(self).__dict__.get("__init__") is init_then_post_init:
+            patched.add(type(self))
         if lacks_post_init(self):
             self.post_init()
 
@@ -240,10 +249,11 @@ def post_init_after_init(model_class):
     try:
         yield
     finally:
-        if own_init is None:
-            del model_class.__init__
-        else:
-            model_class.__init__ = own_init
+        for cls in patched:
+            if own_init is None:
+                del cls.__init__
+            else:
+                cls.__init__ = own_init
 
 
 def _holds(loaded, fresh):

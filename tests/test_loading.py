@@ -1,0 +1,216 @@
+"""loading.py and remote_code_repairs.py: MiniCPM-V remote code written for transformers 4.4x.
+
+The defective fixtures (tests/fixtures/defective_remote_code) are the tiny 2.6 model with the
+real code's defects: a resampler that gets `List` from `from torch.nn.functional import *`
+(defect 1), a model whose `__init__` never calls `post_init()` (2), and one whose
+`_init_weights` leaves the non-persistent `pos_embed` as transformers 5 rebuilds it, empty (3).
+Each checkpoint holds the defect-free checkpoint's weights, so logits must match exactly.
+"""
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModel
+
+import demo_data
+import finetune
+import loading
+import remote_code_repairs
+from dataset import DataCollator
+from launch import eval_loss, eval_losses, run_finetune, train_losses
+
+FIXTURES = Path(__file__).parent / "fixtures" / "defective_remote_code"
+REPAIRS_LOGGER = remote_code_repairs.__name__
+# defect name -> (replace resampler.py, model class in fixtures' modeling_legacy.py or None)
+DEFECTS = {
+    "star_import": (True, None),
+    "no_post_init": (False, "MiniCPMVWithoutPostInit"),
+    "stale_buffer": (False, "MiniCPMVStaleBuffer"),
+    "all": (True, "MiniCPMVLegacy"),
+}
+# What the log names for each repair.
+MESSAGES = {
+    "star_import": "resampler.py uses List without importing it",
+    "no_post_init": "__init__ never calls post_init()",
+    "stale_buffer": "Non-persistent buffer resampler.pos_embed did not hold",
+}
+
+
+@pytest.fixture(scope="module")
+def defective_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """A factory: the tiny 2.6 checkpoint with one defect (or "all") in its remote code."""
+    built = {}
+
+    def get(defect, name=None):
+        """`name`: the folder's name. Transformers keys the imported remote code by folder name and
+        code hash, so a new name gives a copy whose code this process has not imported yet."""
+        name = name or defect
+        if name not in built:
+            folder = tmp_path_factory.mktemp("defective") / name
+            shutil.copytree(tiny_checkpoint("minicpmv2_6"), folder)
+            star_import, model_class = DEFECTS[defect]
+            if star_import:
+                shutil.copyfile(FIXTURES / "resampler.py", folder / "resampler.py")
+            if model_class:
+                shutil.copyfile(FIXTURES / "modeling_legacy.py", folder / "modeling_legacy.py")
+                config = json.loads((folder / "config.json").read_text())
+                for auto_class in ("AutoModel", "AutoModelForCausalLM"):
+                    config["auto_map"][auto_class] = f"modeling_legacy.{model_class}"
+                (folder / "config.json").write_text(json.dumps(config, indent=2))
+            built[name] = folder
+        return built[name]
+
+    return get
+
+
+def load(folder, dtype=torch.float32):
+    return loading.load_model(folder, loading.load_config(folder), dtype=dtype).eval()
+
+
+def batch(vocab_size):
+    """One sample: text around one 2x3-patch image (tiny 2.6: query_num 8)."""
+    generator = torch.Generator().manual_seed(0)
+    length = 24
+    return {
+        "input_ids": torch.randint(0, vocab_size, (1, length), generator=generator),
+        "position_ids": torch.arange(length)[None],
+        "pixel_values": [[torch.rand(3, 14, 6 * 14, generator=generator)]],
+        "tgt_sizes": [torch.tensor([[2, 3]], dtype=torch.int32)],
+        "image_bound": [torch.tensor([[3, 11]])],
+    }
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(data=batch(model.config.vocab_size)).logits
+
+
+def repair_messages(caplog):
+    return [record.getMessage() for record in caplog.records if record.name == REPAIRS_LOGGER]
+
+
+@pytest.fixture(scope="module")
+def reference_logits(tiny_checkpoint):
+    return logits(AutoModel.from_pretrained(tiny_checkpoint("minicpmv2_6"), trust_remote_code=True,
+                                            dtype=torch.float32).eval())
+
+
+def test_defect_free_model_loads_untouched(tiny_checkpoint, reference_logits, caplog):
+    caplog.set_level(logging.DEBUG, logger=REPAIRS_LOGGER)
+    model = load(tiny_checkpoint("minicpmv2_6"))
+    assert repair_messages(caplog) == []
+    model_class = type(model).__mro__[1]  # AutoModel's copy with GenerationMixin added, then the class itself
+    assert not hasattr(model_class.__init__, "__wrapped__")
+    assert torch.equal(logits(model), reference_logits)
+
+
+def test_defects_reproduce_without_the_loader(defective_checkpoint, tiny_checkpoint):
+    """The fixtures fail the way the real 2.6 code does on torch 2.14 / transformers 5."""
+    with pytest.raises(NameError, match="'List' is not defined"):
+        AutoModel.from_pretrained(defective_checkpoint("star_import", "raw_star_import"), trust_remote_code=True)
+    with pytest.raises(AttributeError, match="all_tied_weights_keys"):
+        AutoModel.from_pretrained(defective_checkpoint("no_post_init", "raw_no_post_init"), trust_remote_code=True)
+    stale = AutoModel.from_pretrained(defective_checkpoint("stale_buffer", "raw_stale_buffer"), trust_remote_code=True,
+                                      dtype=torch.float32)
+    good = AutoModel.from_pretrained(tiny_checkpoint("minicpmv2_6"), trust_remote_code=True, dtype=torch.float32)
+    assert not torch.allclose(stale.resampler.pos_embed, good.resampler.pos_embed, equal_nan=False)
+
+
+@pytest.mark.parametrize("defect", sorted(DEFECTS))
+def test_defective_remote_code_loads_repaired(defective_checkpoint, reference_logits, caplog, defect):
+    caplog.set_level(logging.INFO, logger=REPAIRS_LOGGER)
+    model = load(defective_checkpoint(defect))
+
+    messages = repair_messages(caplog)
+    expected = sorted(MESSAGES) if defect == "all" else [defect]
+    assert len(messages) == len(expected), messages
+    for name in expected:
+        assert any(MESSAGES[name] in message for message in messages), (name, messages)
+    assert all(record.levelno == logging.WARNING for record in caplog.records if record.name == REPAIRS_LOGGER)
+    assert torch.equal(logits(model), reference_logits)
+    # The class is patched only while loading.
+    for cls in type(model).__mro__:
+        assert not hasattr(cls.__dict__.get("__init__"), "__wrapped__"), cls
+
+
+def test_every_non_persistent_buffer_matches_a_fresh_construction(defective_checkpoint, tiny_checkpoint):
+    """pos_embed and the LLM's rotary inv_freq, against the defect-free class built on CPU."""
+    model = load(defective_checkpoint("all"))
+    fresh_class = type(AutoModel.from_pretrained(tiny_checkpoint("minicpmv2_6"), trust_remote_code=True))
+    fresh = fresh_class(loading.load_config(tiny_checkpoint("minicpmv2_6")))
+    loaded = dict(model.named_non_persistent_buffers())
+    expected = dict(fresh.named_non_persistent_buffers())
+    assert {"resampler.pos_embed", "llm.model.rotary_emb.inv_freq"} <= set(expected)
+    assert loaded.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(loaded[name], value), name
+
+
+def test_bf16_load_repairs_and_matches(defective_checkpoint, tiny_checkpoint, caplog):
+    caplog.set_level(logging.INFO, logger=REPAIRS_LOGGER)
+    good = load(tiny_checkpoint("minicpmv2_6"), dtype=torch.bfloat16)
+    assert repair_messages(caplog) == []  # a fine model in bf16 is not flagged
+    repaired = load(defective_checkpoint("all"), dtype=torch.bfloat16)
+    assert len(repair_messages(caplog)) == 3
+    assert repaired.resampler.pos_embed.dtype == good.resampler.pos_embed.dtype
+    assert torch.equal(logits(repaired), logits(good))
+
+
+def test_missing_typing_names_detection():
+    detect = remote_code_repairs.missing_typing_names
+    # torch.nn.functional still exports Optional (it imports it itself), no longer List or Tuple.
+    assert detect("from torch.nn.functional import *\ndef f(x: List[int]) -> Optional[Tuple[int]]: ...\n") == [
+        "List", "Tuple"
+    ]
+    assert detect("from typing import List\ndef f(x: List[int]): ...\n") == []
+    assert detect("from typing import *\ndef f(x: List[int]): ...\n") == []  # the star import provides it
+    assert detect("from __future__ import annotations\ndef f(x: List[int]): ...\n") == []  # never evaluated
+    assert detect("from __future__ import annotations\nx = List[int]\n") == ["List"]
+    assert detect("def f(List):\n    return List\n") == []  # a bound name, not typing's
+    assert detect("from .sibling import *\nx: List[int] = []\n") == []  # unknowable: left alone
+
+
+def test_omni_init_kwargs_only_for_configs_that_declare_them(tiny_checkpoint):
+    config_2_6 = loading.load_config(tiny_checkpoint("minicpmv2_6"))
+    config_o_2_6 = loading.load_config(tiny_checkpoint("minicpmo2_6"))
+    assert loading.init_kwargs_for(config_2_6) == {}
+    assert loading.init_kwargs_for(config_o_2_6) == loading.OMNI_INIT_KWARGS
+    with pytest.raises(TypeError):  # like the real 2.6 code
+        AutoModel.from_pretrained(tiny_checkpoint("minicpmv2_6"), trust_remote_code=True, **loading.OMNI_INIT_KWARGS)
+    omni = loading.load_model(tiny_checkpoint("minicpmo2_6"), config_o_2_6, dtype=torch.float32)
+    assert (omni.config.init_vision, omni.config.init_audio, omni.config.init_tts) == (True, False, False)
+
+
+def test_lora_run_on_defective_model_trains_and_reloads(defective_checkpoint, tmp_path):
+    model_dir, out = defective_checkpoint("all"), tmp_path / "lora"
+    data = demo_data.generate(tmp_path / "data", count=4)
+    eval_file = data.parent / "eval_one.json"
+    eval_file.write_text(json.dumps(json.loads(data.read_text())[:1]))
+    _, output = run_finetune([
+        "--model_name_or_path", model_dir, "--data_path", data, "--eval_data_path", eval_file,
+        "--llm_type", "qwen", "--output_dir", out, "--use_lora", "true", "--tune_llm", "false",
+        "--use_cpu", "true", "--max_steps", "3", "--logging_steps", "1", "--learning_rate", "1e-3",
+        "--eval_strategy", "steps", "--eval_steps", "3",
+    ])
+    for message in MESSAGES.values():
+        assert message in output
+    losses = [loss for _, loss in train_losses(out)]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert (out / "adapter_model.safetensors").is_file()
+
+    # The adapter reloads over the base loaded through the loader and gives the reported eval loss.
+    [(_, reported)] = eval_losses(out)
+    reloaded = PeftModel.from_pretrained(load(model_dir), out)
+    _, data_args, training_args, _ = finetune.parse_args([
+        "--model_name_or_path", str(model_dir), "--data_path", str(eval_file), "--output_dir", str(tmp_path / "unused"),
+        "--use_cpu", "true", "--llm_type", "qwen", "--max_slice_nums", "2", "--model_max_length", "512",
+    ])
+    settings = finetune.data_settings(loading.load_config(model_dir), training_args)
+    dataset, _ = finetune.build_datasets(data_args, training_args, loading.load_tokenizer(model_dir), settings)
+    collator = DataCollator(training_args.model_max_length)
+    assert eval_loss(reloaded, dataset, collator) == pytest.approx(reported, rel=1e-4)
