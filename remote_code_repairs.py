@@ -273,8 +273,8 @@ def restore_non_persistent_buffers(model, reference):
     restored = []
     for name, loaded in model.named_non_persistent_buffers():
         fresh = fresh_buffers.get(name)
-        if fresh is None or fresh.is_meta:
-            continue  # not computed in __init__: nothing to compare with
+        if fresh is None or fresh.is_meta or loaded.is_meta:
+            continue  # not computed in __init__ (or not materialised here): nothing to compare
         fresh = fresh.to(device=loaded.device, dtype=loaded.dtype)
         if _holds(loaded, fresh):
             continue
