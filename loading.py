@@ -53,7 +53,9 @@ def load_model(name_or_path, config, *, dtype, cache_dir=None, device_map=None, 
     kwargs = dict(init_kwargs)
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
-    repair_init = remote_code_repairs.post_init_after_init(model_class) if missed_post_init else contextlib.nullcontext()
+    repair_init = contextlib.nullcontext()
+    if missed_post_init:
+        repair_init = remote_code_repairs.post_init_after_init(model_class)
     with repair_init:
         model = transformers.AutoModel.from_pretrained(
             name_or_path,

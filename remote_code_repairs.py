@@ -59,7 +59,9 @@ def missing_typing_names(source):
     """The `typing` names `source` uses but that nothing (binding, import, builtin) provides."""
     tree = ast.parse(source)
     postponed = any(
-        isinstance(node, ast.ImportFrom) and node.module == "__future__" and any(a.name == "annotations" for a in node.names)
+        isinstance(node, ast.ImportFrom)
+        and node.module == "__future__"
+        and any(alias.name == "annotations" for alias in node.names)
         for node in tree.body
     )
     bound, used, star_modules = set(dir(builtins)), set(), []
@@ -181,7 +183,9 @@ def import_model_class(name_or_path, config, cache_dir=None):
         return None
     repo_id, _, reference = class_reference.rpartition("--")
     module_name = reference.split(".")[0]
-    cached = dynamic_module_utils.get_cached_module_file(repo_id or str(name_or_path), module_name + ".py", cache_dir=cache_dir)
+    cached = dynamic_module_utils.get_cached_module_file(
+        repo_id or str(name_or_path), module_name + ".py", cache_dir=cache_dir
+    )
     supply_missing_typing_names(Path(dynamic_module_utils.HF_MODULES_CACHE) / cached)
     return dynamic_module_utils.get_class_from_dynamic_module(class_reference, name_or_path, cache_dir=cache_dir)
 
