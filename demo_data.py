@@ -23,9 +23,10 @@ def draw_shape(shape, colour, size, rng):
     width, height = size
     image = Image.new("RGB", size, (245, 245, 245))
     draw = ImageDraw.Draw(image)
-    side = min(width, height) * rng.uniform(0.5, 0.8)
-    cx = rng.uniform(side / 2, width - side / 2)
-    cy = rng.uniform(side / 2, height - side / 2)
+    # Large and near the centre: a tiny vision tower can tell the shapes apart in a few hundred steps.
+    side = min(width, height) * rng.uniform(0.9, 0.95)
+    cx = width / 2 + rng.uniform(-0.02, 0.02) * width
+    cy = height / 2 + rng.uniform(-0.02, 0.02) * height
     box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
     if shape == "circle":
         draw.ellipse(box, fill=COLOURS[colour])

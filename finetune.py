@@ -150,39 +150,52 @@ class LoraArguments:
 def parse_args(argv=None):
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, LoraArguments))
     argv = list(sys.argv[1:] if argv is None else argv)
-    return parser.parse_args_into_dataclasses(args=cpu_deepspeed_argv(argv))
+    return parser.parse_args_into_dataclasses(args=adapt_deepspeed_argv(argv))
 
 
-def cpu_deepspeed_argv(argv):
-    """Adapt a GPU-first DeepSpeed config for a machine without CUDA, without editing the file.
-
-    DeepSpeed's fused CPU Adam is compiled with g++ on first use (minutes); torch's AdamW does
-    the same job here. The adapted copy goes to a temporary file and the argument points to it.
-    """
-    if torch.cuda.is_available():
-        return argv
+def last_flag_value(argv, flag):
+    """The value of the last ``--flag value`` / ``--flag=value`` in argv (argparse's winner), and its index."""
+    found = None
     for i, arg in enumerate(argv):
-        if arg == "--deepspeed" and i + 1 < len(argv):
-            index, path = i + 1, argv[i + 1]
-        elif arg.startswith("--deepspeed="):
-            index, path = i, arg.split("=", 1)[1]
-        else:
-            continue
-        if not path.endswith(".json"):
-            return argv
-        with open(path) as f:
-            config = json.load(f)
-        optimizer = config.get("optimizer")
-        if not optimizer or optimizer.get("params", {}).get("torch_adam"):
-            return argv
-        optimizer.setdefault("params", {})["torch_adam"] = True
-        fd, adapted = tempfile.mkstemp(prefix="ds_cpu_", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(config, f, indent=2)
-        argv = list(argv)
-        argv[index] = adapted if argv[index] == path else f"--deepspeed={adapted}"
-        logger.warning("No CUDA: using %s, a copy of %s with torch's AdamW (torch_adam)", adapted, path)
+        if arg == flag and i + 1 < len(argv):
+            found = (i + 1, argv[i + 1])
+        elif arg.startswith(flag + "="):
+            found = (i, arg.split("=", 1)[1])
+    return found
+
+
+def adapt_deepspeed_argv(argv):
+    """Reconcile a DeepSpeed JSON config with the command line, without editing the file.
+
+    - An explicit ``--lr_scheduler_type`` wins over the config's ``scheduler`` section: with
+      one, transformers would run DeepSpeed's WarmupLR and silently ignore the flag (the
+      reference launchers ask for cosine and got a constant rate).
+    - Without CUDA, DeepSpeed's fused CPU Adam would be compiled with g++ on first use
+      (minutes); torch's AdamW (``torch_adam``) does the same job.
+    The adapted copy goes to a temporary file and the argument points to it.
+    """
+    found = last_flag_value(argv, "--deepspeed")
+    if found is None or not found[1].endswith(".json"):
         return argv
+    index, path = found
+    with open(path) as f:
+        config = json.load(f)
+    changes = []
+    scheduler = last_flag_value(argv, "--lr_scheduler_type")
+    if scheduler is not None and "scheduler" in config:
+        changes.append(f"its {config.pop('scheduler').get('type', '')} scheduler replaced by --lr_scheduler_type {scheduler[1]}")
+    optimizer = config.get("optimizer")
+    if not torch.cuda.is_available() and optimizer and not optimizer.get("params", {}).get("torch_adam"):
+        optimizer.setdefault("params", {})["torch_adam"] = True
+        changes.append("torch's AdamW, as there is no CUDA")
+    if not changes:
+        return argv
+    fd, adapted = tempfile.mkstemp(prefix="ds_config_", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(config, f, indent=2)
+    argv = list(argv)
+    argv[index] = adapted if argv[index] == path else f"--deepspeed={adapted}"
+    logger.warning("DeepSpeed config %s used as %s: %s", path, adapted, "; ".join(changes))
     return argv
 
 
@@ -255,22 +268,36 @@ def data_settings(config, training_args):
     )
 
 
-def build_datasets(data_args, training_args, tokenizer, settings):
-    transform = transforms.Compose(
-        [transforms.ToTensor(), transforms.Normalize(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))]
+# The vision tower's input normalisation: to tensor, then mean = std = 0.5 per channel.
+IMAGE_TRANSFORM = transforms.Compose(
+    [transforms.ToTensor(), transforms.Normalize(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))]
+)
+
+
+def make_dataset(records, tokenizer, settings, *, llm_type, max_length, image_root, data_path=None):
+    """A SupervisedDataset laid out as training lays it out (also used by infer.py)."""
+    return SupervisedDataset(
+        records,
+        tokenizer,
+        transform=IMAGE_TRANSFORM,
+        llm_type=llm_type,
+        max_length=max_length,
+        image_root=image_root,
+        data_path=data_path,
+        **settings,
     )
 
+
+def build_datasets(data_args, training_args, tokenizer, settings):
     def make(path):
-        root = data_args.image_folder or os.path.dirname(os.path.abspath(path))
-        return SupervisedDataset(
+        return make_dataset(
             load_records(path),
             tokenizer,
-            transform=transform,
+            settings,
             llm_type=training_args.llm_type,
             max_length=training_args.model_max_length,
-            image_root=root,
+            image_root=data_args.image_folder or os.path.dirname(os.path.abspath(path)),
             data_path=path,
-            **settings,
         )
 
     if data_args.data_path is None:

@@ -1,0 +1,117 @@
+"""Ask a MiniCPM-V model, optionally with a LoRA adapter, about images.
+
+    python infer.py --model BASE [--adapter DIR] --llm_type qwen --image cat.jpg --question "What is this?"
+    python infer.py --model BASE [--adapter DIR] --llm_type qwen --questions data.json
+
+``--questions`` takes a file in the training format: each record's first user message is
+asked and its first assistant message is printed as the expected answer. Prompts are laid out
+by dataset.py exactly as in training (placeholders, slices, image ids, chat template), so a
+fine-tuned model sees at inference what it saw in training.
+"""
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+import finetune
+import loading
+from dataset import IGNORE_INDEX, load_records
+
+logger = logging.getLogger(__name__)
+
+
+def load(model_path, adapter=None, dtype=torch.float32):
+    """The model (with the adapter applied, if any) in eval mode, its tokenizer and config."""
+    config = loading.load_config(model_path)
+    # The adapter folder carries the tokenizer the run trained with.
+    tokenizer = loading.load_tokenizer(adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else model_path)
+    model = loading.load_model(model_path, config, dtype=dtype)
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.eval(), tokenizer, config
+
+
+def first_exchange(record):
+    """The record cut to its first user message and the answer to it (a stand-in if absent)."""
+    conversations = record["conversations"]
+    answer = conversations[1]["content"] if len(conversations) > 1 else "?"
+    return {**record, "conversations": [conversations[0], {"role": "assistant", "content": answer}]}
+
+
+def prompt_inputs(sample):
+    """Cut a training sample just before the first learned token: the prompt the model answers."""
+    learned = (sample["labels"] != IGNORE_INDEX).nonzero()
+    cut = int(learned[0]) + 1  # labels are shifted: labels[i] is the token at i + 1
+    bounds = sample["image_bound"]
+    return dict(
+        input_ids=sample["input_ids"][:cut].unsqueeze(0),
+        pixel_values=[sample["pixel_values"]],
+        tgt_sizes=[sample["tgt_sizes"]],
+        image_bound=[bounds[bounds[:, 1] <= cut] if len(bounds) else bounds],
+    )
+
+
+class Answerer:
+    def __init__(self, model, tokenizer, config, *, llm_type, max_slice_nums=9, max_length=4096):
+        self.model, self.tokenizer = model, tokenizer
+        self.settings = finetune.data_settings(config, argparse.Namespace(max_slice_nums=max_slice_nums))
+        self.llm_type, self.max_length = llm_type, max_length
+
+    def answer(self, records, image_root, max_new_tokens=64):
+        """Generated answers to the first question of each record, in order."""
+        dataset = finetune.make_dataset(
+            [first_exchange(record) for record in records], self.tokenizer, self.settings,
+            llm_type=self.llm_type, max_length=self.max_length, image_root=image_root,
+        )
+        answers = []
+        for i in range(len(dataset)):
+            inputs = prompt_inputs(dataset[i])
+            text = self.model.generate(
+                **inputs, tokenizer=self.tokenizer, max_new_tokens=max_new_tokens, decode_text=True
+            )
+            answers.append(text[0].strip())
+        return answers
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="base model: hub id or folder")
+    parser.add_argument("--adapter", help="LoRA adapter folder saved by finetune_lora.sh")
+    parser.add_argument("--llm_type", default="qwen", choices=finetune.LLM_TYPES, help="chat template, as in training")
+    parser.add_argument("--image", help="one image to ask about")
+    parser.add_argument("--question", help="the question about --image")
+    parser.add_argument("--questions", help="a .json/.jsonl file of records in the training format")
+    parser.add_argument("--max_slice_nums", type=int, default=9)
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = parser.parse_args(argv)
+    if bool(args.questions) == bool(args.question):
+        parser.error("give either --image/--question or --questions")
+    logging.basicConfig(level=logging.WARNING)
+
+    model, tokenizer, config = load(args.model, args.adapter, getattr(torch, args.dtype))
+    answerer = Answerer(model, tokenizer, config, llm_type=args.llm_type, max_slice_nums=args.max_slice_nums)
+    if args.questions:
+        records = load_records(args.questions)
+        root = os.path.dirname(os.path.abspath(args.questions))
+    else:
+        content = args.question if args.image is None else f"<image>\n{args.question}"
+        records = [{"id": "question", "conversations": [{"role": "user", "content": content}]}]
+        if args.image:
+            records[0]["image"] = os.path.abspath(args.image)
+        root = os.getcwd()
+    for record, answer in zip(records, answerer.answer(records, root, args.max_new_tokens)):
+        question = record["conversations"][0]["content"].replace("\n", " ")
+        expected = record["conversations"][1]["content"] if len(record["conversations"]) > 1 else ""
+        print(f"[{record.get('id', '')}] Q: {question}")
+        if expected:
+            print(f"    expected:  {expected}")
+        print(f"    generated: {answer}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Merge a LoRA adapter into its base model: a standalone folder that loads without peft.
+
+    python merge.py --model BASE --adapter output/output_lora --out merged/ [--dtype bfloat16]
+
+The folder holds the merged weights (modules_to_save included), the config, the model's
+remote code and processor files, and the tokenizer the adapter was trained with, so that
+``AutoModel.from_pretrained(out, trust_remote_code=True)`` loads it on its own.
+"""
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+import infer
+from trainer import copy_remote_code, model_source_dir
+
+logger = logging.getLogger(__name__)
+
+
+def merge(model_path, adapter, out_dir, dtype=torch.float32):
+    model, tokenizer, _ = infer.load(model_path, adapter, dtype)
+    merged = model.merge_and_unload()
+    out_dir = Path(out_dir)
+    merged.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    copied = copy_remote_code(model_source_dir(model_path), out_dir)
+    logger.info("Merged %s into %s (remote code: %s)", adapter, out_dir, ", ".join(copied) or "already present")
+    return out_dir
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="base model: hub id or folder")
+    parser.add_argument("--adapter", required=True, help="LoRA adapter folder")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    print(merge(args.model, args.adapter, args.out, getattr(torch, args.dtype)))
+
+
+if __name__ == "__main__":
+    main()
