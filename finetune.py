@@ -9,13 +9,20 @@ or directly: ``torchrun --nproc_per_node N finetune.py --model_name_or_path ... 
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
 
 import torch
 import transformers
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training, set_peft_model_state_dict
+from peft import (
+    LoraConfig,
+    get_peft_model,
+    get_peft_model_state_dict,
+    prepare_model_for_kbit_training,
+    set_peft_model_state_dict,
+)
 from peft.utils import load_peft_weights
 from torchvision import transforms
 from transformers.integrations import is_deepspeed_zero3_enabled
@@ -322,14 +329,34 @@ def quantization_config(lora_args, dtype):
 
 def apply_lora(model, training_args, lora_args):
     model.llm.requires_grad_(False)
+    target_modules = lora_args.lora_target_modules
+    if lora_args.lora_layers_to_transform is not None:
+        # peft selects layers only for module-name suffixes, not for a regex, and suffixes such as
+        # self_attn.q_proj would catch the vision tower's layers too: select the modules here.
+        layer_index = re.compile(rf".*\.{re.escape(lora_args.lora_layers_pattern or 'layers')}\.(\d+)\.")
+        target_modules = [
+            name
+            for name, _ in model.named_modules()
+            if re.fullmatch(lora_args.lora_target_modules, name)
+            and (match := layer_index.match(name))
+            and int(match.group(1)) in lora_args.lora_layers_to_transform
+        ]
+        if not target_modules:
+            raise ValueError(
+                f"--lora_target_modules {lora_args.lora_target_modules!r} matches no module in layers "
+                f"{lora_args.lora_layers_to_transform}"
+            )
+    if lora_args.layer_replication() and not hasattr(model, "model"):
+        raise ValueError(
+            "--lora_layer_replication: peft replicates decoder layers only where they sit at "
+            "model.model...layers; this model keeps its LLM at model.llm, so the layers cannot be replicated"
+        )
     config = LoraConfig(
         r=lora_args.lora_r,
         lora_alpha=lora_args.lora_alpha,
-        target_modules=lora_args.lora_target_modules,
+        target_modules=target_modules,
         lora_dropout=lora_args.lora_dropout,
         bias=lora_args.lora_bias,
-        layers_to_transform=lora_args.lora_layers_to_transform,
-        layers_pattern=lora_args.lora_layers_pattern,
         layer_replication=lora_args.layer_replication(),
         modules_to_save=lora_args.modules_to_save(training_args.tune_vision),
     )
@@ -337,8 +364,12 @@ def apply_lora(model, training_args, lora_args):
         # peft and gradient checkpointing reach the token embeddings through this method.
         model.get_input_embeddings = model.llm.get_input_embeddings
     if lora_args.q_lora:
-        if not getattr(model, "is_loaded_in_4bit", False):
+        import bitsandbytes as bnb
+
+        quantized = [name for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
+        if not getattr(model, "is_loaded_in_4bit", False) or not quantized:
             raise RuntimeError("--q_lora was given but the model did not load in 4 bit")
+        logger.info("QLoRA: %d linear layers in 4 bit (nf4), e.g. %s", len(quantized), quantized[0])
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training_args.gradient_checkpointing)
     model = get_peft_model(model, config)
     if lora_args.lora_weight_path:
@@ -349,14 +380,18 @@ def apply_lora(model, training_args, lora_args):
 
 
 def load_adapter_weights(model, path):
-    """Start from an existing adapter: its weights must fit the LoRA layout given on the command line."""
+    """Start from an existing adapter: its tensors must be exactly the ones this LoRA layout trains."""
     weights = load_peft_weights(path)
-    result = set_peft_model_state_dict(model, weights)
-    if result.unexpected_keys:
+    expected = get_peft_model_state_dict(model)
+    mismatched = sorted(set(weights) ^ set(expected)) + sorted(
+        key for key in set(weights) & set(expected) if weights[key].shape != expected[key].shape
+    )
+    if mismatched:
         raise ValueError(
-            f"--lora_weight_path {path}: {len(result.unexpected_keys)} tensors do not fit this LoRA layout, "
-            f"e.g. {result.unexpected_keys[:3]}; pass the LoRA arguments the adapter was trained with"
+            f"--lora_weight_path {path}: {len(mismatched)} tensors do not fit this LoRA layout, "
+            f"e.g. {mismatched[:3]}; pass the LoRA arguments the adapter was trained with"
         )
+    set_peft_model_state_dict(model, weights)
     logger.info("Loaded %d adapter tensors from %s", len(weights), path)
 
 

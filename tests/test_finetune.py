@@ -170,3 +170,55 @@ def test_torchrun_on_cpu_without_use_cpu_is_refused(tiny_checkpoint, shapes, tmp
 def test_contradictory_arguments_are_rejected(argv, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("'", "'")):
         finetune.parse_args(["--output_dir", "unused", "--use_cpu", "true", *argv])
+
+
+def test_qlora_loads_the_llm_in_4bit_and_trains(tiny_checkpoint, shapes, tmp_path):
+    out = tmp_path / "qlora"
+    _, output = run_finetune(lora_args(tiny_checkpoint("minicpmv2_6"), shapes, out) + ["--q_lora", "true", "--max_steps", "3"])
+    # 2 LLM layers x 7 projections; the vision tower, resampler and output head stay unquantized.
+    assert "QLoRA: 14 linear layers in 4 bit (nf4), e.g. llm.model.layers.0.self_attn.q_proj" in output
+    assert len(train_losses(out)) == 3 and (out / "adapter_model.safetensors").is_file()
+
+
+def test_lora_arguments_reach_peft(tiny_checkpoint, tmp_path):
+    """lora_layers_to_transform / _pattern, lora_modules_to_save and lora_weight_path do what they say."""
+    model_dir = tiny_checkpoint("minicpmv2_6")
+    config = loading.load_config(model_dir)
+
+    def build(*argv):
+        _, _, training_args, lora = finetune.parse_args(
+            ["--output_dir", str(tmp_path), "--use_cpu", "true", "--use_lora", "true", "--tune_llm", "false", *argv]
+        )
+        base = loading.load_model(model_dir, config, dtype=torch.float32)
+        return finetune.apply_lora(base, training_args, lora)
+
+    model = build("--lora_layers_to_transform", "1", "--lora_layers_pattern", "layers",
+                  "--lora_modules_to_save", "resampler")
+    lora_modules = {name.split(".lora_A")[0] for name, _ in model.named_parameters() if ".lora_A." in name}
+    assert lora_modules and all(".layers.1." in name for name in lora_modules)
+    assert model.peft_config["default"].modules_to_save == ["resampler"]
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad and "lora_" not in name]
+    assert trainable and all(".resampler.modules_to_save." in name for name in trainable)
+
+    # An adapter with non-zero weights, saved, then used as the starting point of a new run.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    model.save_pretrained(tmp_path / "start")
+    again = build("--lora_layers_to_transform", "1", "--lora_layers_pattern", "layers",
+                  "--lora_modules_to_save", "resampler", "--lora_weight_path", str(tmp_path / "start"))
+    saved, loaded = dict(model.named_parameters()), dict(again.named_parameters())
+    lora_b = [name for name in saved if "lora_B" in name]
+    assert lora_b and all(torch.equal(saved[name], loaded[name]) for name in lora_b)
+    assert loaded[lora_b[0]].requires_grad
+
+    with pytest.raises(ValueError, match="do not fit this LoRA layout"):
+        build("--lora_weight_path", str(tmp_path / "start"), "--lora_r", "8")
+    with pytest.raises(ValueError, match="--lora_layer_replication: peft replicates decoder layers only"):
+        build("--lora_layer_replication", "0:2,1:2")
+
+
+def test_omni_init_kwargs_only_for_models_that_declare_them(tiny_checkpoint):
+    assert loading.init_kwargs_for(loading.load_config(tiny_checkpoint("minicpmv2_6"))) == {}
+    assert loading.init_kwargs_for(loading.load_config(tiny_checkpoint("minicpmo2_6"))) == loading.OMNI_INIT_KWARGS
