@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 PASS_RATE = 0.9
 
 
-def train(model_dir, data, output_dir, steps, processes):
+def train(model_dir, data, output_dir, steps, processes, seed):
     env = dict(
         os.environ,
         GPUS_PER_NODE=str(processes),
@@ -44,7 +44,7 @@ def train(model_dir, data, output_dir, steps, processes):
         "--max_steps", str(steps), "--learning_rate", "3e-3", "--warmup_steps", "0",
         "--save_steps", str(steps), "--logging_steps", "5", "--report_to", "none",
         "--max_slice_nums", "2", "--model_max_length", "512", "--log_level", "warning",
-        "--disable_tqdm", "false",
+        "--disable_tqdm", "false", "--seed", str(seed),
     ]
     subprocess.run(["bash", str(HERE / "finetune_lora.sh"), *args], env=env, check=True)
 
@@ -86,19 +86,20 @@ def ask(model_dir, adapter, data):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=HERE / "demo_out", help="working folder (replaced)")
-    parser.add_argument("--steps", type=int, default=700, help="training steps")
+    parser.add_argument("--steps", type=int, default=900, help="training steps")
     parser.add_argument("--processes", type=int, default=2, help="torchrun processes")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model, the data and the training run")
     args = parser.parse_args(argv)
 
     start = time.time()
     shutil.rmtree(args.out, ignore_errors=True)
     print(f"[1/4] Building a tiny MiniCPM-V 2.6 in {args.out / 'model'}", flush=True)
-    model_dir = build_checkpoint("minicpmv2_6", args.out / "model", seed=0)
-    data = demo_data.generate(args.out / "data")
+    model_dir = build_checkpoint("minicpmv2_6", args.out / "model", seed=args.seed)
+    data = demo_data.generate(args.out / "data", seed=args.seed)
     print(f"[2/4] Wrote {len(json.loads(data.read_text()))} records to {data}", flush=True)
     output_dir = args.out / "lora"
     print(f"[3/4] finetune_lora.sh: {args.processes} processes, {args.steps} steps", flush=True)
-    train(model_dir, data, output_dir, args.steps, args.processes)
+    train(model_dir, data, output_dir, args.steps, args.processes, args.seed)
     plot, losses = plot_losses(output_dir)
     print(f"      loss {losses[0]:.3f} -> {losses[-1]:.3f}; curve in {plot}", flush=True)
     print(f"[4/4] Asking the fine-tuned model (base + adapter in {output_dir})", flush=True)

@@ -257,14 +257,14 @@ def check_engine(trainer, training_args):
     logger.info("Training with %s on %d process(es), device %s", engine, training_args.world_size, training_args.device)
 
 
-def data_settings(config, training_args):
+def data_settings(config, max_slice_nums):
     """What dataset.py needs from the model config: slicing, placeholder size, image layout."""
     slice_config = getattr(config, "slice_config", None)
     if slice_config is not None:
-        slice_config.max_slice_nums = training_args.max_slice_nums
+        slice_config.max_slice_nums = max_slice_nums
         slicing = slice_config.to_dict()
     else:
-        config.max_slice_nums = training_args.max_slice_nums
+        config.max_slice_nums = max_slice_nums
         slicing = config.to_dict() if getattr(config, "slice_mode", True) else None
     return dict(
         slice_config=slicing,
@@ -427,7 +427,7 @@ def train(argv=None):
     dtype = compute_dtype(training_args)
     config = loading.load_config(model_args.model_name_or_path, training_args.cache_dir)
     tokenizer = loading.load_tokenizer(model_args.model_name_or_path, training_args.cache_dir)
-    settings = data_settings(config, training_args)
+    settings = data_settings(config, training_args.max_slice_nums)
     train_dataset, eval_dataset = build_datasets(data_args, training_args, tokenizer, settings)
     checked = preflight.run(
         {"train": train_dataset, "eval": eval_dataset},

@@ -58,7 +58,7 @@ def prompt_inputs(sample):
 class Answerer:
     def __init__(self, model, tokenizer, config, *, llm_type, max_slice_nums=9, max_length=4096):
         self.model, self.tokenizer = model, tokenizer
-        self.settings = finetune.data_settings(config, argparse.Namespace(max_slice_nums=max_slice_nums))
+        self.settings = finetune.data_settings(config, max_slice_nums)
         self.llm_type, self.max_length = llm_type, max_length
 
     def answer(self, records, image_root, max_new_tokens=64):

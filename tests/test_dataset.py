@@ -655,26 +655,9 @@ FAMILY_LLM_TYPE = {
 }
 
 
-def data_settings_from(config, max_slice_nums=9):
-    """What finetune.py hands the dataset, read off a model config."""
-    slice_config = getattr(config, "slice_config", None)
-    if slice_config is not None:
-        slicing = slice_config.to_dict()
-    else:
-        slicing = config.to_dict() if getattr(config, "slice_mode", True) else None
-    if slicing is not None:
-        slicing["max_slice_nums"] = max_slice_nums
-    return dict(
-        slice_config=slicing,
-        query_num=config.query_num,
-        patch_size=getattr(config, "patch_size", 14),
-        batch_vision=getattr(config, "batch_vision_input", False),
-        use_image_id=getattr(config, "use_image_id", False),
-    )
-
-
 @pytest.mark.parametrize("family", list(FAMILY_LLM_TYPE))
 def test_built_batch_feeds_the_tiny_model_forward(family, checkpoints, tmp_path):
+    import finetune
     import loading
 
     path = checkpoints(family)
@@ -696,7 +679,7 @@ def test_built_batch_feeds_the_tiny_model_forward(family, checkpoints, tmp_path)
     llm_type = FAMILY_LLM_TYPE[family]
     data = dataset.SupervisedDataset(
         records, tokenizer, transform=transform(), llm_type=llm_type, max_length=2048,
-        image_root=tmp_path, data_path=tmp_path / "data.json", **data_settings_from(config),
+        image_root=tmp_path, data_path=tmp_path / "data.json", **finetune.data_settings(config, max_slice_nums=9),
     )
     samples = [data[i] for i in range(len(data))]
     for sample in samples:

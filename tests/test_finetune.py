@@ -47,7 +47,7 @@ def eval_dataset_for(model_dir, data, training_argv):
     )
     config = loading.load_config(model_dir)
     tokenizer = loading.load_tokenizer(model_dir)
-    dataset, _ = finetune.build_datasets(data_args, training_args, tokenizer, finetune.data_settings(config, training_args))
+    dataset, _ = finetune.build_datasets(data_args, training_args, tokenizer, finetune.data_settings(config, training_args.max_slice_nums))
     return dataset, DataCollator(training_args.model_max_length)
 
 

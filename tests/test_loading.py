@@ -210,7 +210,7 @@ def test_lora_run_on_defective_model_trains_and_reloads(defective_checkpoint, tm
         "--model_name_or_path", str(model_dir), "--data_path", str(eval_file), "--output_dir", str(tmp_path / "unused"),
         "--use_cpu", "true", "--llm_type", "qwen", "--max_slice_nums", "2", "--model_max_length", "512",
     ])
-    settings = finetune.data_settings(loading.load_config(model_dir), training_args)
+    settings = finetune.data_settings(loading.load_config(model_dir), training_args.max_slice_nums)
     dataset, _ = finetune.build_datasets(data_args, training_args, loading.load_tokenizer(model_dir), settings)
     collator = DataCollator(training_args.model_max_length)
     assert eval_loss(reloaded, dataset, collator) == pytest.approx(reported, rel=1e-4)

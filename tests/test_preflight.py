@@ -118,7 +118,7 @@ def make_dataset(model, path, extra=()):
          "--llm_type", "qwen", *FAST_ARGS, *extra]
     )
     config, tokenizer = loading.load_config(model), loading.load_tokenizer(model)
-    train, _ = finetune.build_datasets(data_args, training_args, tokenizer, finetune.data_settings(config, training_args))
+    train, _ = finetune.build_datasets(data_args, training_args, tokenizer, finetune.data_settings(config, training_args.max_slice_nums))
     return train
 
 

@@ -36,15 +36,11 @@ def adapter(tiny_checkpoint, shapes, tmp_path_factory):
 def samples(model_dir, data, indices):
     config, tokenizer = loading.load_config(model_dir), loading.load_tokenizer(model_dir)
     dataset = finetune.make_dataset(
-        json.loads(data.read_text()), tokenizer, finetune.data_settings(config, argparse_like(2)),
+        json.loads(data.read_text()), tokenizer, finetune.data_settings(config, max_slice_nums=2),
         llm_type="qwen", max_length=512, image_root=data.parent,
     )
     batch = DataCollator(512)([dataset[i] for i in indices]) if indices else None
     return batch, dataset
-
-
-def argparse_like(max_slice_nums):
-    return type("Args", (), {"max_slice_nums": max_slice_nums})
 
 
 def test_demo_data_passes_the_pipeline(tiny_checkpoint, shapes):
