@@ -112,6 +112,14 @@ class CPMTrainer(transformers.Trainer):
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # Logits are only of use to compute_metrics. Without it, the reference launchers'
+        # --prediction_loss_only false would gather [batch, length, vocab] logits of the whole
+        # eval set into memory (hundreds of GB for a 150k vocabulary).
+        if self.compute_metrics is None:
+            prediction_loss_only = True
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
     def train(self, resume_from_checkpoint=None, **kwargs):
         resume_from_checkpoint = resilience.resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)

@@ -222,3 +222,20 @@ def test_lora_arguments_reach_peft(tiny_checkpoint, tmp_path):
 def test_omni_init_kwargs_only_for_models_that_declare_them(tiny_checkpoint):
     assert loading.init_kwargs_for(loading.load_config(tiny_checkpoint("minicpmv2_6"))) == {}
     assert loading.init_kwargs_for(loading.load_config(tiny_checkpoint("minicpmo2_6"))) == loading.OMNI_INIT_KWARGS
+
+
+def test_evaluation_keeps_no_logits_without_metrics(tiny_checkpoint, shapes, tmp_path):
+    """--prediction_loss_only false (the launchers' flag) must not gather the eval set's logits."""
+    from trainer import CPMTrainer
+
+    model_dir = tiny_checkpoint("minicpmv2_6")
+    dataset, collator = eval_dataset_for(model_dir, shapes, ["--llm_type", "qwen", "--max_slice_nums", "2"])
+    _, _, training_args, _ = finetune.parse_args(
+        ["--output_dir", str(tmp_path), "--use_cpu", "true", "--report_to", "none", "--prediction_loss_only", "false",
+         "--per_device_eval_batch_size", "2"]
+    )
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32)
+    trainer = CPMTrainer(model=model, args=training_args, eval_dataset=dataset, data_collator=collator)
+    result = trainer.predict(dataset)
+    assert result.predictions is None
+    assert torch.isfinite(torch.tensor(result.metrics["test_loss"]))
