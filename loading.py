@@ -45,12 +45,16 @@ def load_model(name_or_path, config, *, dtype, cache_dir=None, device_map=None, 
     """
     init_kwargs = init_kwargs_for(config)
     if init_kwargs:
+        # MiniCPM-o's __init__(config) reads the switches from the config; with an explicit
+        # config object, from_pretrained would hand them to __init__ as keywords (TypeError).
         logger.info("Model config declares %s: loading with %s", ", ".join(init_kwargs), init_kwargs)
+        for key, value in init_kwargs.items():
+            setattr(config, key, value)
     model_class = remote_code_repairs.import_model_class(name_or_path, config, cache_dir=cache_dir)
     reference, missed_post_init = None, False
     if model_class is not None:
-        reference, missed_post_init = remote_code_repairs.build_reference(model_class, config, init_kwargs, dtype)
-    kwargs = dict(init_kwargs)
+        reference, missed_post_init = remote_code_repairs.build_reference(model_class, config, dtype)
+    kwargs = {}
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     repair_init = contextlib.nullcontext()

@@ -211,13 +211,13 @@ def _parameters_on_meta():
         torch.nn.Module.register_parameter = register_parameter
 
 
-def build_reference(model_class, config, init_kwargs, dtype):
+def build_reference(model_class, config, dtype):
     """A fresh construction of `model_class`: parameters on meta, buffers as `__init__` computes
     them, under the dtype the real load uses. Returns (reference, whether `__init__` skipped
     `post_init()`); the reference is completed with `post_init()` when it did."""
     dtype_context = local_torch_dtype(dtype) if isinstance(dtype, torch.dtype) else contextlib.nullcontext()
     with _parameters_on_meta(), dtype_context:
-        reference = model_class(copy.deepcopy(config), **init_kwargs)
+        reference = model_class(copy.deepcopy(config))
         missed_post_init = lacks_post_init(reference)
         if missed_post_init:
             reference.post_init()

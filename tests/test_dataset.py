@@ -11,7 +11,9 @@ from PIL import Image
 import dataset
 from dataset import DataError, ensure_divide, find_best_resize, get_refine_size, slice_image
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "slice_cases.json"
+# A copy of the team's shared golden file (shared/golden/slice_cases.json), kept in the repo so
+# the test runs on any checkout.
+GOLDEN = Path(__file__).resolve().parent / "golden" / "slice_cases.json"
 
 
 # --------------------------------------------------------------------------------------------
@@ -19,8 +21,6 @@ GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "slice_case
 
 
 def load_golden_cases():
-    if not GOLDEN.exists():
-        pytest.skip(f"golden slice cases not found at {GOLDEN}")
     return json.loads(GOLDEN.read_text())
 
 
