@@ -166,6 +166,13 @@ def validate_record(record, index, *, data_path=None, reserved_tokens=()):
         repeated = sorted({tag for tag in used if used.count(tag) > 1})
         if repeated:
             fail("repeated_image_tag", f"image {', '.join(repeated)} is referenced more than once")
+        for n, message in enumerate(conversations):
+            if message["role"] == "assistant" and MULTI_IMAGE_TAG.search(message["content"]):
+                fail(
+                    "image_in_assistant",
+                    f"{MULTI_IMAGE_TAG.search(message['content']).group()} sits in message {n}, an assistant "
+                    "message; put it in a user message",
+                )
     elif used:
         fail("unknown_image_tag", f"{used[0]} appears but the record has no image dict")
 
@@ -344,8 +351,9 @@ def place_images(conversations, placeholders):
 
     One image (tag ``<image>``): its tag is replaced where it sits; without a tag, the
     placeholder and a newline go in front of the first user message. Several images
-    (``<image_NN>``): a message is split at its tags and the non-empty pieces are joined with
-    "\\n", like the model's ``chat()`` lays out a list of images and texts.
+    (``<image_NN>``): a message is split at its tags, and the pieces, trimmed of surrounding
+    white space, are joined with "\\n", as the model's ``chat()`` lays out a list of images and
+    texts (``"<image_00>\\n<image_01>\\nWhat?"`` -> ``"[A]\\n[B]\\nWhat?"``).
     """
     messages = [{"role": m["role"], "content": m["content"]} for m in conversations]
     if SINGLE_IMAGE_TAG in placeholders:
@@ -360,8 +368,8 @@ def place_images(conversations, placeholders):
     if placeholders:
         for message in messages:
             if MULTI_IMAGE_TAG.search(message["content"]):
-                pieces = re.split(f"({MULTI_IMAGE_TAG.pattern})", message["content"])
-                message["content"] = "\n".join(placeholders.get(p, p) for p in pieces if p.strip())
+                pieces = [p.strip() for p in re.split(f"({MULTI_IMAGE_TAG.pattern})", message["content"])]
+                message["content"] = "\n".join(placeholders.get(p, p) for p in pieces if p)
     return messages
 
 

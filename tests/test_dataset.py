@@ -342,10 +342,10 @@ def test_multi_image_tags_in_two_turns(llm_type, tokenizers, tmp_path):
     text = tok.decode(sample["input_ids"])
     one = f"<image>{UNK2}</image>"
     if llm_type == "qwen":  # numbered in order of appearance, pieces joined with "\n"
-        assert f"Look: \n<image_id>0</image_id>{one}<|im_end|>" in text
+        assert f"Look:\n<image_id>0</image_id>{one}<|im_end|>" in text
         assert f"<image_id>1</image_id>{one}<slice>{UNK2}</slice><slice>{UNK2}</slice>\nAnd this?" in text
     else:
-        assert f"Look: \n{one}" in text
+        assert f"Look:\n{one}" in text
         assert f"{one}<slice>{one}{one}</slice>\nAnd this?" in text
     # Tensors follow the placeholders' order: the small image first, then the wide one's views.
     assert sample["tgt_sizes"].tolist() == [[SCALE // 14, SCALE // 14], [3, 6], [4, 4], [4, 4]]
@@ -538,6 +538,9 @@ BAD_RECORDS = {
     "tag used twice": ({"id": "x", "image": {"<image_00>": "cat.png"}, "conversations": conv("<image_00>", "<image_00>")},
                        "referenced more than once"),
     "bad key": ({"id": "x", "image": {"img0": "cat.png"}, "conversations": conv("a", "b")}, "not of the form"),
+    "multi tag in assistant": ({"id": "x", "image": {"<image_00>": "cat.png", "<image_01>": "cat.png"},
+                                "conversations": conv("<image_00>", "see <image_01>")},
+                               "<image_01> sits in message 1, an assistant message"),
     "multi tag without dict": ({"id": "x", "image": "cat.png", "conversations": conv("<image_00>", "b")},
                                "no image dict"),
     "image not a path": ({"id": "x", "image": 3, "conversations": conv("a", "b")}, "'image' must be a path"),
@@ -692,3 +695,14 @@ def test_built_batch_feeds_the_tiny_model_forward(family, checkpoints, tmp_path)
     assert logits.shape == (*batch["input_ids"].shape, config.vocab_size)
     loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), batch["labels"].view(-1))
     assert torch.isfinite(loss)
+
+
+def test_multi_image_pieces_join_like_chat():
+    """chat(msgs=[{"content": [img_a, img_b, "What?"]}]) joins the pieces with single newlines."""
+    conversations = [
+        {"role": "user", "content": "<image_00>\n<image_01>\nWhat changed?"},
+        {"role": "assistant", "content": "The door."},
+    ]
+    placed = dataset.place_images(conversations, {"<image_00>": "[A]", "<image_01>": "[B]"})
+    assert placed[0]["content"] == "[A]\n[B]\nWhat changed?"
+    assert placed[1] == conversations[1]
