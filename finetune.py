@@ -6,6 +6,8 @@ Launch through the scripts, which hold the reference flags:
 or directly: ``torchrun --nproc_per_node N finetune.py --model_name_or_path ... --data_path ...``.
 """
 
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -118,7 +120,9 @@ class LoraArguments:
                   "(default: embed_tokens,resampler, plus vpm with --tune_vision)."},
     )
     lora_layer_replication: str = field(
-        default=None, metadata={"help": "peft layer_replication as start:end ranges, e.g. '0:4,2:6'."}
+        default=None,
+        metadata={"help": "peft layer_replication (start:end ranges); MiniCPM-V's nested LLM cannot take it, "
+                  "so any value is rejected."},
     )
     lora_layers_to_transform: list[int] = field(
         default=None, metadata={"help": "Only these LLM layer indices get LoRA (space-separated)."}
@@ -132,26 +136,16 @@ class LoraArguments:
             raise ValueError(f"--lora_bias must be none, all or lora_only, not {self.lora_bias!r}")
         if self.lora_layers_pattern and not self.lora_layers_to_transform:
             raise ValueError("--lora_layers_pattern only applies together with --lora_layers_to_transform")
-        self.layer_replication()  # fail at parse time on a malformed value
+        if self.lora_layer_replication:
+            raise ValueError(
+                "--lora_layer_replication: peft replicates decoder layers only where they sit at "
+                "model.model...layers; MiniCPM-V keeps its LLM at model.llm, so its layers cannot be replicated"
+            )
 
     def modules_to_save(self, tune_vision):
         if self.lora_modules_to_save.strip():
             return [name.strip() for name in self.lora_modules_to_save.split(",") if name.strip()]
         return ["embed_tokens", "resampler"] + (["vpm"] if tune_vision else [])
-
-    def layer_replication(self):
-        if not self.lora_layer_replication:
-            return None
-        ranges = []
-        for part in self.lora_layer_replication.split(","):
-            start, sep, end = part.partition(":")
-            if not sep or not start.strip().isdigit() or not end.strip().isdigit() or int(start) >= int(end):
-                raise ValueError(
-                    f"--lora_layer_replication: {part!r} is not a range 'start:end' with start < end "
-                    "(example: '0:4,2:6')"
-                )
-            ranges.append((int(start), int(end)))
-        return ranges
 
 
 def parse_args(argv=None):
@@ -176,7 +170,8 @@ def adapt_deepspeed_argv(argv):
 
     - An explicit ``--lr_scheduler_type`` wins over the config's ``scheduler`` section: with
       one, transformers would run DeepSpeed's WarmupLR and silently ignore the flag (the
-      reference launchers ask for cosine and got a constant rate).
+      reference launchers ask for cosine and got a constant rate). Likewise ``--optim`` over
+      its ``optimizer`` section.
     - Without CUDA, DeepSpeed's fused CPU Adam would be compiled with g++ on first use
       (minutes); torch's AdamW (``torch_adam``) does the same job.
     The adapted copy goes to a temporary file and the argument points to it.
@@ -191,15 +186,22 @@ def adapt_deepspeed_argv(argv):
     scheduler = last_flag_value(argv, "--lr_scheduler_type")
     if scheduler is not None and "scheduler" in config:
         changes.append(f"its {config.pop('scheduler').get('type', '')} scheduler replaced by --lr_scheduler_type {scheduler[1]}")
+    optim = last_flag_value(argv, "--optim")
+    if optim is not None and "optimizer" in config:
+        changes.append(f"its {config.pop('optimizer').get('type', '')} optimizer replaced by --optim {optim[1]}")
     optimizer = config.get("optimizer")
     if not torch.cuda.is_available() and optimizer and not optimizer.get("params", {}).get("torch_adam"):
         optimizer.setdefault("params", {})["torch_adam"] = True
         changes.append("torch's AdamW, as there is no CUDA")
     if not changes:
         return argv
-    fd, adapted = tempfile.mkstemp(prefix="ds_config_", suffix=".json")
+    # Named by content: every rank (and every rerun) writes the same file, and no two differ.
+    text = json.dumps(config, indent=2, sort_keys=True)
+    adapted = os.path.join(tempfile.gettempdir(), f"ds_config_{hashlib.sha256(text.encode()).hexdigest()[:16]}.json")
+    fd, partial = tempfile.mkstemp(dir=tempfile.gettempdir(), suffix=".json.partial")
     with os.fdopen(fd, "w") as f:
-        json.dump(config, f, indent=2)
+        f.write(text)
+    os.replace(partial, adapted)
     argv = list(argv)
     argv[index] = adapted if argv[index] == path else f"--deepspeed={adapted}"
     logger.warning("DeepSpeed config %s used as %s: %s", path, adapted, "; ".join(changes))
@@ -216,6 +218,15 @@ def compute_dtype(training_args):
 
 def check_launch(training_args, lora_args):
     """Refuse combinations that would silently train something other than what was asked."""
+    if not training_args.use_lora:
+        given = [f"--{f.name}" for f in dataclasses.fields(lora_args) if getattr(lora_args, f.name) != f.default]
+        if given:
+            raise ValueError(f"{', '.join(given)} given without --use_lora true, where LoRA settings do nothing")
+    elif training_args.tune_vision and "vpm" not in lora_args.modules_to_save(tune_vision=True):
+        raise ValueError(
+            "--tune_vision true, but --lora_modules_to_save leaves out vpm, so the vision tower would stay "
+            "frozen: add vpm to the list or pass --tune_vision false"
+        )
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if lora_args.q_lora and (is_deepspeed_zero3_enabled() or training_args.fsdp):
         logger.warning("QLoRA does not work with FSDP or ZeRO-3: the 4-bit weights cannot be partitioned")
@@ -346,18 +357,12 @@ def apply_lora(model, training_args, lora_args):
                 f"--lora_target_modules {lora_args.lora_target_modules!r} matches no module in layers "
                 f"{lora_args.lora_layers_to_transform}"
             )
-    if lora_args.layer_replication() and not hasattr(model, "model"):
-        raise ValueError(
-            "--lora_layer_replication: peft replicates decoder layers only where they sit at "
-            "model.model...layers; this model keeps its LLM at model.llm, so the layers cannot be replicated"
-        )
     config = LoraConfig(
         r=lora_args.lora_r,
         lora_alpha=lora_args.lora_alpha,
         target_modules=target_modules,
         lora_dropout=lora_args.lora_dropout,
         bias=lora_args.lora_bias,
-        layer_replication=lora_args.layer_replication(),
         modules_to_save=lora_args.modules_to_save(training_args.tune_vision),
     )
     if not hasattr(model, "get_input_embeddings"):

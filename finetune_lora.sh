@@ -27,9 +27,11 @@ MODEL_MAX_Length=${MODEL_MAX_Length:-2048} # 2048 fits 9 slices of an image with
 OUTPUT_DIR=${OUTPUT_DIR:-"output/output_lora"}
 DS_CONFIG=${DS_CONFIG:-"$HERE/ds_config_zero2.json"}
 TORCHRUN=${TORCHRUN:-torchrun}
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-python3}
 
-if "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+# Ask the Python that runs the training whether it sees a GPU; a failure here stops the script.
+DEVICE=$("$PYTHON" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
+if [ "$DEVICE" = cuda ]; then
     DEVICE_ARGS=${DEVICE_ARGS:-"--fp16 true --fp16_full_eval true"}
 else
     # No GPU: CPU processes over gloo, in fp32 (fp16 is not supported on CPUs).

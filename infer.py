@@ -24,15 +24,15 @@ from dataset import IGNORE_INDEX, load_records
 logger = logging.getLogger(__name__)
 
 
-def load(model_path, adapter=None, dtype=torch.float32):
-    """The model (with the adapter applied, if any) in eval mode, its tokenizer and config."""
+def load(model_path, adapter=None, dtype=torch.float32, device="cpu"):
+    """The model (with the adapter applied, if any) in eval mode on ``device``, its tokenizer and config."""
     config = loading.load_config(model_path)
     # The adapter folder carries the tokenizer the run trained with.
     tokenizer = loading.load_tokenizer(adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else model_path)
     model = loading.load_model(model_path, config, dtype=dtype)
     if adapter:
         model = PeftModel.from_pretrained(model, adapter)
-    return model.eval(), tokenizer, config
+    return model.to(device).eval(), tokenizer, config
 
 
 def first_exchange(record):
@@ -42,15 +42,15 @@ def first_exchange(record):
     return {**record, "conversations": [conversations[0], {"role": "assistant", "content": answer}]}
 
 
-def prompt_inputs(sample):
+def prompt_inputs(sample, device="cpu"):
     """Cut a training sample just before the first learned token: the prompt the model answers."""
     learned = (sample["labels"] != IGNORE_INDEX).nonzero()
     cut = int(learned[0]) + 1  # labels are shifted: labels[i] is the token at i + 1
     bounds = sample["image_bound"]
     return dict(
-        input_ids=sample["input_ids"][:cut].unsqueeze(0),
-        pixel_values=[sample["pixel_values"]],
-        tgt_sizes=[sample["tgt_sizes"]],
+        input_ids=sample["input_ids"][:cut].unsqueeze(0).to(device),
+        pixel_values=[[image.to(device) for image in sample["pixel_values"]]],
+        tgt_sizes=[sample["tgt_sizes"].to(device)],
         image_bound=[bounds[bounds[:, 1] <= cut] if len(bounds) else bounds],
     )
 
@@ -69,7 +69,7 @@ class Answerer:
         )
         answers = []
         for i in range(len(dataset)):
-            inputs = prompt_inputs(dataset[i])
+            inputs = prompt_inputs(dataset[i], self.model.device)
             text = self.model.generate(
                 **inputs, tokenizer=self.tokenizer, max_new_tokens=max_new_tokens, decode_text=True
             )
@@ -87,13 +87,16 @@ def main(argv=None):
     parser.add_argument("--questions", help="a .json/.jsonl file of records in the training format")
     parser.add_argument("--max_slice_nums", type=int, default=9)
     parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="default: bfloat16 on a GPU, float32 on CPU")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if bool(args.questions) == bool(args.question):
         parser.error("give either --image/--question or --questions")
     logging.basicConfig(level=logging.WARNING)
 
-    model, tokenizer, config = load(args.model, args.adapter, getattr(torch, args.dtype))
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    model, tokenizer, config = load(args.model, args.adapter, dtype, args.device)
     answerer = Answerer(model, tokenizer, config, llm_type=args.llm_type, max_slice_nums=args.max_slice_nums)
     if args.questions:
         records = load_records(args.questions)

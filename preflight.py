@@ -223,6 +223,10 @@ def run(datasets, output_dir, *, skip_bad=False, preflight_only=False, is_main=T
             dataset = present[split]
             dropped = set(indices)
             result[split] = Subset(dataset, [i for i in range(len(dataset)) if i not in dropped])
+            if not len(result[split]):
+                message = f"--skip_bad_samples: all {len(dataset)} {split} records are unusable; nothing is left"
+                logger.error("%s", message)
+                raise PreflightFailed(message)
             logger.warning(
                 "--skip_bad_samples: dropping %d of %d %s records flagged by preflight; training on %d",
                 len(dropped), len(dataset), split, len(result[split]),

@@ -163,7 +163,8 @@ def test_torchrun_on_cpu_without_use_cpu_is_refused(tiny_checkpoint, shapes, tmp
         (["--use_lora", "true"], "cannot tune the LLM and apply LoRA at once"),
         (["--llm_type", "gpt"], "--llm_type 'gpt'"),
         (["--lora_layers_pattern", "layers"], "only applies together with --lora_layers_to_transform"),
-        (["--lora_layer_replication", "0-4"], "is not a range 'start:end'"),
+        (["--use_lora", "true", "--tune_llm", "false", "--lora_layer_replication", "0:2,1:2"],
+         "--lora_layer_replication: peft replicates decoder layers only"),
         (["--lora_bias", "some"], "--lora_bias must be"),
     ],
 )
@@ -215,8 +216,6 @@ def test_lora_arguments_reach_peft(tiny_checkpoint, tmp_path):
 
     with pytest.raises(ValueError, match="do not fit this LoRA layout"):
         build("--lora_weight_path", str(tmp_path / "start"), "--lora_r", "8")
-    with pytest.raises(ValueError, match="--lora_layer_replication: peft replicates decoder layers only"):
-        build("--lora_layer_replication", "0:2,1:2")
 
 
 def test_omni_init_kwargs_only_for_models_that_declare_them(tiny_checkpoint):
@@ -239,3 +238,18 @@ def test_evaluation_keeps_no_logits_without_metrics(tiny_checkpoint, shapes, tmp
     result = trainer.predict(dataset)
     assert result.predictions is None
     assert torch.isfinite(torch.tensor(result.metrics["test_loss"]))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lora_weight_path", "adapter"], "--lora_weight_path given without --use_lora true"),
+        (["--q_lora", "true", "--lora_r", "8"], "--lora_r, --q_lora given without --use_lora true"),
+        (["--use_lora", "true", "--tune_llm", "false", "--lora_modules_to_save", "resampler"],
+         "--lora_modules_to_save leaves out vpm"),
+    ],
+)
+def test_settings_that_would_be_ignored_are_refused(argv, message):
+    _, _, training_args, lora_args = finetune.parse_args(["--output_dir", "unused", "--use_cpu", "true", *argv])
+    with pytest.raises(ValueError, match=message):
+        finetune.check_launch(training_args, lora_args)

@@ -227,3 +227,12 @@ def test_skip_bad_samples_trains_on_exactly_the_good_ones(corpus, tmp_path):
     # One epoch over the good records at one per rank and step: every one was trained on, no other
     # (a bad record reaching the loader would have raised DataError).
     assert trainer_state(out)["global_step"] == -(-good // 2)
+
+
+def test_skip_mode_with_nothing_left_stops(corpus, tmp_path):
+    model, path, records, expected = corpus
+    only_bad = tmp_path / "only_bad.json"
+    only_bad.write_text(json.dumps([records[i] for i in sorted(expected)][:3]))
+    train = make_dataset(model, only_bad)
+    with pytest.raises(preflight.PreflightFailed, match="all 3 train records are unusable; nothing is left"):
+        preflight.run({"train": train, "eval": None}, tmp_path, skip_bad=True)
