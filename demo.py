@@ -4,7 +4,7 @@
 
 1. builds a tiny, randomly initialised MiniCPM-V 2.6 (tiny_models/) in OUT/model;
 2. writes a small dataset of coloured shapes, one two-image record and one text-only record;
-3. runs finetune_lora.sh (torchrun, 2 processes, DeepSpeed ZeRO-2; on CPU when there is no GPU);
+3. runs finetune_lora.sh (torchrun, 2 CPU processes over gloo, DeepSpeed ZeRO-2);
 4. plots the loss curve to OUT/lora/loss.png;
 5. loads the adapter and asks every question of the dataset, printing expected and generated
    answers side by side. Exits non-zero if fewer than 90% are reproduced exactly.
@@ -39,6 +39,8 @@ def train(model_dir, data, output_dir, steps, processes, seed):
         PYTHON=sys.executable,
         TORCHRUN=f"{sys.executable} -m torch.distributed.run",
         OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+        # CPU processes even where there is a GPU: the demo is the same everywhere.
+        DEVICE_ARGS="--use_cpu true --ddp_backend gloo",
     )
     args = [
         "--max_steps", str(steps), "--learning_rate", "3e-3", "--warmup_steps", "0",
