@@ -229,7 +229,10 @@ def check_launch(training_args, lora_args):
         )
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if lora_args.q_lora and (is_deepspeed_zero3_enabled() or training_args.fsdp):
-        logger.warning("QLoRA does not work with FSDP or ZeRO-3: the 4-bit weights cannot be partitioned")
+        raise ValueError(
+            "--q_lora does not work with FSDP or DeepSpeed ZeRO-3: 4-bit weights cannot be partitioned; "
+            "use ZeRO-2 (ds_config_zero2.json) or no DeepSpeed"
+        )
     if world_size > 1 and training_args.world_size != world_size:
         hint = " On a machine without GPUs add --use_cpu True (the launchers do)." if not torch.cuda.is_available() else ""
         raise RuntimeError(

@@ -13,6 +13,7 @@ import finetune
 import loading
 from dataset import DataCollator
 from launch import (
+    REPO,
     eval_loss,
     eval_losses,
     load_state_dict,
@@ -253,3 +254,12 @@ def test_settings_that_would_be_ignored_are_refused(argv, message):
     _, _, training_args, lora_args = finetune.parse_args(["--output_dir", "unused", "--use_cpu", "true", *argv])
     with pytest.raises(ValueError, match=message):
         finetune.check_launch(training_args, lora_args)
+
+
+def test_qlora_with_zero3_is_refused_before_loading(tiny_checkpoint, shapes, tmp_path):
+    args = lora_args(tiny_checkpoint("minicpmv2_6"), shapes, tmp_path / "out") + [
+        "--q_lora", "true", "--deepspeed", REPO / "ds_config_zero3.json", "--max_steps", "1"]
+    code, output = run_finetune(args, expect_ok=False)
+    assert code != 0
+    assert "--q_lora does not work with FSDP or DeepSpeed ZeRO-3" in output
+    assert "Loading weights" not in output
