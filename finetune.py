@@ -431,6 +431,9 @@ def train(argv=None):
     check_launch(training_args, lora_args)
     if training_args.deepspeed and not torch.cuda.is_available():
         init_cpu_deepspeed()
+    # Before the model exists: LoRA's initial weights are drawn when the adapter is added, and
+    # the Trainer seeds only later, when it is created.
+    transformers.set_seed(training_args.seed)
 
     dtype = compute_dtype(training_args)
     config = loading.load_config(model_args.model_name_or_path, training_args.cache_dir)

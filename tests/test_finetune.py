@@ -263,3 +263,12 @@ def test_qlora_with_zero3_is_refused_before_loading(tiny_checkpoint, shapes, tmp
     assert code != 0
     assert "--q_lora does not work with FSDP or DeepSpeed ZeRO-3" in output
     assert "Loading weights" not in output
+
+
+def test_seeded_runs_are_reproducible(tiny_checkpoint, shapes, tmp_path):
+    """Same seed, same losses: LoRA's initial weights are drawn under the seed too."""
+    runs = []
+    for name in ("first", "second"):
+        run_finetune(lora_args(tiny_checkpoint("minicpmv2_6"), shapes, tmp_path / name) + ["--max_steps", "3"])
+        runs.append(train_losses(tmp_path / name))
+    assert runs[0] == runs[1]
