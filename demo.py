@@ -78,7 +78,7 @@ def ask(model_dir, adapter, data):
     records = json.loads(Path(data).read_text())
     answers = answerer.answer(records, Path(data).parent, max_new_tokens=16)
     rows = []
-    for record, answer in zip(records, answers):
+    for record, answer in zip(records, answers, strict=True):
         question = record["conversations"][0]["content"].replace("\n", " ")
         expected = record["conversations"][1]["content"]
         rows.append((record["id"], question, expected, answer, answer == expected))

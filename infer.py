@@ -107,7 +107,7 @@ def main(argv=None):
         if args.image:
             records[0]["image"] = os.path.abspath(args.image)
         root = os.getcwd()
-    for record, answer in zip(records, answerer.answer(records, root, args.max_new_tokens)):
+    for record, answer in zip(records, answerer.answer(records, root, args.max_new_tokens), strict=True):
         question = record["conversations"][0]["content"].replace("\n", " ")
         expected = record["conversations"][1]["content"] if len(record["conversations"]) > 1 else ""
         print(f"[{record.get('id', '')}] Q: {question}")

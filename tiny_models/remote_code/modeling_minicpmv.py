@@ -6,7 +6,6 @@ tokens inside each `image_bound`, and runs the LLM; the caller computes the loss
 """
 
 import torch
-from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 from transformers import initialization as init
