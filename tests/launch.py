@@ -84,6 +84,21 @@ def load_state_dict(folder):
     return tensors
 
 
+def dataset_as_trained(model_dir, data_path, *argv):
+    """The dataset finetune.train() builds from ``--data_path`` with these arguments, and its collator."""
+    import finetune
+    import loading
+    from dataset import DataCollator
+
+    _, data_args, training_args, _ = finetune.parse_args(
+        ["--model_name_or_path", str(model_dir), "--data_path", str(data_path), "--output_dir", "unused",
+         "--use_cpu", "true", "--llm_type", "qwen", *FAST_ARGS, *map(str, argv)]
+    )
+    settings = finetune.data_settings(loading.load_config(model_dir), training_args.max_slice_nums)
+    dataset, _ = finetune.build_datasets(data_args, training_args, loading.load_tokenizer(model_dir), settings)
+    return dataset, DataCollator(training_args.model_max_length)
+
+
 def eval_loss(model, dataset, collator):
     """Summed cross-entropy over all learned tokens of ``dataset``, divided by their count.
 

@@ -11,9 +11,9 @@ from transformers import AutoModel
 import demo_data
 import finetune
 import loading
-from dataset import DataCollator
 from launch import (
     REPO,
+    dataset_as_trained,
     eval_loss,
     eval_losses,
     load_state_dict,
@@ -38,18 +38,6 @@ def lora_args(model, data, output_dir, llm_type="qwen", use_cpu=True):
         "--output_dir", output_dir, "--use_lora", "true", "--tune_llm", "false",
         "--logging_steps", "1", "--learning_rate", "1e-3",
     ] + (["--use_cpu", "true"] if use_cpu else [])
-
-
-def eval_dataset_for(model_dir, data, training_argv):
-    """Rebuild the eval dataset exactly as finetune.train() does, from the same arguments."""
-    _, data_args, training_args, _ = finetune.parse_args(
-        ["--model_name_or_path", str(model_dir), "--data_path", str(data), "--output_dir", "unused",
-         "--use_cpu", "true", *training_argv]
-    )
-    config = loading.load_config(model_dir)
-    tokenizer = loading.load_tokenizer(model_dir)
-    dataset, _ = finetune.build_datasets(data_args, training_args, tokenizer, finetune.data_settings(config, training_args.max_slice_nums))
-    return dataset, DataCollator(training_args.model_max_length)
 
 
 def assert_falls(losses):
@@ -83,8 +71,7 @@ def test_lora_launcher_torchrun_two_processes_zero2(tiny_checkpoint, shapes, tmp
     [(_, reported)] = eval_losses(out)
     base = AutoModel.from_pretrained(model, trust_remote_code=True, dtype=torch.float32)
     reloaded = PeftModel.from_pretrained(base, out)
-    dataset, collator = eval_dataset_for(model, eval_file, ["--llm_type", "qwen", "--max_slice_nums", "2",
-                                                            "--model_max_length", "512"])
+    dataset, collator = dataset_as_trained(model, eval_file)
     assert eval_loss(reloaded, dataset, collator) == pytest.approx(reported, rel=1e-4)
     untrained = AutoModel.from_pretrained(model, trust_remote_code=True, dtype=torch.float32)
     assert eval_loss(untrained, dataset, collator) > reported * 1.2  # and the adapter is what made it better
@@ -229,7 +216,7 @@ def test_evaluation_keeps_no_logits_without_metrics(tiny_checkpoint, shapes, tmp
     from trainer import CPMTrainer
 
     model_dir = tiny_checkpoint("minicpmv2_6")
-    dataset, collator = eval_dataset_for(model_dir, shapes, ["--llm_type", "qwen", "--max_slice_nums", "2"])
+    dataset, collator = dataset_as_trained(model_dir, shapes)
     _, _, training_args, _ = finetune.parse_args(
         ["--output_dir", str(tmp_path), "--use_cpu", "true", "--report_to", "none", "--prediction_loss_only", "false",
          "--per_device_eval_batch_size", "2"]

@@ -18,11 +18,9 @@ from peft import PeftModel
 from transformers import AutoModel
 
 import demo_data
-import finetune
 import loading
 import remote_code_repairs
-from dataset import DataCollator
-from launch import eval_loss, eval_losses, run_finetune, train_losses
+from launch import dataset_as_trained, eval_loss, eval_losses, run_finetune, train_losses
 
 FIXTURES = Path(__file__).parent / "fixtures" / "defective_remote_code"
 REPAIRS_LOGGER = remote_code_repairs.__name__
@@ -206,11 +204,5 @@ def test_lora_run_on_defective_model_trains_and_reloads(defective_checkpoint, tm
     # The adapter reloads over the base loaded through the loader and gives the reported eval loss.
     [(_, reported)] = eval_losses(out)
     reloaded = PeftModel.from_pretrained(load(model_dir), out)
-    _, data_args, training_args, _ = finetune.parse_args([
-        "--model_name_or_path", str(model_dir), "--data_path", str(eval_file), "--output_dir", str(tmp_path / "unused"),
-        "--use_cpu", "true", "--llm_type", "qwen", "--max_slice_nums", "2", "--model_max_length", "512",
-    ])
-    settings = finetune.data_settings(loading.load_config(model_dir), training_args.max_slice_nums)
-    dataset, _ = finetune.build_datasets(data_args, training_args, loading.load_tokenizer(model_dir), settings)
-    collator = DataCollator(training_args.model_max_length)
+    dataset, collator = dataset_as_trained(model_dir, eval_file)
     assert eval_loss(reloaded, dataset, collator) == pytest.approx(reported, rel=1e-4)

@@ -10,10 +10,8 @@ import pytest
 from PIL import Image
 
 import dataset
-import finetune
-import loading
 import preflight
-from launch import FAST_ARGS, REPO, run, run_finetune, subprocess_env, trainer_state
+from launch import FAST_ARGS, REPO, dataset_as_trained, run, run_finetune, subprocess_env, trainer_state
 
 MAX_LENGTH = 512  # FAST_ARGS's --model_max_length
 
@@ -111,23 +109,12 @@ def build_corpus(folder, filler_words):
     return records, expected
 
 
-def make_dataset(model, path, extra=()):
-    """The train dataset exactly as finetune.train() builds it from these arguments."""
-    _, data_args, training_args, _ = finetune.parse_args(
-        ["--model_name_or_path", str(model), "--data_path", str(path), "--output_dir", "unused", "--use_cpu", "true",
-         "--llm_type", "qwen", *FAST_ARGS, *extra]
-    )
-    config, tokenizer = loading.load_config(model), loading.load_tokenizer(model)
-    train, _ = finetune.build_datasets(data_args, training_args, tokenizer, finetune.data_settings(config, training_args.max_slice_nums))
-    return train
-
-
 def filler_that_cuts_the_image(model, folder):
     """How many filler words before an image make max_length fall inside its placeholder."""
     write_images(folder / "images")
     probe = folder / "probe.json"
     probe.write_text("[]")
-    data = make_dataset(model, probe)
+    data = dataset_as_trained(model, probe)[0]
     for words in range(MAX_LENGTH - 40, MAX_LENGTH):
         data.records = [{"id": "probe", "image": "images/rgb.png", "conversations": conv("a " * words + "<image>", "x")}]
         try:
@@ -165,7 +152,7 @@ def test_unusual_image_modes_are_converted_not_refused(tmp_path):
 def test_corpus_every_bad_record_is_reported_with_its_reason(corpus, tmp_path):
     model, path, records, expected = corpus
     assert len(set(expected.values())) >= 15
-    train = make_dataset(model, path)
+    train = dataset_as_trained(model, path)[0]
     bad = preflight.check_all({"train": train}, tmp_path, skip_bad=False, preflight_only=True, progress=False)
     assert bad == {"train": sorted(expected)}
     report = json.loads((tmp_path / preflight.REPORT_NAME).read_text())
@@ -233,6 +220,6 @@ def test_skip_mode_with_nothing_left_stops(corpus, tmp_path):
     model, path, records, expected = corpus
     only_bad = tmp_path / "only_bad.json"
     only_bad.write_text(json.dumps([records[i] for i in sorted(expected)][:3]))
-    train = make_dataset(model, only_bad)
+    train = dataset_as_trained(model, only_bad)[0]
     with pytest.raises(preflight.PreflightFailed, match="all 3 train records are unusable; nothing is left"):
         preflight.run({"train": train, "eval": None}, tmp_path, skip_bad=True)
