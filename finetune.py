@@ -272,14 +272,19 @@ def check_engine(trainer, training_args):
 
 
 def data_settings(config, max_slice_nums):
-    """What dataset.py needs from the model config: slicing, placeholder size, image layout."""
+    """What dataset.py needs from the model config: slicing, placeholder size, image layout.
+
+    ``max_slice_nums`` applies to the data only: the model config is left as it is, so a saved
+    model keeps the slicing its processor (preprocessor_config.json) and its own ``chat()`` agree
+    on, and inference may use more slices than training did.
+    """
     slice_config = getattr(config, "slice_config", None)
     if slice_config is not None:
-        slice_config.max_slice_nums = max_slice_nums
-        slicing = slice_config.to_dict()
+        slicing = {**slice_config.to_dict(), "max_slice_nums": max_slice_nums}
+    elif getattr(config, "slice_mode", True):
+        slicing = {**config.to_dict(), "max_slice_nums": max_slice_nums}
     else:
-        config.max_slice_nums = max_slice_nums
-        slicing = config.to_dict() if getattr(config, "slice_mode", True) else None
+        slicing = None
     return dict(
         slice_config=slicing,
         query_num=config.query_num,

@@ -3,11 +3,15 @@
 One place for what ``finetune.py``, ``infer.py`` and ``merge.py`` share: the ``AutoModel`` /
 ``AutoTokenizer`` calls with ``trust_remote_code=True``, the keyword arguments only some
 model families accept, and the repairs (``remote_code_repairs``) that remote code written for
-transformers 4.4x needs to load correctly today.
+transformers 4.4x needs to load correctly today; and ``write_repaired_classes``, which gives every
+folder this project saves the same repairs, so that it loads correctly with plain transformers.
 """
 
 import contextlib
+import json
 import logging
+import shutil
+from pathlib import Path
 
 import transformers
 
@@ -73,3 +77,71 @@ def load_model(name_or_path, config, *, dtype, cache_dir=None, device_map=None, 
     if reference is not None:
         remote_code_repairs.restore_non_persistent_buffers(model, reference)
     return model
+
+
+# A saved folder's config.json `auto_map` points to this generated module; the published targets it
+# wraps are kept under PUBLISHED_AUTO_MAP, so that saving the folder again wraps the same classes.
+REPAIRED_MODULE = "repaired_classes"
+PUBLISHED_AUTO_MAP = "published_auto_map"
+
+REPAIRED_MODULE_HEADER = '''"""Written by the MiniCPM-V fine-tuner when it saved this folder: the classes config.json's
+`auto_map` points to. Each is the published class named in `published_auto_map` (whose files
+beside this one are unchanged), with the repairs of remote_code_repairs.py applied where their
+defect is found: typing names a module never imports, a model that never calls post_init(), and
+non-persistent buffers that transformers 5 leaves unfilled after loading. Each repair is logged
+as a warning. Delete this file and restore `published_auto_map` as `auto_map` to load the
+published classes unrepaired.
+"""
+
+from .remote_code_repairs import repair_imports, repaired_config_class, repaired_model_class
+
+repair_imports(__file__)  # before any published module is imported
+
+'''
+
+
+def write_repaired_classes(folder):
+    """Make the saved remote-code model in ``folder`` load correctly with plain transformers.
+
+    Writes a copy of ``remote_code_repairs.py`` and a generated ``repaired_classes.py`` that wraps
+    the published classes, and points config.json's ``auto_map`` to the latter (the published
+    targets stay in ``published_auto_map``). Run after every save: a folder saved before gets this
+    project's current repairs. Returns the names of the files written; nothing for a model
+    without remote code.
+    """
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    published = config.get(PUBLISHED_AUTO_MAP) or config.get("auto_map")
+    if not published:
+        return []
+    classes = {}  # "module.Class" -> the auto class that decides how to wrap it
+    for auto_class, target in published.items():
+        module_name, _, class_name = target.rpartition(".")
+        if "--" in module_name or not (folder / f"{module_name}.py").is_file():
+            raise ValueError(f"{config_path}: auto_map {auto_class} -> {target}, but {module_name}.py is not in {folder}")
+        classes.setdefault(target, auto_class)
+    lines = []
+    for target in classes:
+        module_name, _, class_name = target.rpartition(".")
+        lines.append(f"from .{module_name} import {class_name} as _Published{class_name}  # noqa: E402\n")
+    lines.append("\n")
+    config_class = None
+    for target, auto_class in sorted(classes.items(), key=lambda item: item[1] != "AutoConfig"):
+        class_name = target.rpartition(".")[2]
+        if auto_class == "AutoConfig":
+            config_class = class_name
+            lines.append(f"{class_name} = repaired_config_class(_Published{class_name}, __name__)\n")
+        else:
+            lines.append(f"{class_name} = repaired_model_class(_Published{class_name}, {config_class}, __name__)\n")
+    shutil.copyfile(remote_code_repairs.__file__, folder / "remote_code_repairs.py")
+    (folder / f"{REPAIRED_MODULE}.py").write_text(REPAIRED_MODULE_HEADER + "".join(lines))
+    config["auto_map"] = {key: f"{REPAIRED_MODULE}.{target.rpartition('.')[2]}" for key, target in published.items()}
+    config[PUBLISHED_AUTO_MAP] = published
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    logger.info(
+        "Wrote %s.py and remote_code_repairs.py into %s: its auto_map now loads %s through the repairs, so that "
+        "plain AutoModel.from_pretrained(..., trust_remote_code=True) gives what this project's loader gives",
+        REPAIRED_MODULE, folder, ", ".join(classes),
+    )
+    return [f"{REPAIRED_MODULE}.py", "remote_code_repairs.py", "config.json"]

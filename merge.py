@@ -3,8 +3,10 @@
     python merge.py --model BASE --adapter output/output_lora --out merged/ [--dtype bfloat16]
 
 The folder holds the merged weights (modules_to_save included), the config, the model's
-remote code and processor files, and the tokenizer the adapter was trained with, so that
-``AutoModel.from_pretrained(out, trust_remote_code=True)`` loads it on its own.
+remote code and processor files, the tokenizer the adapter was trained with, and the repairs
+that published remote code needs on current transformers (``loading.write_repaired_classes``),
+so that plain ``AutoModel.from_pretrained(out, trust_remote_code=True)`` loads it on its own,
+without this project, and gives the logits this project's loader gives.
 """
 
 import argparse
@@ -14,6 +16,7 @@ from pathlib import Path
 import torch
 
 import infer
+import loading
 from trainer import copy_remote_code, model_source_dir
 
 logger = logging.getLogger(__name__)
@@ -27,6 +30,7 @@ def merge(model_path, adapter, out_dir, dtype=torch.float32):
     tokenizer.save_pretrained(out_dir)
     copied = copy_remote_code(model_source_dir(model_path), out_dir)
     logger.info("Merged %s into %s (remote code: %s)", adapter, out_dir, ", ".join(copied) or "already present")
+    loading.write_repaired_classes(out_dir)
     return out_dir
 
 

@@ -19,6 +19,13 @@ three ways; each repair below first detects its defect and does nothing when it 
 
 Every repair is logged at WARNING level, naming what was repaired; a model without defects
 loads untouched and nothing is logged.
+
+Folders this project saves carry a copy of this module, so that plain
+`AutoModel.from_pretrained(folder, trust_remote_code=True)` applies the same repairs: their
+config.json's `auto_map` points to a generated `repaired_classes.py` (see `loading.py`) that calls
+`repair_imports` and wraps the published classes with `repaired_config_class` /
+`repaired_model_class`. Keep this module self-contained: it may import only the standard library,
+torch and transformers.
 """
 
 import ast
@@ -173,6 +180,13 @@ def supply_missing_typing_names(module_file):
     return supplied
 
 
+def repair_imports(module_file):
+    """Every repair that must be in place before `module_file` (in transformers' module cache) and
+    the files it imports relatively are imported. The single entry point for import-time repairs:
+    the loader and saved folders' `repaired_classes.py` both call it."""
+    return supply_missing_typing_names(module_file)
+
+
 def import_model_class(name_or_path, config, cache_dir=None):
     """The class `AutoModel` will load (from `config.auto_map`), imported with defect 1 repaired.
 
@@ -186,7 +200,7 @@ def import_model_class(name_or_path, config, cache_dir=None):
     cached = dynamic_module_utils.get_cached_module_file(
         repo_id or str(name_or_path), module_name + ".py", cache_dir=cache_dir
     )
-    supply_missing_typing_names(Path(dynamic_module_utils.HF_MODULES_CACHE) / cached)
+    repair_imports(Path(dynamic_module_utils.HF_MODULES_CACHE) / cached)
     return dynamic_module_utils.get_class_from_dynamic_module(class_reference, name_or_path, cache_dir=cache_dir)
 
 
@@ -297,3 +311,59 @@ def restore_non_persistent_buffers(model, reference):
         )
         restored.append(name)
     return restored
+
+
+# ---- saved folders: the published classes with the repairs built in ---------------------------
+
+
+def repaired_config_class(published, module_name):
+    """`published` (a config class) unchanged, but defined in `module_name`: saving a config of this
+    class names `module_name` in its `auto_map`, so a saved folder keeps loading through the repairs."""
+
+    class Repaired(published):
+        # Its own __init__: transformers would give a config subclass without one a generated one.
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    return _named_like(Repaired, published, module_name)
+
+
+def repaired_model_class(published, config_class, module_name):
+    """`published` (a model class) with defects 2 and 3 repaired where present, defined in
+    `module_name` (so that saving the model names it in `auto_map`).
+
+    Defect 2: `__init__` is followed by `post_init()` when the published `__init__` skipped it.
+    Defect 3: `from_pretrained` compares every non-persistent buffer with a reference
+    construction and restores the ones that differ, as `loading.load_model` does.
+    """
+    logged = []
+
+    class Repaired(published):
+        def __init__(self, config, *args, **kwargs):
+            super().__init__(config, *args, **kwargs)
+            if lacks_post_init(self):
+                if not logged:
+                    logged.append(True)
+                    logger.warning(
+                        "Remote code %s.__init__ never calls post_init() (written for transformers 4.x, which "
+                        "did not need it): calling it after __init__.",
+                        published.__name__,
+                    )
+                self.post_init()
+
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):
+            model = super().from_pretrained(*args, **kwargs)
+            reference, _ = build_reference(cls, model.config, model.dtype)
+            restore_non_persistent_buffers(model, reference)
+            return model
+
+    if config_class is not None:
+        Repaired.config_class = config_class
+    return _named_like(Repaired, published, module_name)
+
+
+def _named_like(cls, published, module_name):
+    cls.__name__, cls.__qualname__, cls.__module__ = published.__name__, published.__qualname__, module_name
+    cls.__doc__ = f"{published.__name__} from {published.__module__}, with remote_code_repairs applied."
+    return cls

@@ -5,7 +5,9 @@
    already shifted by one (``labels[i]`` is the token that must follow position ``i``), so
    the cross-entropy compares logits and labels position by position, with no extra shift.
 2. Saving. A full fine-tune must be loadable on its own with ``trust_remote_code=True``, so
-   the model's remote-code files (and processor files) travel with every saved folder.
+   the model's remote-code files (and processor files) travel with every saved folder (final
+   model and checkpoints), with the repairs that published remote code needs on current
+   transformers (``loading.write_repaired_classes``).
 3. Checkpoints. A crash during a save must not leave an unusable "latest" checkpoint, and
    ``--resume_from_checkpoint`` must pick a complete one (see ``resilience.py``).
 
@@ -24,6 +26,7 @@ import transformers
 from peft import PeftModel
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+import loading
 import resilience
 
 logger = logging.getLogger(__name__)
@@ -145,3 +148,4 @@ class CPMTrainer(transformers.Trainer):
             copied = copy_remote_code(self.model_source, output_dir)
             if copied:
                 logger.info("Copied remote code into %s: %s", output_dir, ", ".join(copied))
+            loading.write_repaired_classes(output_dir)

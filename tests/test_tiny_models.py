@@ -2,14 +2,18 @@
 
 import functools
 import hashlib
+import json
 import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoConfig, AutoModel, AutoTokenizer
+from PIL import Image
+from transformers import AutoConfig, AutoModel, AutoProcessor, AutoTokenizer
 
+from infer import prompt_inputs
+from launch import dataset_as_trained
 from tiny_models.build import FAMILIES, LLM_TYPE, build_checkpoint, main
 
 LORA_REGEX = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj)"
@@ -353,3 +357,27 @@ def test_build_is_deterministic_given_the_seed(tiny_checkpoint, tmp_path):
     assert other["tokenizer.json"] == file_digests(tiny_checkpoint("minicpmv2_6"))["tokenizer.json"]
     with pytest.raises(ValueError, match="unknown family"):
         build_checkpoint("minicpmv3", tmp_path / "bad")
+
+
+def test_processor_lays_out_a_prompt_as_training_does(tiny_checkpoint, tmp_path):
+    """The 2.6-style processor (what chat() uses) and dataset.py give the same prompt ids, image
+    bounds, pixels and patch grids for a sliced image, at a non-default max_slice_nums."""
+    folder = tiny_checkpoint("minicpmv2_6")
+    image = Image.effect_noise((250, 120), 64).convert("RGB")
+    image.save(tmp_path / "noise.png")
+    record = {"id": "0", "image": "noise.png", "conversations": [
+        {"role": "user", "content": "<image>\nWhat is this?"}, {"role": "assistant", "content": "Noise."}]}
+    (tmp_path / "data.json").write_text(json.dumps([record]))
+    dataset, _ = dataset_as_trained(folder, tmp_path / "data.json", "--max_slice_nums", "3")
+    trained = prompt_inputs(dataset[0])
+
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    prompt = processor.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "(<image>./</image>)\nWhat is this?"}], tokenize=False, add_generation_prompt=True)
+    asked = processor([prompt], [[Image.open(tmp_path / "noise.png")]], max_slice_nums=3)
+    assert len(asked["pixel_values"][0]) == 3  # the source and a 2x1 grid of slices
+    assert asked["input_ids"].tolist() == trained["input_ids"].tolist()
+    assert asked["image_bound"][0].tolist() == trained["image_bound"][0].tolist()
+    assert asked["tgt_sizes"][0].tolist() == trained["tgt_sizes"][0].tolist()
+    for got, expected in zip(asked["pixel_values"][0], trained["pixel_values"][0], strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)

@@ -3,8 +3,9 @@
     python -m tiny_models.build minicpmv2_6 /tmp/tiny-2_6 [--seed 0]
 
 The folder holds config.json (auto_map to the remote code), the remote code itself, safetensors
-weights, a byte-level BPE tokenizer with the family's special tokens and chat template, and
-generation_config.json. Everything is built offline in well under a second per family and is
+weights, a byte-level BPE tokenizer with the family's special tokens and chat template,
+generation_config.json, and for the 2.6-style families (2.6, o-2.6, 4.5) a processor
+(preprocessor_config.json, AutoProcessor) that their chat() uses. Everything is built offline in well under a second per family and is
 deterministic given the seed.
 """
 
@@ -37,6 +38,9 @@ SHARED_FILES = (
     "resampler.py",
     "tokenization_minicpmv_fast.py",
 )
+# The 2.6-style families (image ids, new placeholder schema) also ship a processor, which their
+# chat() loads with AutoProcessor.
+PROCESSOR_FILES = ("image_processing_minicpmv.py", "processing_minicpmv.py")
 BPE_VOCAB_SIZE = 768  # including the 256 byte symbols; special tokens come on top
 SCALE_RESOLUTION = 112
 PATCH_SIZE = 14
@@ -292,9 +296,44 @@ def build_checkpoint(family, out_dir, seed=0):
     ).save_pretrained(out_dir)
 
     extra = {"modeling_minicpmv2": ["modeling_minicpmv2.py"], "modeling_minicpmo": ["modeling_minicpmo.py"]}
-    for name in SHARED_FILES + tuple(extra.get(module_name, [])):
+    files = SHARED_FILES + tuple(extra.get(module_name, []))
+    if getattr(config, "use_image_id", False):
+        files += PROCESSOR_FILES
+        write_preprocessor_config(config, out_dir)
+    for name in files:
         shutil.copyfile(REMOTE_CODE / name, out_dir / name)
     return out_dir
+
+
+def write_preprocessor_config(config, out_dir):
+    """The processor settings of the 2.6-style families, laid out as the published 2.6
+    preprocessor_config.json is: the slicing and image layout agree with config.json's."""
+    slicing = config.slice_config
+    fields = {
+        "image_processor_type": "MiniCPMVImageProcessor",
+        "processor_class": "MiniCPMVProcessor",
+        "auto_map": {
+            "AutoProcessor": "processing_minicpmv.MiniCPMVProcessor",
+            "AutoImageProcessor": "image_processing_minicpmv.MiniCPMVImageProcessor",
+        },
+        "max_slice_nums": slicing.max_slice_nums,
+        "scale_resolution": slicing.scale_resolution,
+        "patch_size": slicing.patch_size,
+        "use_image_id": config.use_image_id,
+        "image_feature_size": config.query_num,
+        "slice_mode": config.slice_mode,
+        "im_start": "<image>",
+        "im_end": "</image>",
+        "slice_start": "<slice>",
+        "slice_end": "</slice>",
+        "unk": "<unk>",
+        "im_id_start": "<image_id>",
+        "im_id_end": "</image_id>",
+        "norm_mean": [0.5, 0.5, 0.5],
+        "norm_std": [0.5, 0.5, 0.5],
+        "version": config.version,
+    }
+    (out_dir / "preprocessor_config.json").write_text(json.dumps(fields, indent=2) + "\n")
 
 
 def main(argv=None):

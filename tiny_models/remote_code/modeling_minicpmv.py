@@ -2,12 +2,17 @@
 
 `forward(data)` embeds the text, writes the resampled image features over the placeholder
 tokens inside each `image_bound`, and runs the LLM; the caller computes the loss from
-`.logits` (labels in `data` are ignored, as in the real remote code).
+`.logits` (labels in `data` are ignored, as in the real remote code). `chat()` answers the way
+the published 2.6 model card shows, through the folder's own `AutoProcessor`.
 """
 
+import json
+from copy import deepcopy
+
 import torch
+from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoProcessor, LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 from transformers import initialization as init
 
 from .configuration_minicpm import MiniCPMVConfig
@@ -198,3 +203,87 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
                 kept.append(token)
             texts.append(tokenizer.decode(kept, skip_special_tokens=False))
         return texts
+
+    def chat(self, image, msgs, tokenizer, processor=None, vision_hidden_states=None, max_new_tokens=2048,
+             min_new_tokens=0, sampling=True, max_inp_length=8192, system_prompt="", stream=False,
+             max_slice_nums=None, use_image_id=None, **kwargs):
+        """Answer `msgs` (role/content dicts; content a string or a list of strings and PIL images),
+        with `image` put before the first message's text, as the published 2.6 `chat()` does.
+
+        The processor comes from the checkpoint's folder (`AutoProcessor`) unless given; like the
+        published code, it stops when config.json and preprocessor_config.json disagree on the
+        image layout. `max_slice_nums` / `use_image_id` override the processor's for this call.
+        """
+        if stream:
+            raise NotImplementedError("the tiny model does not stream")
+        batched = isinstance(msgs[0], list)
+        if batched:
+            if image is not None:
+                raise ValueError("with batched msgs, put the images into the messages")
+            images_list, msgs_list = [None] * len(msgs), msgs
+        else:
+            images_list, msgs_list = [image], [msgs]
+        if processor is None:
+            if getattr(self, "processor", None) is None:
+                self.processor = AutoProcessor.from_pretrained(self.config._name_or_path, trust_remote_code=True)
+            processor = self.processor
+        self.check_processor_matches_config(processor.image_processor)
+
+        prompts, images = [], []
+        for sample_image, sample_msgs in zip(images_list, msgs_list, strict=True):
+            sample_msgs = deepcopy(json.loads(sample_msgs) if isinstance(sample_msgs, str) else sample_msgs)
+            if not sample_msgs or sample_msgs[0]["role"] != "user":
+                raise ValueError("msgs must start with a user message")
+            if sample_image is not None and isinstance(sample_msgs[0]["content"], str):
+                sample_msgs[0]["content"] = [sample_image, sample_msgs[0]["content"]]
+            sample_images = []
+            for message in sample_msgs:
+                if message["role"] not in ("user", "assistant"):
+                    raise ValueError(f"unknown role {message['role']!r}")
+                content = [message["content"]] if isinstance(message["content"], str) else message["content"]
+                parts = []
+                for part in content:
+                    if isinstance(part, Image.Image):
+                        sample_images.append(part)
+                        parts.append("(<image>./</image>)")
+                    else:
+                        parts.append(part)
+                message["content"] = "\n".join(parts)
+            if system_prompt:
+                sample_msgs = [{"role": "system", "content": system_prompt}] + sample_msgs
+            prompts.append(processor.tokenizer.apply_chat_template(sample_msgs, tokenize=False,
+                                                                   add_generation_prompt=True))
+            images.append(sample_images)
+
+        inputs = processor(prompts, images, max_slice_nums=max_slice_nums, use_image_id=use_image_id,
+                           return_tensors="pt", max_length=max_inp_length).to(self.device)
+        if sampling:
+            generation = {"top_p": 0.8, "top_k": 100, "temperature": 0.7, "do_sample": True,
+                          "repetition_penalty": 1.05}
+        else:
+            generation = {"num_beams": 3, "repetition_penalty": 1.2}
+        if min_new_tokens > 0:
+            generation["min_new_tokens"] = min_new_tokens
+        generation.update((key, kwargs[key]) for key in generation.keys() & kwargs.keys())
+        inputs.pop("image_sizes")
+        answers = self.generate(**inputs, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
+                                vision_hidden_states=vision_hidden_states, decode_text=True, **generation)
+        return answers if batched else answers[0]
+
+    def check_processor_matches_config(self, image_processor):
+        """The published chat() asserts these: the processor must lay images out as the model expects."""
+        config = self.config
+        pairs = {
+            "query_num / image_feature_size": (config.query_num, image_processor.image_feature_size),
+            "patch_size": (config.patch_size, image_processor.patch_size),
+            "use_image_id": (getattr(config, "use_image_id", False), image_processor.use_image_id),
+            "slice_config.max_slice_nums / max_slice_nums": (config.slice_config.max_slice_nums,
+                                                             image_processor.max_slice_nums),
+            "slice_mode": (config.slice_mode, image_processor.slice_mode),
+        }
+        for name, (in_config, in_processor) in pairs.items():
+            if in_config != in_processor:
+                raise AssertionError(
+                    f"{name}: {in_config} in config.json but {in_processor} in preprocessor_config.json; "
+                    "these two values should be the same"
+                )

@@ -1,0 +1,192 @@
+"""What this project saves loads where users load it, and answers through its own chat().
+
+Every folder saved for a remote-code model (full fine-tune, checkpoint, merged adapter) is loaded
+in a fresh, isolated Python process with plain `AutoModel.from_pretrained(folder,
+trust_remote_code=True)` (tests/plain_load.py, no import of this project, after the folder was
+moved) and must give the logits this project's loader gives. The defect fixtures of
+test_loading.py reproduce the published remote code's defects; with the repairs taken out of a
+saved folder, the same check fails.
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from PIL import Image
+from transformers import TrainingArguments
+
+import demo_data
+import finetune
+import loading
+import merge
+from launch import REPO, run, run_finetune, subprocess_env
+from test_loading import DEFECTS, batch, defective_checkpoint, load, logits  # noqa: F401 (a fixture)
+from trainer import CPMTrainer
+
+PLAIN_LOAD = REPO / "tests" / "plain_load.py"
+# How a folder without its repairs fails to load with plain transformers, by defect.
+UNREPAIRED_FAILURE = {
+    "star_import": "NameError: name 'List' is not defined",
+    "no_post_init": "all_tied_weights_keys",
+    "stale_buffer": "logits differ",
+    "all": "NameError: name 'List' is not defined",
+}
+
+
+def plain_load(jobs, tmp_path):
+    """Run the jobs of tests/plain_load.py in one fresh isolated process with its own module cache."""
+    jobs_path, results_path = tmp_path / "jobs.json", tmp_path / "results.pt"
+    jobs_path.write_text(json.dumps([{k: str(v) if isinstance(v, Path) else v for k, v in job.items()} for job in jobs]))
+    run([sys.executable, "-I", PLAIN_LOAD, jobs_path, results_path], cwd=tmp_path,
+        env=subprocess_env(HF_MODULES_CACHE=tmp_path / "modules", HF_HUB_OFFLINE=1))
+    results = torch.load(results_path)
+    assert results.pop("project_modules_imported") == []
+    return results
+
+
+def moved(folder, tmp_path):
+    """The folder, moved to another path under another name."""
+    target = tmp_path / "moved" / f"{folder.parent.name}-{folder.name}-moved"
+    target.parent.mkdir(exist_ok=True)
+    return Path(shutil.move(folder, target))
+
+
+def without_repairs(folder, tmp_path):
+    """A copy of a saved folder as it was before this project added the repairs."""
+    copy = shutil.copytree(folder, tmp_path / "stripped" / f"{folder.parent.name}-{folder.name}-stripped")
+    config = json.loads((copy / "config.json").read_text())
+    config["auto_map"] = config.pop(loading.PUBLISHED_AUTO_MAP)
+    (copy / "config.json").write_text(json.dumps(config))
+    (copy / f"{loading.REPAIRED_MODULE}.py").unlink()
+    (copy / "remote_code_repairs.py").unlink()
+    return copy
+
+
+def mismatch(result, expected):
+    """Why a plain load did not give the loader's logits, or None."""
+    if "error" in result:
+        return result["error"]
+    for key in ("logits", "resaved_logits"):
+        if key in result and not torch.allclose(result[key], expected, atol=1e-6, rtol=0):
+            return f"{key} differ by {(result[key] - expected).abs().max().item():.3g}"
+    return None
+
+
+def save_full(model, tokenizer, base, out):
+    """The final save of a full fine-tune: CPMTrainer.save_model, as finetune.train() calls it."""
+    args = TrainingArguments(output_dir=str(out), use_cpu=True, report_to="none")
+    CPMTrainer(model=model, args=args, processing_class=tokenizer, model_source=base).save_model(str(out))
+    return out
+
+
+def save_merged(base, out):
+    """merge.py on an adapter whose LoRA weights are not zero (merging changes the weights)."""
+    model = load(base)
+    config = LoraConfig(target_modules=finetune.DEFAULT_LORA_TARGETS, r=4, init_lora_weights=False,
+                        modules_to_save=["resampler"])
+    adapter = out.parent / f"{out.name}-adapter"
+    get_peft_model(model, config).save_pretrained(adapter)
+    loading.load_tokenizer(base).save_pretrained(adapter)
+    return merge.merge(base, adapter, out)
+
+
+@pytest.fixture(scope="module")
+def defect_folders(defective_checkpoint, tmp_path_factory):
+    """For each defect: the loader's logits of its saved full and merged folders, and what a plain
+    load gave for each (moved, and saved again) and for each without its repairs."""
+    tmp_path = tmp_path_factory.mktemp("defect_folders")
+    data = batch(loading.load_config(defective_checkpoint("all")).vocab_size)
+    torch.save(data, tmp_path / "batch.pt")
+    expected, jobs = {}, []
+    for defect in DEFECTS:
+        base = defective_checkpoint(defect)
+        folders = {
+            "full": save_full(load(base), loading.load_tokenizer(base), base, tmp_path / f"{defect}-full"),
+            "merged": save_merged(base, tmp_path / f"{defect}-merged"),
+        }
+        for kind, folder in folders.items():
+            expected[defect, kind] = logits(load(folder))
+            stripped = without_repairs(folder, tmp_path)
+            folder = moved(folder, tmp_path)
+            jobs.append({"name": f"{defect}/{kind}", "folder": folder, "batch": tmp_path / "batch.pt",
+                         "resave": tmp_path / "resaved" / f"{defect}-{kind}"})
+            jobs.append({"name": f"{defect}/{kind}/stripped", "folder": stripped, "batch": tmp_path / "batch.pt"})
+    return expected, plain_load(jobs, tmp_path)
+
+
+@pytest.mark.parametrize("defect", sorted(DEFECTS))
+@pytest.mark.parametrize("kind", ["full", "merged"])
+def test_saved_folder_loads_with_plain_transformers(defect_folders, defect, kind):
+    expected, results = defect_folders
+    result = results[f"{defect}/{kind}"]
+    assert mismatch(result, expected[defect, kind]) is None, result.get("traceback")
+    # Without the repairs the folder carries, the same check fails.
+    assert UNREPAIRED_FAILURE[defect] in (mismatch(results[f"{defect}/{kind}/stripped"], expected[defect, kind]) or "")
+
+
+def test_write_repaired_classes_keeps_the_published_targets(defective_checkpoint, tmp_path):
+    folder = shutil.copytree(defective_checkpoint("all"), tmp_path / "folder")
+    published = json.loads((folder / "config.json").read_text())["auto_map"]
+    written = loading.write_repaired_classes(folder)
+    assert written and all((folder / name).is_file() for name in written)
+    assert (folder / "remote_code_repairs.py").read_text() == (REPO / "remote_code_repairs.py").read_text()
+    config = json.loads((folder / "config.json").read_text())
+    assert config[loading.PUBLISHED_AUTO_MAP] == published
+    assert set(config["auto_map"].values()) == {f"{loading.REPAIRED_MODULE}.MiniCPMVConfig",
+                                               f"{loading.REPAIRED_MODULE}.MiniCPMVLegacy"}
+    # Saving again (as a run started from a saved folder does) wraps the same published classes.
+    loading.write_repaired_classes(folder)
+    assert json.loads((folder / "config.json").read_text()) == config
+
+
+# ---- real runs: LoRA, merge, then a full fine-tune started from the merged folder -------------
+
+
+@pytest.fixture(scope="module")
+def trained_folders(defective_checkpoint, tmp_path_factory):
+    """Runs with a non-default --max_slice_nums (launch.FAST_ARGS: 2) on the fixture with every
+    defect: the merged folder of a LoRA run, and a full fine-tune started from that merged folder
+    (its final folder and its checkpoint)."""
+    tmp_path = tmp_path_factory.mktemp("trained")
+    data = demo_data.generate(tmp_path / "data", count=2)
+    base = defective_checkpoint("all")
+    common = ["--data_path", data, "--llm_type", "qwen", "--use_cpu", "true", "--max_steps", "1",
+              "--learning_rate", "1e-3"]
+    run_finetune(["--model_name_or_path", base, "--output_dir", tmp_path / "lora", "--use_lora", "true",
+                  "--tune_llm", "false", *common])
+    merged = merge.merge(base, tmp_path / "lora", tmp_path / "merged")
+    _, output = run_finetune(["--model_name_or_path", merged, "--output_dir", tmp_path / "full",
+                              "--save_steps", "1", *common])
+    assert f"Wrote {loading.REPAIRED_MODULE}.py and remote_code_repairs.py into {tmp_path / 'full'}" in output
+    # The checkpoint first: moving the run folder moves it too.
+    return {"merged": merged, "checkpoint": tmp_path / "full" / "checkpoint-1", "full": tmp_path / "full"}
+
+
+def chat(model, tokenizer):
+    image = Image.new("RGB", (200, 150), (200, 40, 40))  # cut into slices at the tiny scale (112)
+    return model.chat(image=image, msgs=[{"role": "user", "content": "What is this?"}], tokenizer=tokenizer,
+                      sampling=False, max_new_tokens=4)
+
+
+def test_trained_folders_load_with_plain_transformers_and_chat(trained_folders, tmp_path):
+    """Through the loader and through plain transformers: the same logits, and chat() answers."""
+    data = batch(loading.load_config(trained_folders["full"]).vocab_size)
+    torch.save(data, tmp_path / "batch.pt")
+    expected, jobs = {}, []
+    for kind, folder in trained_folders.items():
+        # The training value of max_slice_nums is not saved: config and processor still agree.
+        config = json.loads((folder / "config.json").read_text())
+        processor = json.loads((folder / "preprocessor_config.json").read_text())
+        assert config["slice_config"]["max_slice_nums"] == processor["max_slice_nums"] == 9
+        model = load(folder)
+        expected[kind] = logits(model)
+        assert isinstance(chat(model, loading.load_tokenizer(folder)), str)
+        jobs.append({"name": kind, "folder": moved(folder, tmp_path), "batch": tmp_path / "batch.pt", "chat": True})
+    results = plain_load(jobs, tmp_path)
+    for kind in trained_folders:
+        assert mismatch(results[kind], expected[kind]) is None, results[kind].get("traceback")
+        assert isinstance(results[kind]["answer"], str)
