@@ -37,6 +37,16 @@ THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
 # What a Qwen3-style template writes into the last assistant turn when it has no think block.
 EMPTY_THINK = "<think>\n\n</think>\n\n"
 
+# MiniCPM-V's placeholder tokens: the same strings in every family's vocabulary. Their ids come
+# from the vocabulary, never from tokenizer attributes: the published tokenizer classes differ in
+# which they define (2.5 has no slice_end_id, no im_id_start; see
+# tiny_models/published_remote_code.json).
+IMAGE_START, IMAGE_END = "<image>", "</image>"
+SLICE_START, SLICE_END = "<slice>", "</slice>"
+IMAGE_ID_START, IMAGE_ID_END = "<image_id>", "</image_id>"
+# Ends every Llama-3 turn; learned after the last assistant token.
+LLAMA3_END_OF_TURN = "<|eot_id|>"
+
 
 class DataError(ValueError):
     """A record that cannot become a training sample.
@@ -334,16 +344,16 @@ def image_placeholder(tokenizer, *, query_num, grid=None, new_schema=False, imag
     compact form the dataset tokenizes before splicing in the query runs.
     """
     unk = tokenizer.unk_token * query_num
-    text = "" if image_id is None else f"{tokenizer.im_id_start}{image_id}{tokenizer.im_id_end}"
-    text += tokenizer.im_start + unk + tokenizer.im_end
+    text = "" if image_id is None else f"{IMAGE_ID_START}{image_id}{IMAGE_ID_END}"
+    text += IMAGE_START + unk + IMAGE_END
     if grid is None:
         return text
     cols, rows = grid
     if new_schema:
-        one_slice = tokenizer.slice_start + unk + tokenizer.slice_end
+        one_slice = SLICE_START + unk + SLICE_END
         return text + "\n".join(one_slice * cols for _ in range(rows))
-    one_slice = tokenizer.im_start + unk + tokenizer.im_end
-    return text + tokenizer.slice_start + "\n".join(one_slice * cols for _ in range(rows)) + tokenizer.slice_end
+    one_slice = IMAGE_START + unk + IMAGE_END
+    return text + SLICE_START + "\n".join(one_slice * cols for _ in range(rows)) + SLICE_END
 
 
 def place_images(conversations, placeholders):
@@ -380,7 +390,7 @@ def render_llama3(messages, tokenizer):
     for message in messages:
         text += f"<|start_header_id|>{message['role']}<|end_header_id|>\n\n"
         start = len(text)
-        text += message["content"].strip() + "<|eot_id|>"
+        text += message["content"].strip() + LLAMA3_END_OF_TURN
         if message["role"] == "assistant":
             spans.append((start, len(text)))
     return text, spans
@@ -439,6 +449,25 @@ def tokenize_minicpm(messages, tokenizer):
     return torch.tensor(ids, dtype=torch.long), torch.tensor(context, dtype=torch.int8)
 
 
+def special_token_id(tokenizer, token, needed_for):
+    """The id of ``token`` in the tokenizer's vocabulary, as one token; ValueError naming it if absent.
+
+    ``needed_for`` says what the pipeline uses it for (the error names it, with the tokenizer).
+    """
+    where = f"the tokenizer {type(tokenizer).__name__} ({tokenizer.name_or_path or 'built in memory'})"
+    if token is None:
+        raise ValueError(f"{where} defines no end-of-sequence token, which {needed_for} needs")
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    # convert_tokens_to_ids answers the unk id (or None) for a token the vocabulary lacks.
+    missing = token_id is None or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token)
+    if missing or tokenizer.encode(token, add_special_tokens=False) != [token_id]:
+        raise ValueError(
+            f"{where} has no single token {token!r}, which {needed_for} needs; "
+            "is the checkpoint a MiniCPM-V model of that family?"
+        )
+    return token_id
+
+
 def shifted_labels(ids, context, end_of_turn_id):
     """The reference's labels: ``labels[i-1] = ids[i]`` where token ``i`` is learned; where a
     learned run ends, the last learned position gets ``end_of_turn_id``."""
@@ -494,21 +523,23 @@ class SupervisedDataset(Dataset):
             image_root = os.path.dirname(os.path.abspath(self.data_path)) if self.data_path else os.getcwd()
         self.image_root = os.fspath(image_root)
 
-        t = tokenizer
-        self.unk_id = t.unk_id
-        self.end_of_turn_id = t.eot_id if hasattr(t, "eot_id") else t.eos_id
-        openers = [t.im_start_id] + ([t.slice_start_id] if self.new_schema else [])
-        closers = [t.im_end_id] + ([t.slice_end_id] if self.new_schema else [])
-        self.opener_ids = torch.tensor(openers, dtype=torch.long)
-        self.closer_ids = torch.tensor(closers, dtype=torch.long)
+        # Every special token the layout uses, checked against the vocabulary before any record is built.
+        sliced = slice_config is not None
+        unk = tokenizer.unk_token or "<unk>"
+        end_of_turn = LLAMA3_END_OF_TURN if llm_type == "llama3" else tokenizer.eos_token
+        needed = [IMAGE_START, IMAGE_END, unk, end_of_turn]
+        needed += [SLICE_START, SLICE_END] if sliced else []
+        needed += [IMAGE_ID_START, IMAGE_ID_END] if use_image_id else []
+        ids = {token: special_token_id(tokenizer, token, f"the {llm_type} layout") for token in needed}
+        self.unk_id = ids[unk]
+        self.end_of_turn_id = ids[end_of_turn]
+        slice_runs = self.new_schema and sliced  # the new schema gives each slice its own query run
+        self.opener_ids = torch.tensor([ids[IMAGE_START]] + ([ids[SLICE_START]] if slice_runs else []), dtype=torch.long)
+        self.closer_ids = torch.tensor([ids[IMAGE_END]] + ([ids[SLICE_END]] if slice_runs else []), dtype=torch.long)
         # The sliced old schema closes an image with slice_end after its last slice.
-        self.image_end_extra = None if self.new_schema else t.slice_end_id
-        self.im_id_start_id = t.im_id_start_id if use_image_id else None
-        self.reserved_tokens = tuple(
-            token
-            for token in (t.im_end, t.slice_start, t.slice_end, t.im_id_start, t.im_id_end, t.unk_token)
-            if token
-        )
+        self.image_end_extra = ids[SLICE_END] if sliced and not self.new_schema else None
+        self.im_id_start_id = ids[IMAGE_ID_START] if use_image_id else None
+        self.reserved_tokens = (IMAGE_END, SLICE_START, SLICE_END, IMAGE_ID_START, IMAGE_ID_END, unk)
 
     def __len__(self):
         return len(self.records)

@@ -606,6 +606,16 @@ def test_load_records_errors_name_the_file(tmp_path, content, reason):
         dataset.load_records(path)
 
 
+def test_a_special_token_the_vocabulary_lacks_is_a_start_up_error(tokenizers, tmp_path):
+    # Ids come from the vocabulary, so a tokenizer of another family fails at once, naming the token.
+    with pytest.raises(ValueError, match=r"MiniCPMVTokenizerFast .*no single token '<\|eot_id\|>', which the llama3"):
+        make_dataset([], tokenizers["qwen"], "llama3", tmp_path)
+    tokenizer = tokenizers["llama3"]
+    assert not hasattr(tokenizer, "slice_end_id")  # as published: the ids come from the vocabulary
+    with pytest.raises(ValueError, match=r"no single token '<think>'"):
+        dataset.special_token_id(tokenizer, "<think>", "a test")
+
+
 def test_unknown_llm_type_is_rejected(tokenizers, tmp_path):
     with pytest.raises(ValueError, match="llm_type must be one of"):
         make_dataset([], tokenizers["qwen"], "qwen2", tmp_path)

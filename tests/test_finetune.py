@@ -124,6 +124,23 @@ def test_single_process_eval_and_resume_match_uninterrupted_run(tiny_checkpoint,
         assert [loss for _, loss in got] == pytest.approx([loss for _, loss in want], abs=1e-6)
 
 
+def test_llama3_v_2_5_tokenizer_as_published_trains_through_both_launchers(tiny_checkpoint, shapes, tmp_path):
+    # The published 2.5 tokenizer has no slice_start_id, slice_end_id, im_id_start or im_id_end;
+    # neither has its stand-in, so the pipeline must find those tokens in the vocabulary.
+    model = tiny_checkpoint("minicpmv2_5")
+    tokenizer = loading.load_tokenizer(str(model))
+    assert not any(hasattr(tokenizer, name) for name in ("slice_start_id", "slice_end_id", "im_id_start", "im_id_end"))
+    for script, out in (("finetune_lora.sh", tmp_path / "lora"), ("finetune_ds.sh", tmp_path / "full")):
+        run_script(
+            script, ["--max_steps", "2", "--save_steps", "1000", "--warmup_steps", "0"],
+            GPUS_PER_NODE=1, MODEL=model, DATA=shapes, EVAL_DATA="", LLM_TYPE="llama3", OUTPUT_DIR=out,
+        )
+        losses = [loss for _, loss in train_losses(out)]
+        assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses))), script
+    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
+    assert load_state_dict(tmp_path / "full").keys() == load_state_dict(model).keys()
+
+
 @pytest.mark.parametrize("family", sorted(LLM_TYPE))
 def test_every_family_trains(tiny_checkpoint, shapes, tmp_path, family):
     out = tmp_path / family

@@ -2,6 +2,7 @@
 
 import functools
 import hashlib
+import inspect
 import json
 import types
 
@@ -10,11 +11,19 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from PIL import Image
-from transformers import AutoConfig, AutoModel, AutoProcessor, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoProcessor, AutoTokenizer, PreTrainedTokenizerFast
 
 from infer import prompt_inputs
 from launch import dataset_as_trained
-from tiny_models.build import FAMILIES, LLM_TYPE, build_checkpoint, main
+from tiny_models.build import (
+    FAMILIES,
+    LLM_TYPE,
+    PIPELINE_CONFIG_FIELDS,
+    build_checkpoint,
+    main,
+    published_config_fields,
+    published_record,
+)
 
 LORA_REGEX = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj)"
 
@@ -34,22 +43,24 @@ def sliced_image_sample(tokenizer, config):
     q = config.query_num
     new_schema = getattr(config, "use_image_id", False)
     ids, bounds = text_ids(tokenizer, "Look:"), []
+    # From the vocabulary: not every family's tokenizer has slice_start_id and the like.
+    token = tokenizer.convert_tokens_to_ids
 
-    def placeholder(start_id, end_id):
+    def placeholder(start, end):
         bounds.append((len(ids) + 1, len(ids) + 1 + q))
-        ids.extend([start_id] + [tokenizer.unk_id] * q + [end_id])
+        ids.extend([token(start)] + [tokenizer.unk_token_id] * q + [token(end)])
 
     if new_schema:
-        ids.extend([tokenizer.im_id_start_id] + text_ids(tokenizer, "0") + [tokenizer.im_id_end_id])
-    placeholder(tokenizer.im_start_id, tokenizer.im_end_id)
+        ids.extend([token("<image_id>")] + text_ids(tokenizer, "0") + [token("</image_id>")])
+    placeholder("<image>", "</image>")
     if new_schema:
-        placeholder(tokenizer.slice_start_id, tokenizer.slice_end_id)
-        placeholder(tokenizer.slice_start_id, tokenizer.slice_end_id)
+        placeholder("<slice>", "</slice>")
+        placeholder("<slice>", "</slice>")
     else:
-        ids.append(tokenizer.slice_start_id)
-        placeholder(tokenizer.im_start_id, tokenizer.im_end_id)
-        placeholder(tokenizer.im_start_id, tokenizer.im_end_id)
-        ids.append(tokenizer.slice_end_id)
+        ids.append(token("<slice>"))
+        placeholder("<image>", "</image>")
+        placeholder("<image>", "</image>")
+        ids.append(token("</slice>"))
     ids.extend(text_ids(tokenizer, "\nred circle"))
 
     generator = torch.Generator().manual_seed(0)
@@ -110,7 +121,7 @@ def test_family_loads_offline_with_the_contract_config(tiny_checkpoint, family):
     model, tokenizer = load(path)
     assert config.model_type == "minicpmv"
     assert set(config.auto_map) >= {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
-    assert config.version == {"minicpmv2_0": 2.0, "minicpmv2_5": 2.5, "minicpmv4_5": 4.5}.get(family, 2.6)
+    assert getattr(config, "version", None) == published_config_fields(family).get("version")
     assert config.patch_size == 14 and config.vocab_size == len(tokenizer)
     llm_class = "Qwen2ForCausalLM" if LLM_TYPE[family] == "qwen" else "LlamaForCausalLM"
     assert type(model.llm).__name__ == llm_class
@@ -131,18 +142,23 @@ def test_family_loads_offline_with_the_contract_config(tiny_checkpoint, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tokenizer_has_the_real_special_tokens(tiny_checkpoint, family):
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint(family), trust_remote_code=True)
-    expected = {"im_start": "<image>", "im_end": "</image>", "slice_start": "<slice>", "slice_end": "</slice>",
-                "im_id_start": "<image_id>", "im_id_end": "</image_id>", "unk_token": "<unk>"}
-    for attribute, token in expected.items():
-        assert getattr(tokenizer, attribute) == token
-        assert getattr(tokenizer, f"{attribute.removesuffix('_token')}_id") == tokenizer.convert_tokens_to_ids(token)
+    for token in ("<image>", "</image>", "<slice>", "</slice>", "<image_id>", "</image_id>", "<unk>"):
         assert tokenizer.encode(token, add_special_tokens=False) == [tokenizer.convert_tokens_to_ids(token)]
-    assert tokenizer.decode([tokenizer.newline_id]) == "\n"
+    # The *_id properties a family has (which ones: test_stand_in_tokenizer_has_exactly_the_published_names)
+    # answer the vocabulary's ids.
+    for name in ("im_start", "im_end", "slice_start", "slice_end", "im_id_start", "im_id_end", "eot", "audio_start"):
+        if hasattr(tokenizer, f"{name}_id"):
+            string = getattr(tokenizer, name if name != "eot" else "eot_token")
+            assert getattr(tokenizer, f"{name}_id") == tokenizer.convert_tokens_to_ids(string) != tokenizer.unk_token_id
+    if hasattr(tokenizer, "newline_id"):
+        # As published: convert_tokens_to_ids("\n") on a byte-level vocabulary, which spells a
+        # newline "Ċ" -- so the property answers unk, and the pipeline must not use it.
+        assert tokenizer.newline_id == tokenizer.unk_token_id != text_ids(tokenizer, "\n")[0]
+    assert tokenizer.unk_id == tokenizer.convert_tokens_to_ids("<unk>")
     assert tokenizer.eos_id == tokenizer.eos_token_id is not None
     for word in ("red", " red", " circle", " blue", " square", "user", "assistant"):
         assert len(text_ids(tokenizer, word)) == 1, word
     llm_type = LLM_TYPE[family]
-    assert hasattr(tokenizer, "eot_id") == (llm_type == "llama3")
     messages = [{"role": "user", "content": "What colour is the shape?"}, {"role": "assistant", "content": "red circle"}]
     rendered = tokenizer.apply_chat_template(messages, tokenize=False)
     if llm_type == "minicpm":
@@ -172,6 +188,59 @@ def test_tokenizer_has_the_real_special_tokens(tiny_checkpoint, family):
         assert len(text_ids(tokenizer, "<think>")) == 1
     elif llm_type == "qwen":
         assert rendered.endswith("<|im_start|>assistant\nred circle<|im_end|>\n")
+
+
+# The stand-ins expose what each family's published remote code does, no more
+# (tiny_models/published_remote_code.json).
+
+
+def recorded_tokenizer_names(entry):
+    tokenizer = entry["tokenizer"]
+    return set(tokenizer["attributes"]) | set(tokenizer["properties"]) | set(tokenizer["static_methods"])
+
+
+def test_the_record_covers_every_remote_code_family_with_its_sources():
+    families = published_record()["families"]
+    assert set(FAMILIES) < set(families)  # and 4.0, which has no stand-in yet
+    for family, entry in families.items():
+        for part in ("tokenizer", "config"):
+            source = entry[part]["source"]
+            assert source["path"] and isinstance(source["verified"], bool), (family, part)
+        assert {"eos_id", "unk_id", "im_start_id", "im_end_id"} <= set(entry["tokenizer"]["properties"]), family
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stand_in_tokenizer_has_exactly_the_published_names(tiny_checkpoint, family):
+    families = published_record()["families"]
+    published = families[family]["tokenizer"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint(family), trust_remote_code=True)
+    for name, value in published["attributes"].items():
+        assert getattr(tokenizer, name) == value, name
+    for name in published["properties"]:
+        assert isinstance(inspect.getattr_static(type(tokenizer), name, None), property), name
+        getattr(tokenizer, name)  # and it answers
+    for name in published["static_methods"]:
+        assert isinstance(inspect.getattr_static(type(tokenizer), name, None), staticmethod), name
+    # What other families' published classes define and this family's lacks, its stand-in lacks
+    # too; names any fast tokenizer has (unk_token) aside.
+    plain = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer)
+    others = set().union(*map(recorded_tokenizer_names, families.values())) - recorded_tokenizer_names(families[family])
+    assert sorted(name for name in others if hasattr(tokenizer, name) and not hasattr(plain, name)) == []
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stand_in_config_carries_the_published_pipeline_fields(tiny_checkpoint, family):
+    published = published_record()["families"][family]["config"]
+    fields = published["config_json"]
+    written = json.loads((tiny_checkpoint(family) / "config.json").read_text())
+    assert {name for name in PIPELINE_CONFIG_FIELDS if name in written} == set(fields)
+    if "slice_config" in fields:
+        assert set(written["slice_config"]) == set(fields["slice_config"]) | {"model_type"}
+    for name in ("version", "slice_mode", "batch_vision_input"):  # as published; the sizes are tiny
+        assert written.get(name) == fields.get(name), name
+    # The config class fills in what config.json leaves out, as the published class does.
+    config = AutoConfig.from_pretrained(tiny_checkpoint(family), trust_remote_code=True)
+    assert getattr(config, "use_image_id", False) == published["class_defaults"].get("use_image_id", False)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -20,6 +20,12 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import GenerationConfig
 
 from .corpus import corpus_lines
+from .remote_code.configuration_minicpm import TINY_SCALE_RESOLUTION
+
+# What each family's published remote code exposes: tokenizer names, config.json fields (data).
+PUBLISHED_RECORD = pathlib.Path(__file__).parent / "published_remote_code.json"
+# The config fields the data pipeline reads (finetune.data_settings, dataset.py).
+PIPELINE_CONFIG_FIELDS = tuple(json.loads(PUBLISHED_RECORD.read_text())["pipeline_config_fields"])
 
 FAMILIES = ("minicpmv2_0", "minicpmv2_5", "minicpmv2_6", "minicpmo2_6", "minicpmv4_5")
 LLM_TYPE = {
@@ -42,7 +48,7 @@ SHARED_FILES = (
 # chat() loads with AutoProcessor.
 PROCESSOR_FILES = ("image_processing_minicpmv.py", "processing_minicpmv.py")
 BPE_VOCAB_SIZE = 768  # including the 256 byte symbols; special tokens come on top
-SCALE_RESOLUTION = 112
+SCALE_RESOLUTION = TINY_SCALE_RESOLUTION
 PATCH_SIZE = 14
 OUTPUT_HEAD_STD = 0.25
 
@@ -127,7 +133,6 @@ TOKENIZER_SPECS = {
         "bos": "<s>",
         "eos": "</s>",
         "pad": None,
-        "class": "MiniCPMVTokenizerFast",
         "template": MINICPM_CHAT_TEMPLATE,
         "terminators": ["</s>"],
     },
@@ -142,7 +147,6 @@ TOKENIZER_SPECS = {
         "bos": "<|begin_of_text|>",
         "eos": "<|end_of_text|>",
         "pad": None,
-        "class": "MiniCPMVLlama3TokenizerFast",
         "template": LLAMA3_CHAT_TEMPLATE,
         "terminators": ["<|end_of_text|>", "<|eot_id|>"],
     },
@@ -151,10 +155,25 @@ TOKENIZER_SPECS = {
         "bos": None,
         "eos": "<|im_end|>",
         "pad": "<|endoftext|>",
-        "class": "MiniCPMVTokenizerFast",
         "template": QWEN_CHAT_TEMPLATE,
         "terminators": ["<|im_end|>", "<|endoftext|>"],
     },
+}
+
+
+# Each family's stand-in tokenizer class (remote_code/tokenization_minicpmv_fast.py): the names it
+# exposes are those of the family's published class, as recorded in PUBLISHED_RECORD.
+TOKENIZER_CLASS = {
+    "minicpmv2_0": "MiniCPMV2TokenizerFast",
+    "minicpmv2_5": "MiniCPMVLlama3TokenizerFast",
+    "minicpmv2_6": "MiniCPMVTokenizerFast",
+    "minicpmo2_6": "MiniCPMOTokenizerFast",
+    "minicpmv4_5": "MiniCPMVTokenizerFast",
+}
+# Tokens a family's vocabulary has on top of IMAGE_TOKENS and its LLM's.
+FAMILY_TOKENS = {
+    "minicpmo2_6": ["<|audio_start|>", "<|audio_end|>", "<|spk_bos|>", "<|spk_eos|>", "<|tts_bos|>", "<|tts_eos|>"],
+    "minicpmv4_5": ["<think>", "</think>"],
 }
 
 
@@ -186,10 +205,8 @@ def remote_module(name):
 
 def build_tokenizer(family):
     spec = TOKENIZER_SPECS[LLM_TYPE[family]]
-    special_tokens = IMAGE_TOKENS + spec["extra_tokens"]
-    if family == "minicpmv4_5":
-        special_tokens = special_tokens + ["<think>", "</think>"]
-    tokenizer_class = getattr(remote_module("tokenization_minicpmv_fast"), spec["class"])
+    special_tokens = IMAGE_TOKENS + spec["extra_tokens"] + FAMILY_TOKENS.get(family, [])
+    tokenizer_class = getattr(remote_module("tokenization_minicpmv_fast"), TOKENIZER_CLASS[family])
     tokenizer = tokenizer_class(
         tokenizer_object=train_bpe(special_tokens, spec["bos"]),
         bos_token=spec["bos"],
@@ -202,10 +219,19 @@ def build_tokenizer(family):
     return tokenizer, spec
 
 
+def published_record():
+    """The record of what each family's published remote code exposes (see PUBLISHED_RECORD)."""
+    return json.loads(PUBLISHED_RECORD.read_text())
+
+
+def published_config_fields(family):
+    """The pipeline-read fields the family's published config.json carries, with their values."""
+    return published_record()["families"][family]["config"]["config_json"]
+
+
 def build_config(family, tokenizer, terminators):
     config_module = remote_module("configuration_minicpm")
     llm_type = LLM_TYPE[family]
-    version = {"minicpmv2_0": 2.0, "minicpmv2_5": 2.5, "minicpmv2_6": 2.6, "minicpmo2_6": 2.6, "minicpmv4_5": 4.5}
     fields = {
         "llm_model_type": "qwen2" if llm_type == "qwen" else "llama",
         "vocab_size": len(tokenizer),
@@ -218,9 +244,6 @@ def build_config(family, tokenizer, terminators):
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
-        "version": version[family],
-        "query_num": 16 if llm_type in ("minicpm", "llama3") else 8,
-        "patch_size": PATCH_SIZE,
         "image_size": 224,
         "terminators": terminators,
         "vision_config": {
@@ -231,19 +254,39 @@ def build_config(family, tokenizer, terminators):
             "image_size": 224,
             "patch_size": PATCH_SIZE,
         },
-        "slice_mode": True,
     }
-    slicing = {"max_slice_nums": 9, "patch_size": PATCH_SIZE, "scale_resolution": SCALE_RESOLUTION}
-    if family == "minicpmv2_0":
-        fields.update(slicing)
-    else:
-        fields["slice_config"] = slicing
-        fields["batch_vision_input"] = True
-    if llm_type == "qwen":
-        fields["use_image_id"] = True
+    # The pipeline's fields are the published config.json's, flags and version as published, sizes tiny.
+    tiny = {
+        "query_num": 16 if llm_type in ("minicpm", "llama3") else 8,
+        "patch_size": PATCH_SIZE,
+        "max_slice_nums": 9,
+        "scale_resolution": SCALE_RESOLUTION,
+    }
+    for name, value in published_config_fields(family).items():
+        if name == "slice_config":
+            fields[name] = {key: tiny[key] for key in value}
+        else:
+            fields[name] = tiny.get(name, value)
     if family == "minicpmo2_6":
         fields.update(init_vision=True, init_audio=False, init_tts=False)
     return config_module.MiniCPMVConfig(**fields)
+
+
+def write_published_config_fields(family, path):
+    """Rewrite config.json so the pipeline's fields are exactly those of the published file.
+
+    save_pretrained also writes what the config classes fill in (``use_image_id``, the slice
+    config's ``scale_resolution`` and PretrainedConfig's own defaults); the published files carry
+    none of it and leave it to the class, as the stand-in's class does on loading.
+    """
+    published = published_config_fields(family)
+    config = json.loads(path.read_text())
+    for name in set(PIPELINE_CONFIG_FIELDS) - set(published):
+        config.pop(name, None)
+    if "slice_config" in published:
+        # The published slice_config holds its recorded fields and model_type, nothing else.
+        config["slice_config"] = {key: config["slice_config"][key] for key in [*published["slice_config"], "model_type"]}
+    path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def model_entry(family):
@@ -279,12 +322,13 @@ def build_checkpoint(family, out_dir, seed=0):
         # fine-tune could fit even a few answers. Give the random head a trained head's scale.
         model.llm.lm_head.weight.normal_(0.0, OUTPUT_HEAD_STD)
     model.save_pretrained(out_dir)
+    write_published_config_fields(family, out_dir / "config.json")
 
     tokenizer.save_pretrained(out_dir)
     tokenizer_config_path = out_dir / "tokenizer_config.json"
     tokenizer_config = json.loads(tokenizer_config_path.read_text())
-    tokenizer_config["tokenizer_class"] = spec["class"]
-    tokenizer_config["auto_map"] = {"AutoTokenizer": [None, f"tokenization_minicpmv_fast.{spec['class']}"]}
+    tokenizer_config["tokenizer_class"] = TOKENIZER_CLASS[family]
+    tokenizer_config["auto_map"] = {"AutoTokenizer": [None, f"tokenization_minicpmv_fast.{TOKENIZER_CLASS[family]}"]}
     tokenizer_config_path.write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
 
     terminator_ids = [tokenizer.convert_tokens_to_ids(token) for token in spec["terminators"]]

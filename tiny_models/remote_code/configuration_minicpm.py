@@ -24,10 +24,15 @@ LLM_FIELDS = (
 )
 
 
+# The published config.json of 2.5 and later carries no scale_resolution: the slice config class
+# supplies it (448 in the published class; tiny here, so that images stay cheap).
+TINY_SCALE_RESOLUTION = 112
+
+
 class MiniCPMVSliceConfig(PretrainedConfig):
     model_type = "minicpmv"
 
-    def __init__(self, patch_size=14, max_slice_nums=9, scale_resolution=448, **kwargs):
+    def __init__(self, patch_size=14, max_slice_nums=9, scale_resolution=TINY_SCALE_RESOLUTION, **kwargs):
         self.patch_size = patch_size
         self.max_slice_nums = max_slice_nums
         self.scale_resolution = scale_resolution
@@ -54,7 +59,6 @@ class MiniCPMVConfig(PretrainedConfig):
         bos_token_id=None,
         eos_token_id=None,
         pad_token_id=None,
-        version=2.6,
         query_num=16,
         patch_size=14,
         image_size=224,
@@ -65,6 +69,10 @@ class MiniCPMVConfig(PretrainedConfig):
         **kwargs,
     ):
         self.llm_model_type = llm_model_type
+        # The published config classes derived from Qwen2Config (2.6, o-2.6, 4.5) turn image ids on
+        # by default and their config.json does not say; those of 2.0 and 2.5 have no such field.
+        if llm_model_type == "qwen2":
+            self.use_image_id = kwargs.pop("use_image_id", True)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -78,7 +86,6 @@ class MiniCPMVConfig(PretrainedConfig):
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
-        self.version = version
         self.query_num = query_num
         self.patch_size = patch_size
         self.image_size = image_size
@@ -103,3 +110,4 @@ class MiniCPMVConfig(PretrainedConfig):
     def llm_config_kwargs(self):
         """The keyword arguments of the LLM's own config class."""
         return {name: getattr(self, name) for name in LLM_FIELDS}
+
