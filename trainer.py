@@ -25,7 +25,9 @@ from pathlib import Path
 import torch
 import transformers
 from peft import PeftModel
+from torch.utils.data import Subset
 from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.modeling_outputs import CausalLMOutput
 
 import loading
@@ -80,6 +82,14 @@ def register_zero3_external_parameters(model):
     return registered
 
 
+def record_lengths(dataset):
+    """Token count of each sample of a SupervisedDataset (or a Subset of one), as preflight measured it."""
+    if isinstance(dataset, Subset):
+        lengths = record_lengths(dataset.dataset)
+        return None if lengths is None else [lengths[i] for i in dataset.indices]
+    return getattr(dataset, "lengths", None)
+
+
 class CPMTrainer(transformers.Trainer):
     def __init__(self, *args, model_source=None, **kwargs):
         """``model_source``: folder of the base model, whose remote code full saves copy."""
@@ -93,6 +103,20 @@ class CPMTrainer(transformers.Trainer):
             logger.warning("Loss from full logits over every position: %s", self.full_logits_reason)
 
     token_loss = staticmethod(token_loss)
+
+    def _get_train_sampler(self, train_dataset=None):
+        # The stock Trainer reads lengths only from a `datasets` column and otherwise builds every
+        # sample (images decoded, sliced, turned into tensors) to measure it; preflight has
+        # already measured each record.
+        train_dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length":
+            lengths = record_lengths(train_dataset)
+            if lengths is not None:
+                return LengthGroupedSampler(
+                    self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=lengths
+                )
+            logger.warning("Length grouping without preflight's lengths: every sample is built once to measure it")
+        return super()._get_train_sampler(train_dataset)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]

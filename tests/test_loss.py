@@ -9,6 +9,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import demo_data
 import finetune
+import loading
 import loss
 from launch import dataset_as_trained
 from tiny_models.build import LLM_TYPE
@@ -96,6 +97,25 @@ def test_lora_with_gradient_checkpointing(tiny_checkpoint, shapes, tmp_path, sma
     batch = batch_of(model_dir, shapes, "qwen")
     old, old_grads = loss_and_grads(full_loss, model, batch)
     assert any("lm_head.lora_A" in name for name in old_grads)
+    assert_same_loss_and_grads(trainer, model, batch)
+
+
+def test_qlora(tiny_checkpoint, shapes, tmp_path, small_chunks):
+    model_dir = tiny_checkpoint("minicpmv2_6")
+    batch = batch_of(model_dir, shapes, "qwen")
+    _, _, training_args, lora_args = finetune.parse_args(
+        ["--output_dir", str(tmp_path), "--use_cpu", "true", "--use_lora", "true", "--tune_llm", "false",
+         "--q_lora", "true", "--lora_dropout", "0", "--report_to", "none"]
+    )
+    config = loading.load_config(model_dir)
+    model = loading.load_model(model_dir, config, dtype=torch.float32,
+                               quantization_config=finetune.quantization_config(lora_args, torch.float32))
+    model = finetune.apply_lora(model, training_args, lora_args)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    trainer = CPMTrainer(model=model, args=training_args)
+    model.train()
     assert_same_loss_and_grads(trainer, model, batch)
 
 
