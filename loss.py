@@ -17,7 +17,6 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from peft import PeftModel
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
@@ -88,16 +87,8 @@ class LabelledLossHead(torch.nn.Module):
         return self.loss_sum
 
 
-def language_model(model):
-    """The MiniCPM-V model's LLM, through a peft wrapper (the caller unwraps DDP / DeepSpeed)."""
-    if isinstance(model, PeftModel):
-        model = model.get_base_model()
-    return getattr(model, "llm", None)
-
-
-def full_logits_reason(model):
-    """Why the loss must come from full logits for this model, or None when the lean path applies."""
-    llm = language_model(model)
+def full_logits_reason(llm):
+    """Why the loss must come from full logits with this LLM, or None when the lean path applies."""
     if llm is None:
         return "the model has no .llm language model"
     if not isinstance(llm.get_output_embeddings(), torch.nn.Module):
@@ -109,10 +100,9 @@ def full_logits_reason(model):
 
 
 @contextmanager
-def loss_on_labelled(model, labels):
-    """While active, the model's forward returns, as its logits, the summed labelled loss
+def loss_on_labelled(llm, labels):
+    """While active, the LLM's forward returns, as its logits, the summed labelled loss
     (also at ``.loss_sum`` of the yielded stand-in)."""
-    llm = language_model(model)
     head = llm.get_output_embeddings()
     stand_in = LabelledLossHead(head, labels, llm.config.vocab_size)
     llm.set_output_embeddings(stand_in)

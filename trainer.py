@@ -82,6 +82,13 @@ def register_zero3_external_parameters(model):
     return registered
 
 
+def language_model(model):
+    """The MiniCPM-V model's LLM, through a peft wrapper (the caller unwraps DDP / DeepSpeed)."""
+    if isinstance(model, PeftModel):
+        model = model.get_base_model()
+    return getattr(model, "llm", None)
+
+
 def record_lengths(dataset):
     """Token count of each sample of a SupervisedDataset (or a Subset of one), as preflight measured it."""
     if isinstance(dataset, Subset):
@@ -98,7 +105,7 @@ class CPMTrainer(transformers.Trainer):
         if is_deepspeed_zero3_enabled():
             count = register_zero3_external_parameters(self.model)
             logger.info("ZeRO-3: registered %d attention output parameters for gathering", count)
-        self.full_logits_reason = full_logits_reason(self.model)
+        self.full_logits_reason = full_logits_reason(language_model(self.model))
         if self.full_logits_reason:
             logger.warning("Loss from full logits over every position: %s", self.full_logits_reason)
 
@@ -131,7 +138,7 @@ class CPMTrainer(transformers.Trainer):
             outputs = model(data=inputs, use_cache=False)
             loss = self.token_loss(outputs.logits, labels, num_items)
         else:
-            with loss_on_labelled(self.accelerator.unwrap_model(model), labels) as head:
+            with loss_on_labelled(language_model(self.accelerator.unwrap_model(model)), labels) as head:
                 model(data=inputs, use_cache=False)
             loss = head.loss_sum / num_items
             outputs = CausalLMOutput(loss=loss)
