@@ -522,6 +522,9 @@ class SupervisedDataset(Dataset):
         if image_root is None:
             image_root = os.path.dirname(os.path.abspath(self.data_path)) if self.data_path else os.getcwd()
         self.image_root = os.fspath(image_root)
+        # Each record's token count as trained (after truncation), once preflight has checked it:
+        # what length grouping and packing need, without building every sample to learn it.
+        self.lengths = None
 
         # Every special token the layout uses, checked against the vocabulary before any record is built.
         sliced = slice_config is not None
@@ -648,7 +651,7 @@ class SupervisedDataset(Dataset):
             after = f" after truncation to max_length {self.max_length}" if truncated else ""
             raise self._error(index, record, f"no learnable token left{after}", code="no_learnable_tokens")
         if not pixels:
-            return {"tokens": full_length, "truncated": truncated}
+            return {"tokens": full_length, "truncated": truncated, "length": len(ids)}
 
         pixel_values, tgt_sizes = self._image_tensors([v for group in views for v in group])
         return dict(

@@ -78,6 +78,11 @@ class TrainingArguments(transformers.TrainingArguments):
     llm_type: str = field(default="minicpm", metadata={"help": f"Chat template: one of {', '.join(LLM_TYPES)}."})
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on the LLM instead of its weights."})
     max_slice_nums: int = field(default=9, metadata={"help": "Most slices a high-resolution image is cut into."})
+    group_by_length: bool = field(
+        default=False,
+        metadata={"help": "Batch samples of similar length together (less padding), using the lengths "
+                  "preflight measured; the same as --train_sampling_strategy group_by_length."},
+    )
     log_level: str = field(default="info", metadata={"help": "Log level of the main process."})
     # Our batches are dicts the model reads whole; the Trainer must not prune their keys.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the model reads every key."})
@@ -100,6 +105,13 @@ class TrainingArguments(transformers.TrainingArguments):
             raise ValueError("--model_max_length must be positive")
         if self.max_slice_nums < 1:
             raise ValueError("--max_slice_nums must be at least 1")
+        if self.group_by_length:
+            # transformers 5 replaced its own --group_by_length by this sampler option.
+            if self.train_sampling_strategy not in ("random", "group_by_length"):
+                raise ValueError(
+                    f"--group_by_length true contradicts --train_sampling_strategy {self.train_sampling_strategy}"
+                )
+            self.train_sampling_strategy = "group_by_length"
         super().__post_init__()
 
 

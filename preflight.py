@@ -91,8 +91,10 @@ class Problem:
 
 
 def check_dataset(dataset, split, *, progress=True):
-    """Run ``dataset.check`` over every record; return ``(problems, stats)``."""
+    """Run ``dataset.check`` over every record; return ``(problems, stats, lengths)``, where
+    ``lengths[i]`` is record i's token count as trained (None for a bad record)."""
     problems, truncated, longest = [], [], 0
+    lengths = [None] * len(dataset)
     start = time.perf_counter()
     for index in tqdm(range(len(dataset)), desc=f"preflight {split}", unit="rec", disable=not progress, mininterval=1):
         try:
@@ -101,6 +103,7 @@ def check_dataset(dataset, split, *, progress=True):
             problems.append(Problem.from_error(split, e))
             continue
         longest = max(longest, info["tokens"])
+        lengths[index] = info["length"]
         if info["truncated"]:
             truncated.append(index)
     seconds = time.perf_counter() - start
@@ -114,7 +117,7 @@ def check_dataset(dataset, split, *, progress=True):
         max_length=dataset.max_length,
         seconds=round(seconds, 3),
     )
-    return problems, stats
+    return problems, stats, lengths
 
 
 def summary_table(problems, stats):
@@ -166,10 +169,11 @@ def write_report(path, problems, stats, action):
 
 
 def check_all(datasets, output_dir, *, skip_bad, preflight_only, progress=True):
-    """Check every dataset (main process); log the table, write the report; return ``{split: [bad indices]}``."""
-    problems, stats = [], []
+    """Check every dataset (main process); log the table, write the report; return
+    ``({split: [bad indices]}, {split: lengths})``."""
+    problems, stats, lengths = [], [], {}
     for split, dataset in datasets.items():
-        found, numbers = check_dataset(dataset, split, progress=progress)
+        found, numbers, lengths[split] = check_dataset(dataset, split, progress=progress)
         problems += found
         stats.append(numbers)
     action = "passed" if not problems else ("skipped" if skip_bad and not preflight_only else "stopped")
@@ -183,17 +187,17 @@ def check_all(datasets, output_dir, *, skip_bad, preflight_only, progress=True):
     else:
         logger.info("%s\nReport: %s", table, report_path)
     logger.info("Preflight checked %s", timing)
-    return {split: sorted(p.index for p in problems if p.split == split) for split in datasets}
+    return {split: sorted(p.index for p in problems if p.split == split) for split in datasets}, lengths
 
 
-def share(bad, is_main):
-    """The main process's ``bad`` dict, on every rank (a no-op without a process group)."""
+def share(checked, is_main):
+    """The main process's results, on every rank (a no-op without a process group)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return bad
+        return checked
     # A CPU (gloo) group with a long timeout: the others may wait a long time for the check,
     # and an object broadcast over NCCL would need the device set up first.
     group = dist.new_group(backend="gloo", timeout=WAIT_FOR_CHECK)
-    box = [bad if is_main else None]
+    box = [checked if is_main else None]
     dist.broadcast_object_list(box, src=0, group=group)
     dist.destroy_process_group(group)
     return box[0]
@@ -209,8 +213,10 @@ def run(datasets, output_dir, *, skip_bad=False, preflight_only=False, is_main=T
     the caller should return.
     """
     present = {split: dataset for split, dataset in datasets.items() if dataset is not None}
-    bad = check_all(present, output_dir, skip_bad=skip_bad, preflight_only=preflight_only) if is_main else None
-    bad = share(bad, is_main)
+    checked = check_all(present, output_dir, skip_bad=skip_bad, preflight_only=preflight_only) if is_main else None
+    bad, lengths = share(checked, is_main)
+    for split, dataset in present.items():
+        dataset.lengths = lengths[split]
     count = sum(len(indices) for indices in bad.values())
     if count and (preflight_only or not skip_bad):
         hint = "" if preflight_only else "; fix them, or pass --skip_bad_samples true to train without them"

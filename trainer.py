@@ -4,6 +4,8 @@
    bounds) and ignores ``labels``, so the loss is computed here. ``dataset.py`` stores labels
    already shifted by one (``labels[i]`` is the token that must follow position ``i``), so
    the cross-entropy compares logits and labels position by position, with no extra shift.
+   The output head runs on the labelled positions only (``loss.py``); full logits are made
+   only where metrics need them or the model cannot take that path.
 2. Saving. A full fine-tune must be loadable on its own with ``trust_remote_code=True``, so
    the model's remote-code files (and processor files) travel with every saved folder (final
    model and checkpoints), with the repairs that published remote code needs on current
@@ -21,13 +23,16 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import transformers
 from peft import PeftModel
+from torch.utils.data import Subset
 from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.modeling_outputs import CausalLMOutput
 
 import loading
 import resilience
+from loss import full_logits_reason, labelled_count, loss_on_labelled, token_loss
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +82,21 @@ def register_zero3_external_parameters(model):
     return registered
 
 
+def language_model(model):
+    """The MiniCPM-V model's LLM, through a peft wrapper (the caller unwraps DDP / DeepSpeed)."""
+    if isinstance(model, PeftModel):
+        model = model.get_base_model()
+    return getattr(model, "llm", None)
+
+
+def record_lengths(dataset):
+    """Token count of each sample of a SupervisedDataset (or a Subset of one), as preflight measured it."""
+    if isinstance(dataset, Subset):
+        lengths = record_lengths(dataset.dataset)
+        return None if lengths is None else [lengths[i] for i in dataset.indices]
+    return getattr(dataset, "lengths", None)
+
+
 class CPMTrainer(transformers.Trainer):
     def __init__(self, *args, model_source=None, **kwargs):
         """``model_source``: folder of the base model, whose remote code full saves copy."""
@@ -85,31 +105,43 @@ class CPMTrainer(transformers.Trainer):
         if is_deepspeed_zero3_enabled():
             count = register_zero3_external_parameters(self.model)
             logger.info("ZeRO-3: registered %d attention output parameters for gathering", count)
+        self.full_logits_reason = full_logits_reason(language_model(self.model))
+        if self.full_logits_reason:
+            logger.warning("Loss from full logits over every position: %s", self.full_logits_reason)
 
-    @staticmethod
-    def token_loss(logits, labels, num_items=None):
-        """Cross-entropy summed over learned tokens, divided by ``num_items`` (default: their count).
+    token_loss = staticmethod(token_loss)
 
-        Labels are already shifted (``labels[i]`` follows position ``i``): no shift here.
-        """
-        loss = F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)).float(),
-            labels.reshape(-1).to(logits.device),
-            ignore_index=-100,
-            reduction="sum",
-        )
-        if num_items is None:
-            num_items = labels.ne(-100).sum().clamp(min=1)
-        return loss / num_items
+    def _get_train_sampler(self, train_dataset=None):
+        # The stock Trainer reads lengths only from a `datasets` column and otherwise builds every
+        # sample (images decoded, sliced, turned into tensors) to measure it; preflight has
+        # already measured each record.
+        train_dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length":
+            lengths = record_lengths(train_dataset)
+            if lengths is not None:
+                return LengthGroupedSampler(
+                    self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=lengths
+                )
+            logger.warning("Length grouping without preflight's lengths: every sample is built once to measure it")
+        return super()._get_train_sampler(train_dataset)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # A PeftModel forwards keyword arguments to the base model inside its LoRA hooks.
-        outputs = model(data=inputs, use_cache=False)
+        labels = inputs["labels"]
         # The Trainer counts the learned tokens of the whole accumulated batch (it does for models
         # whose forward takes **kwargs, as MiniCPM-V's does), so every token weighs the same
         # however the batch was split. Without that count, this micro-batch's own count is used
         # and the Trainer divides by the accumulation steps.
-        loss = self.token_loss(outputs.logits, inputs["labels"], num_items_in_batch)
+        num_items = labelled_count(labels) if num_items_in_batch is None else num_items_in_batch
+        # A PeftModel forwards keyword arguments to the base model inside its LoRA hooks.
+        if self.full_logits_reason or (return_outputs and self.compute_metrics is not None):
+            # Logits leave compute_loss only for compute_metrics (see prediction_step).
+            outputs = model(data=inputs, use_cache=False)
+            loss = self.token_loss(outputs.logits, labels, num_items)
+        else:
+            with loss_on_labelled(language_model(self.accelerator.unwrap_model(model)), labels) as head:
+                model(data=inputs, use_cache=False)
+            loss = head.loss_sum / num_items
+            outputs = CausalLMOutput(loss=loss)
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # That count is summed over processes, and DDP averages gradients over them.
             loss = loss * self.accelerator.num_processes

@@ -85,7 +85,7 @@ def main():
         train, _ = finetune.build_datasets(data_args, training_args, tokenizer, settings)
         decodes = 0
         start = time.perf_counter()
-        bad = preflight.check_all({"train": train}, tmp / "out", skip_bad=False, preflight_only=True)
+        bad, _ = preflight.check_all({"train": train}, tmp / "out", skip_bad=False, preflight_only=True)
         seconds = time.perf_counter() - start
     assert not bad["train"], bad
     print(

@@ -153,8 +153,12 @@ def test_corpus_every_bad_record_is_reported_with_its_reason(corpus, tmp_path):
     model, path, records, expected = corpus
     assert len(set(expected.values())) >= 15
     train = dataset_as_trained(model, path)[0]
-    bad = preflight.check_all({"train": train}, tmp_path, skip_bad=False, preflight_only=True, progress=False)
+    bad, lengths = preflight.check_all({"train": train}, tmp_path, skip_bad=False, preflight_only=True, progress=False)
     assert bad == {"train": sorted(expected)}
+    # Each good record's length as it trains; None for the bad ones.
+    assert [i for i, n in enumerate(lengths["train"]) if n is None] == sorted(expected)
+    good = next(i for i, n in enumerate(lengths["train"]) if n is not None)
+    assert lengths["train"][good] == len(train[good]["input_ids"])
     report = json.loads((tmp_path / preflight.REPORT_NAME).read_text())
     found = {p["index"]: p["reason"] for p in report["problems"]}
     assert found == expected

@@ -1,0 +1,113 @@
+"""Share of real (non-padding) tokens in training batches: random order vs length grouping.
+
+    python benchmarks/padding.py [--records 240] [--batch 8] [--epochs 5]
+
+Writes a mix of text-only, one-image and two-image records (images of several sizes, so slice
+counts vary), builds the dataset as finetune.py does for a tiny MiniCPM-V 2.6 checkpoint
+(max_slice_nums 9, model_max_length 2048; the tiny model's placeholders are shorter than the real
+model's 64 queries), runs preflight (which measures every record's length) and counts, per
+epoch of batches, real tokens / (batch size x longest sample of the batch). It also times what
+the stock Trainer does for length grouping without lengths: building every sample to measure it.
+"""
+
+import argparse
+import json
+import logging
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import RandomSampler
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import finetune  # noqa: E402
+import loading  # noqa: E402
+import preflight  # noqa: E402
+from tiny_models.build import build_checkpoint  # noqa: E402
+
+SIZES = ((112, 112), (224, 112), (336, 224), (448, 448), (560, 280))
+WORDS = "the a red green blue shape circle square triangle large small left right top bottom".split()
+
+
+def write_data(folder, count, rng):
+    (folder / "images").mkdir()
+    for n, size in enumerate(SIZES):
+        Image.new("RGB", size, (40 * n, 120, 200)).save(folder / "images" / f"{n}.png")
+    records = []
+    for n in range(count):
+        answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 120)))
+        question = "Describe it. " * rng.randint(1, 20)
+        record = {"id": f"r{n}", "conversations": [{"role": "user", "content": question},
+                                                   {"role": "assistant", "content": answer}]}
+        kind = n % 3
+        if kind == 1:
+            record["image"] = f"images/{rng.randrange(len(SIZES))}.png"
+        elif kind == 2:
+            record["image"] = {f"<image_0{i}>": f"images/{rng.randrange(len(SIZES))}.png" for i in range(2)}
+            record["conversations"][0]["content"] = "<image_00>\n<image_01>\n" + question
+        records.append(record)
+    path = folder / "train.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def real_fraction(batches, lengths):
+    real = sum(lengths[i] for batch in batches for i in batch)
+    padded = sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
+    return real / padded
+
+
+def batches_of(order, size):
+    order = list(order)
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=int, default=240)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=5)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = write_data(tmp, args.records, random.Random(0))
+        model = build_checkpoint("minicpmv2_6", tmp / "model")
+        _, data_args, training_args, _ = finetune.parse_args(
+            ["--model_name_or_path", str(model), "--data_path", str(data), "--output_dir", str(tmp / "out"),
+             "--llm_type", "qwen", "--max_slice_nums", "9", "--model_max_length", "2048"]
+        )
+        settings = finetune.data_settings(loading.load_config(model), training_args.max_slice_nums)
+        train, _ = finetune.build_datasets(data_args, training_args, loading.load_tokenizer(model), settings)
+        start = time.perf_counter()
+        train = preflight.run({"train": train}, str(tmp / "out"))["train"]
+        checked = time.perf_counter() - start
+        lengths = train.lengths
+        start = time.perf_counter()
+        measured = LengthGroupedSampler(args.batch, dataset=train).lengths
+        built = time.perf_counter() - start
+        assert measured == lengths, "preflight's lengths differ from the built samples'"
+
+    print(f"{args.records} records (text-only, one image, two images), lengths {min(lengths)}..{max(lengths)} tokens")
+    print(f"lengths: from preflight's check {checked:.2f} s (which runs anyway); "
+          f"building every sample to measure them (stock Trainer) {built:.2f} s more")
+    generator = torch.Generator().manual_seed(0)
+    results = {"random order": [], "length grouping": []}
+    for _ in range(args.epochs):
+        results["random order"].append(real_fraction(batches_of(RandomSampler(lengths, generator=generator), args.batch), lengths))
+        grouped = LengthGroupedSampler(args.batch, lengths=lengths, generator=generator)
+        results["length grouping"].append(real_fraction(batches_of(grouped, args.batch), lengths))
+    ideal = real_fraction(batches_of(sorted(range(len(lengths)), key=lengths.__getitem__), args.batch), lengths)
+    for name, values in results.items():
+        print(f"{name:>16}: {100 * sum(values) / len(values):.1f}% real tokens (batches of {args.batch}, "
+              f"mean of {args.epochs} epochs)")
+    print(f"{'sorted globally':>16}: {100 * ideal:.1f}% (the bound, no randomness)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""The loss on labelled positions only equals the loss from full logits, with the same gradients."""
+
+import logging
+
+import pytest
+import torch
+from transformers import AutoModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+import demo_data
+import finetune
+import loading
+import loss
+from launch import dataset_as_trained
+from tiny_models.build import LLM_TYPE
+from trainer import CPMTrainer
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    # count 8: text-only, one-image, two-image and sliced records all occur.
+    return demo_data.generate(tmp_path_factory.mktemp("shapes"), count=8)
+
+
+def batch_of(model_dir, data, llm_type, indices=(6, 7, 3)):
+    dataset, collator = dataset_as_trained(model_dir, data, "--llm_type", llm_type)
+    return collator([dataset[i] for i in indices])
+
+
+def make_trainer(model, tmp_path, *argv):
+    _, _, args, _ = finetune.parse_args(["--output_dir", str(tmp_path), "--use_cpu", "true", "--report_to", "none",
+                                         *argv])
+    return CPMTrainer(model=model, args=args)
+
+
+def full_loss(model, batch):
+    return loss.token_loss(model(data=batch, use_cache=False).logits, batch["labels"])
+
+
+def loss_and_grads(compute, model, batch):
+    model.zero_grad()
+    value = compute(model, batch)
+    value.backward()
+    return value.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_loss_and_grads(trainer, model, batch, rel=1e-6):
+    old, old_grads = loss_and_grads(full_loss, model, batch)
+    new, new_grads = loss_and_grads(lambda m, b: trainer.compute_loss(m, b), model, batch)
+    assert abs(new.item() - old.item()) <= rel * abs(old.item()), (new.item(), old.item())
+    assert new_grads.keys() == old_grads.keys() and old_grads
+    for name, grad in old_grads.items():
+        # fp32 sums in another order: differences scale with the tensor's largest entry (and key
+        # biases, whose gradient is zero in exact arithmetic, get rounding noise only).
+        atol = max(1e-5 * grad.abs().max().item(), 1e-9)
+        torch.testing.assert_close(new_grads[name], grad, rtol=1e-5, atol=atol,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    # A few labelled positions per chunk, so that a batch runs through several chunks.
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 1024)
+
+
+@pytest.mark.parametrize("family", sorted(LLM_TYPE))
+def test_same_loss_and_gradients_for_every_family(tiny_checkpoint, shapes, tmp_path, family, small_chunks):
+    model_dir = tiny_checkpoint(family)
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32)
+    trainer = make_trainer(model, tmp_path)
+    assert trainer.full_logits_reason is None
+    batch = batch_of(model_dir, shapes, LLM_TYPE[family])
+    assert batch["labels"].ne(-100).sum() > 2 * loss.CHUNK_ELEMENTS // model.llm.config.vocab_size
+    model.train()
+    assert_same_loss_and_grads(trainer, model, batch)
+    # The head is back in place and the model still returns full logits outside the loss.
+    assert model.llm.get_output_embeddings() is model.llm.lm_head and isinstance(model.llm.lm_head, torch.nn.Linear)
+    assert model(data=batch, use_cache=False).logits.shape[-1] == model.llm.config.vocab_size
+
+
+def test_lora_with_gradient_checkpointing(tiny_checkpoint, shapes, tmp_path, small_chunks):
+    model_dir = tiny_checkpoint("minicpmv2_6")
+    _, _, training_args, lora_args = finetune.parse_args(
+        ["--output_dir", str(tmp_path), "--use_cpu", "true", "--use_lora", "true", "--tune_llm", "false",
+         "--gradient_checkpointing", "true", "--lora_dropout", "0", "--report_to", "none",
+         # The head itself carries LoRA: the stand-in must call the wrapped module, not its weight.
+         "--lora_target_modules", r"llm\..*(layers\.\d+\.self_attn\.(q_proj|v_proj)|lm_head)"]
+    )
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = finetune.apply_lora(model, training_args, lora_args)
+    for name, param in model.named_parameters():  # LoRA B starts at zero: give the adapters an effect
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    trainer = CPMTrainer(model=model, args=training_args)
+    model.train()
+    batch = batch_of(model_dir, shapes, "qwen")
+    old, old_grads = loss_and_grads(full_loss, model, batch)
+    assert any("lm_head.lora_A" in name for name in old_grads)
+    assert_same_loss_and_grads(trainer, model, batch)
+
+
+def test_qlora(tiny_checkpoint, shapes, tmp_path, small_chunks):
+    model_dir = tiny_checkpoint("minicpmv2_6")
+    batch = batch_of(model_dir, shapes, "qwen")
+    _, _, training_args, lora_args = finetune.parse_args(
+        ["--output_dir", str(tmp_path), "--use_cpu", "true", "--use_lora", "true", "--tune_llm", "false",
+         "--q_lora", "true", "--lora_dropout", "0", "--report_to", "none"]
+    )
+    config = loading.load_config(model_dir)
+    model = loading.load_model(model_dir, config, dtype=torch.float32,
+                               quantization_config=finetune.quantization_config(lora_args, torch.float32))
+    model = finetune.apply_lora(model, training_args, lora_args)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    trainer = CPMTrainer(model=model, args=training_args)
+    model.train()
+    assert_same_loss_and_grads(trainer, model, batch)
+
+
+def test_bf16_within_rounding(tiny_checkpoint, shapes, tmp_path):
+    model_dir = tiny_checkpoint("minicpmv2_6")
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.bfloat16)
+    trainer = make_trainer(model, tmp_path)
+    batch = batch_of(model_dir, shapes, "qwen")
+    with torch.no_grad():
+        old, new = full_loss(model, batch), trainer.compute_loss(model, batch)
+    assert new.dtype == torch.float32
+    # Each logit is rounded to bf16 in both paths; only the order of the head's sums differs.
+    assert new.item() == pytest.approx(old.item(), rel=2**-8)
+
+
+class ScaledHeadLLM(torch.nn.Module):
+    """What the MiniCPM LLM of MiniCPM-V 2.0 does at its end: divide the last hidden states by
+    hidden_size / dim_model_base before lm_head, then upcast the logits."""
+
+    def __init__(self, llm, divisor):
+        super().__init__()
+        self.inner, self.divisor, self.config = llm, divisor, llm.config
+
+    def get_input_embeddings(self):
+        return self.inner.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.inner.lm_head
+
+    def set_output_embeddings(self, head):
+        self.inner.lm_head = head
+
+    def forward(self, **kwargs):
+        hidden = self.inner.model(**kwargs).last_hidden_state
+        logits = self.inner.lm_head(hidden / self.divisor).float()
+        return CausalLMOutputWithPast(logits=logits)
+
+
+def test_llm_that_scales_before_its_head(tiny_checkpoint, shapes, tmp_path):
+    model_dir = tiny_checkpoint("minicpmv2_0")
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32)
+    model.llm = ScaledHeadLLM(model.llm, divisor=9.0)
+    trainer = make_trainer(model, tmp_path)
+    batch = batch_of(model_dir, shapes, "minicpm")
+    model.train()
+    assert_same_loss_and_grads(trainer, model, batch)
+
+
+def test_full_logits_where_the_llm_reads_its_head_weight(tiny_checkpoint, shapes, tmp_path, caplog):
+    model_dir = tiny_checkpoint("minicpmv2_0")
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32)
+    model.llm.config.pretraining_tp = 2
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        trainer = make_trainer(model, tmp_path)
+    assert "pretraining_tp > 1 reads its head's weight directly" in caplog.text
+    batch = batch_of(model_dir, shapes, "minicpm")
+    with torch.no_grad():
+        assert trainer.compute_loss(model, batch).item() == full_loss(model, batch).item()
+
+
+def test_evaluation_loss_is_the_same(tiny_checkpoint, shapes, tmp_path):
+    model_dir = tiny_checkpoint("minicpmv2_5")
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32)
+    batch = batch_of(model_dir, shapes, "llama3")  # before the trainer: parsing arguments resets accelerate's state
+    trainer = make_trainer(model, tmp_path, "--prediction_loss_only", "false")
+    model.eval()
+    got, logits, _ = trainer.prediction_step(model, batch, prediction_loss_only=False)
+    assert logits is None  # no compute_metrics: no logits made
+    with torch.no_grad():
+        assert got.item() == pytest.approx(full_loss(model, batch).item(), rel=1e-6)
+    # With metrics to compute, the logits come back, and the same loss with them.
+    trainer.compute_metrics = lambda prediction: {}
+    got, logits, _ = trainer.prediction_step(model, batch, prediction_loss_only=False)
+    assert logits.shape[-1] == model.llm.config.vocab_size
+    assert got.item() == pytest.approx(full_loss(model, batch).item(), rel=1e-6)
+
+
+def test_peak_memory_does_not_grow_with_the_vocabulary_times_length():
+    """The head sees labelled positions only: no [positions, vocab] tensor is ever made."""
+    hidden, vocab, length = 16, 4096, 512
+    head = torch.nn.Linear(hidden, vocab, bias=False)
+    states = torch.randn(1, length, hidden, requires_grad=True)
+    labels = torch.full((1, length), -100)
+    labels[0, :8] = torch.randint(vocab, (8,))
+    shapes_seen = []
+    head.register_forward_hook(lambda module, args, out: shapes_seen.append(tuple(out.shape)))
+    total = loss.labelled_loss_sum(head, states, labels, vocab, chunk_elements=3 * vocab)
+    total.backward()
+    assert max(rows for rows, _ in shapes_seen) == 3  # chunks of 3 positions, recomputed in backward
+    expected = loss.token_loss(head(states), labels, num_items=1)
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
