@@ -26,18 +26,16 @@ from peft import (
     set_peft_model_state_dict,
 )
 from peft.utils import load_peft_weights
-from torchvision import transforms
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 import loading
 import preflight
 import resilience
-from dataset import DataCollator, SupervisedDataset, load_records
+from dataset import LLM_TYPES, DataCollator, data_settings, load_records, log_sample, make_dataset
 from trainer import CPMTrainer, model_source_dir
 
 logger = logging.getLogger(__name__)
 
-LLM_TYPES = ("minicpm", "llama3", "qwen")
 DEFAULT_LORA_TARGETS = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj)"
 
 
@@ -283,50 +281,10 @@ def check_engine(trainer, training_args):
     logger.info("Training with %s on %d process(es), device %s", engine, training_args.world_size, training_args.device)
 
 
-def data_settings(config, max_slice_nums):
-    """What dataset.py needs from the model config: slicing, placeholder size, image layout.
+def build_datasets(data_args, training_args, tokenizer, config):
+    """The train and eval datasets of the command line, laid out for the model of ``config``."""
+    settings = data_settings(config, training_args.max_slice_nums)
 
-    ``max_slice_nums`` applies to the data only: the model config is left as it is, so a saved
-    model keeps the slicing its processor (preprocessor_config.json) and its own ``chat()`` agree
-    on, and inference may use more slices than training did.
-    """
-    slice_config = getattr(config, "slice_config", None)
-    if slice_config is not None:
-        slicing = {**slice_config.to_dict(), "max_slice_nums": max_slice_nums}
-    elif getattr(config, "slice_mode", True):
-        slicing = {**config.to_dict(), "max_slice_nums": max_slice_nums}
-    else:
-        slicing = None
-    return dict(
-        slice_config=slicing,
-        query_num=config.query_num,
-        patch_size=getattr(config, "patch_size", 14),
-        batch_vision=getattr(config, "batch_vision_input", False),
-        use_image_id=getattr(config, "use_image_id", False),
-    )
-
-
-# The vision tower's input normalisation: to tensor, then mean = std = 0.5 per channel.
-IMAGE_TRANSFORM = transforms.Compose(
-    [transforms.ToTensor(), transforms.Normalize(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))]
-)
-
-
-def make_dataset(records, tokenizer, settings, *, llm_type, max_length, image_root, data_path=None):
-    """A SupervisedDataset laid out as training lays it out (also used by infer.py)."""
-    return SupervisedDataset(
-        records,
-        tokenizer,
-        transform=IMAGE_TRANSFORM,
-        llm_type=llm_type,
-        max_length=max_length,
-        image_root=image_root,
-        data_path=data_path,
-        **settings,
-    )
-
-
-def build_datasets(data_args, training_args, tokenizer, settings):
     def make(path):
         return make_dataset(
             load_records(path),
@@ -429,14 +387,6 @@ def count_parameters(model):
     return total, trainable
 
 
-def log_sample(dataset, tokenizer):
-    sample = dataset[0]
-    ids, labels = sample["input_ids"].tolist(), sample["labels"].tolist()
-    logger.info("First training sample, as the model reads it:\n%s", tokenizer.decode(ids))
-    learned = [label for label in labels if label != -100]
-    logger.info("...and the tokens it learns to predict (%d):\n%s", len(learned), tokenizer.decode(learned))
-
-
 def train(argv=None):
     model_args, data_args, training_args, lora_args = parse_args(argv)
     logging.basicConfig(
@@ -455,8 +405,7 @@ def train(argv=None):
     dtype = compute_dtype(training_args)
     config = loading.load_config(model_args.model_name_or_path, training_args.cache_dir)
     tokenizer = loading.load_tokenizer(model_args.model_name_or_path, training_args.cache_dir)
-    settings = data_settings(config, training_args.max_slice_nums)
-    train_dataset, eval_dataset = build_datasets(data_args, training_args, tokenizer, settings)
+    train_dataset, eval_dataset = build_datasets(data_args, training_args, tokenizer, config)
     checked = preflight.run(
         {"train": train_dataset, "eval": eval_dataset},
         training_args.output_dir,

@@ -81,8 +81,7 @@ def main():
              "--use_cpu", "true", "--llm_type", "qwen", "--report_to", "none"]
         )
         config, tokenizer = loading.load_config(model), loading.load_tokenizer(model)
-        settings = finetune.data_settings(config, training_args.max_slice_nums)
-        train, _ = finetune.build_datasets(data_args, training_args, tokenizer, settings)
+        train, _ = finetune.build_datasets(data_args, training_args, tokenizer, config)
         decodes = 0
         start = time.perf_counter()
         bad, _ = preflight.check_all({"train": train}, tmp / "out", skip_bad=False, preflight_only=True)

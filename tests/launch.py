@@ -94,8 +94,9 @@ def dataset_as_trained(model_dir, data_path, *argv):
         ["--model_name_or_path", str(model_dir), "--data_path", str(data_path), "--output_dir", "unused",
          "--use_cpu", "true", "--llm_type", "qwen", *FAST_ARGS, *map(str, argv)]
     )
-    settings = finetune.data_settings(loading.load_config(model_dir), training_args.max_slice_nums)
-    dataset, _ = finetune.build_datasets(data_args, training_args, loading.load_tokenizer(model_dir), settings)
+    dataset, _ = finetune.build_datasets(
+        data_args, training_args, loading.load_tokenizer(model_dir), loading.load_config(model_dir)
+    )
     return dataset, DataCollator(training_args.model_max_length)
 
 

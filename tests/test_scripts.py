@@ -10,10 +10,9 @@ from peft import PeftModel
 from transformers import AutoModel
 
 import demo_data
-import finetune
 import infer
 import loading
-from dataset import DataCollator
+from dataset import DataCollator, data_settings, make_dataset
 from launch import REPO, run, run_finetune, subprocess_env
 
 
@@ -35,8 +34,8 @@ def adapter(tiny_checkpoint, shapes, tmp_path_factory):
 
 def samples(model_dir, data, indices):
     config, tokenizer = loading.load_config(model_dir), loading.load_tokenizer(model_dir)
-    dataset = finetune.make_dataset(
-        json.loads(data.read_text()), tokenizer, finetune.data_settings(config, max_slice_nums=2),
+    dataset = make_dataset(
+        json.loads(data.read_text()), tokenizer, data_settings(config, max_slice_nums=2),
         llm_type="qwen", max_length=512, image_root=data.parent,
     )
     batch = DataCollator(512)([dataset[i] for i in indices]) if indices else None
