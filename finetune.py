@@ -32,7 +32,7 @@ import loading
 import preflight
 import resilience
 from dataset import LLM_TYPES, DataCollator, data_settings, load_records, log_sample, make_dataset
-from trainer import CPMTrainer, model_source_dir
+from trainer import CPMTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -447,7 +447,7 @@ def train(argv=None):
         eval_dataset=eval_dataset,
         data_collator=DataCollator(training_args.model_max_length),
         processing_class=tokenizer,
-        model_source=model_source_dir(model_args.model_name_or_path, training_args.cache_dir),
+        model_source=loading.model_source_dir(model_args.model_name_or_path, training_args.cache_dir),
         callbacks=[resilience.PreemptionCallback()],
     )
     check_engine(trainer, training_args)

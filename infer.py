@@ -12,26 +12,13 @@ fine-tuned model sees at inference what it saw in training.
 import argparse
 import logging
 import os
-from pathlib import Path
 
 import torch
-from peft import PeftModel
 
 import loading
 from dataset import IGNORE_INDEX, LLM_TYPES, data_settings, load_records, make_dataset
 
 logger = logging.getLogger(__name__)
-
-
-def load(model_path, adapter=None, dtype=torch.float32, device="cpu"):
-    """The model (with the adapter applied, if any) in eval mode on ``device``, its tokenizer and config."""
-    config = loading.load_config(model_path)
-    # The adapter folder carries the tokenizer the run trained with.
-    tokenizer = loading.load_tokenizer(adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else model_path)
-    model = loading.load_model(model_path, config, dtype=dtype)
-    if adapter:
-        model = PeftModel.from_pretrained(model, adapter)
-    return model.to(device).eval(), tokenizer, config
 
 
 def first_exchange(record):
@@ -95,7 +82,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING)
 
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
-    model, tokenizer, config = load(args.model, args.adapter, dtype, args.device)
+    model, tokenizer, config = loading.load_for_inference(args.model, args.adapter, dtype, args.device)
     answerer = Answerer(model, tokenizer, config, llm_type=args.llm_type, max_slice_nums=args.max_slice_nums)
     if args.questions:
         records = load_records(args.questions)
