@@ -776,8 +776,10 @@ def data_settings(config, max_slice_nums):
     slice_config = getattr(config, "slice_config", None)
     if slice_config is not None:
         slicing = {**slice_config.to_dict(), "max_slice_nums": max_slice_nums}
+    elif getattr(config, "slice_mode", True):  # MiniCPM-V 2.0 keeps its slicing fields on the config itself
+        slicing = {**config.to_dict(), "max_slice_nums": max_slice_nums}
     else:
-        slicing = {**config.to_dict(), "max_slice_nums": max_slice_nums} if getattr(config, "slice_mode", True) else None
+        slicing = None
     return DataSettings(
         slice_config=slicing,
         query_num=config.query_num,
