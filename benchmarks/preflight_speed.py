@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import arguments  # noqa: E402
 import finetune  # noqa: E402
 import loading  # noqa: E402
 import preflight  # noqa: E402
@@ -76,7 +77,7 @@ def main():
         path, references = write_data(tmp, args.records, args.images, size)
         print(f"wrote {args.records} records, {args.images} {args.size} JPEGs in {time.perf_counter() - start:.1f} s")
         model = build_checkpoint("minicpmv2_6", tmp / "model")
-        _, data_args, training_args, _ = finetune.parse_args(
+        _, data_args, training_args, _ = arguments.parse_args(
             ["--model_name_or_path", str(model), "--data_path", str(path), "--output_dir", str(tmp / "out"),
              "--use_cpu", "true", "--llm_type", "qwen", "--report_to", "none"]
         )

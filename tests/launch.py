@@ -86,11 +86,12 @@ def load_state_dict(folder):
 
 def dataset_as_trained(model_dir, data_path, *argv):
     """The dataset finetune.train() builds from ``--data_path`` with these arguments, and its collator."""
+    import arguments
     import finetune
     import loading
     from dataset import DataCollator
 
-    _, data_args, training_args, _ = finetune.parse_args(
+    _, data_args, training_args, _ = arguments.parse_args(
         ["--model_name_or_path", str(model_dir), "--data_path", str(data_path), "--output_dir", "unused",
          "--use_cpu", "true", "--llm_type", "qwen", *FAST_ARGS, *map(str, argv)]
     )

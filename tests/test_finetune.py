@@ -8,9 +8,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModel
 
+import arguments
 import demo_data
-import finetune
 import loading
+import lora
 from launch import (
     REPO,
     dataset_as_trained,
@@ -175,7 +176,7 @@ def test_torchrun_on_cpu_without_use_cpu_is_refused(tiny_checkpoint, shapes, tmp
 )
 def test_contradictory_arguments_are_rejected(argv, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("'", "'")):
-        finetune.parse_args(["--output_dir", "unused", "--use_cpu", "true", *argv])
+        arguments.parse_args(["--output_dir", "unused", "--use_cpu", "true", *argv])
 
 
 def test_qlora_loads_the_llm_in_4bit_and_trains(tiny_checkpoint, shapes, tmp_path):
@@ -192,11 +193,12 @@ def test_lora_arguments_reach_peft(tiny_checkpoint, tmp_path):
     config = loading.load_config(model_dir)
 
     def build(*argv):
-        _, _, training_args, lora = finetune.parse_args(
-            ["--output_dir", str(tmp_path), "--use_cpu", "true", "--use_lora", "true", "--tune_llm", "false", *argv]
+        _, _, training_args, lora = arguments.parse_args(
+            ["--output_dir", str(tmp_path), "--use_cpu", "true", "--use_lora", "true", "--tune_llm", "false",
+             "--tune_vision", "false", *argv]
         )
         base = loading.load_model(model_dir, config, dtype=torch.float32)
-        return finetune.apply_lora(base, training_args, lora)
+        return lora.apply_lora(base, training_args, lora)
 
     model = build("--lora_layers_to_transform", "1", "--lora_layers_pattern", "layers",
                   "--lora_modules_to_save", "resampler")
@@ -234,7 +236,7 @@ def test_evaluation_keeps_no_logits_without_metrics(tiny_checkpoint, shapes, tmp
 
     model_dir = tiny_checkpoint("minicpmv2_6")
     dataset, collator = dataset_as_trained(model_dir, shapes)
-    _, _, training_args, _ = finetune.parse_args(
+    _, _, training_args, _ = arguments.parse_args(
         ["--output_dir", str(tmp_path), "--use_cpu", "true", "--report_to", "none", "--prediction_loss_only", "false",
          "--per_device_eval_batch_size", "2"]
     )
@@ -256,7 +258,7 @@ def test_evaluation_keeps_no_logits_without_metrics(tiny_checkpoint, shapes, tmp
 )
 def test_settings_that_would_be_ignored_are_refused(argv, message):
     with pytest.raises(ValueError, match=message):
-        finetune.parse_args(["--output_dir", "unused", "--use_cpu", "true", *argv])
+        arguments.parse_args(["--output_dir", "unused", "--use_cpu", "true", *argv])
 
 
 def test_qlora_with_zero3_is_refused_before_loading(tiny_checkpoint, shapes, tmp_path):

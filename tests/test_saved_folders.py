@@ -20,9 +20,9 @@ from PIL import Image
 from transformers import TrainingArguments
 
 import demo_data
-import finetune
 import loading
 import merge
+from lora import DEFAULT_LORA_TARGETS
 from launch import REPO, run, run_finetune, subprocess_env
 from test_loading import DEFECTS, batch, defective_checkpoint, load, logits  # noqa: F401 (a fixture)
 from trainer import CPMTrainer
@@ -86,7 +86,7 @@ def save_full(model, tokenizer, base, out):
 def save_merged(base, out):
     """merge.py on an adapter whose LoRA weights are not zero (merging changes the weights)."""
     model = load(base)
-    config = LoraConfig(target_modules=finetune.DEFAULT_LORA_TARGETS, r=4, init_lora_weights=False,
+    config = LoraConfig(target_modules=DEFAULT_LORA_TARGETS, r=4, init_lora_weights=False,
                         modules_to_save=["resampler"])
     adapter = out.parent / f"{out.name}-adapter"
     get_peft_model(model, config).save_pretrained(adapter)
