@@ -8,19 +8,12 @@ from transformers import AutoModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import arguments
-import demo_data
 import loading
 import lora
 import loss
 from launch import dataset_as_trained
 from tiny_models.build import LLM_TYPE
 from trainer import CPMTrainer
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    # count 8: text-only, one-image, two-image and sliced records all occur.
-    return demo_data.generate(tmp_path_factory.mktemp("shapes"), count=8)
 
 
 def batch_of(model_dir, data, llm_type, indices=(6, 7, 3)):
