@@ -1,5 +1,6 @@
 """demo_data.py, infer.py, merge.py and the demo itself, on the tiny checkpoints."""
 
+import ast
 import json
 import re
 import sys
@@ -92,6 +93,16 @@ def test_merge_is_standalone_and_matches_the_adapter(tiny_checkpoint, demo_set, 
         untouched = plain(data=batch, use_cache=False).logits
     assert (got - expected).abs().max().item() < 1e-5
     assert (untouched - expected).abs().max().item() > 1e-2  # the adapter changed the model
+
+
+@pytest.mark.launch
+def test_inference_and_merging_import_no_training_code():
+    """infer.py and merge.py depend on loading and data code only, never on the training modules."""
+    training = ("finetune", "arguments", "distributed", "lora", "trainer", "loss", "preflight", "resilience")
+    for entry in ("infer", "merge"):
+        _, output = run([sys.executable, "-c", f"import sys, {entry}; print('modules:', sorted(sys.modules))"])
+        imported = set(ast.literal_eval(re.search(r"^modules: (.*)$", output, flags=re.M).group(1)))
+        assert {"loading", "dataset"} & imported and not imported & set(training), (entry, imported & set(training))
 
 
 def answers(output):
