@@ -405,10 +405,20 @@ def render_qwen(messages, tokenizer):
     think block the template writes into a turn whose message had none.
     """
     assistants = [m["content"] for m in messages if m["role"] == "assistant"]
-    thinking = bool(THINK_BLOCK.search(assistants[-1]))
     text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=False, enable_thinking=thinking
+        messages, tokenize=False, add_generation_prompt=False, enable_thinking=wants_thinking(assistants)
     )
+    return text, chatml_assistant_spans(text, assistants)
+
+
+def wants_thinking(assistants):
+    """``enable_thinking`` for a Qwen3-style template: whether the last answer holds a think block."""
+    return bool(THINK_BLOCK.search(assistants[-1]))
+
+
+def chatml_assistant_spans(text, assistants):
+    """The learned character spans of a rendered ChatML conversation (see render_qwen);
+    ``assistants`` are the assistant messages' texts, in order."""
     header, end = "<|im_start|>assistant\n", "<|im_end|>"
     spans = []
     position = 0
@@ -424,18 +434,23 @@ def render_qwen(messages, tokenizer):
             raise ValueError("an assistant turn in the chat template output has no <|im_end|>")
         position = stop + len(end)
         spans.append((start, position))
-    return text, spans
+    return spans
 
 
 def tokenize_with_spans(tokenizer, text, spans):
     """Ids of ``text`` and a context flag per token (1: not learned): learned tokens start in a span."""
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = torch.tensor(encoding["input_ids"], dtype=torch.long)
-    token_starts = torch.tensor([start for start, _ in encoding["offset_mapping"]], dtype=torch.long)
-    context = torch.ones(len(ids), dtype=torch.int8)
+    return ids, context_flags(encoding["offset_mapping"], spans)
+
+
+def context_flags(offset_mapping, spans):
+    """Per token (by its character offsets), 0 if it starts inside a learned span, else 1."""
+    token_starts = torch.tensor([start for start, _ in offset_mapping], dtype=torch.long)
+    context = torch.ones(len(token_starts), dtype=torch.int8)
     for start, stop in spans:
         context[(token_starts >= start) & (token_starts < stop)] = 0
-    return ids, context
+    return context
 
 
 def tokenize_minicpm(messages, tokenizer):
@@ -484,7 +499,60 @@ def shifted_labels(ids, context, end_of_turn_id):
 # Dataset and collator
 
 
-class SupervisedDataset(Dataset):
+class RecordDataset(Dataset):
+    """What a dataset of records is, whichever model it feeds: the records, the folder their
+    relative paths resolve against, the checks of validate_record, and errors naming the record.
+
+    A subclass sets ``reserved_tokens`` (see validate_record) and defines
+    ``_build(record, index, *args)``; ``_checked_build(index, *args)`` validates and builds.
+    """
+
+    def __init__(self, records, *, max_length, image_root, data_path):
+        self.records = records
+        self.max_length = max_length
+        self.data_path = None if data_path is None else os.fspath(data_path)
+        if image_root is None:
+            image_root = os.path.dirname(os.path.abspath(self.data_path)) if self.data_path else os.getcwd()
+        self.image_root = os.fspath(image_root)
+        # Each record's token count as trained (after truncation), once preflight has checked it:
+        # what length grouping and packing need, without building every sample to learn it.
+        self.lengths = None
+
+    def __len__(self):
+        return len(self.records)
+
+    def validate(self, record, index):
+        validate_record(record, index, data_path=self.data_path, reserved_tokens=self.reserved_tokens)
+
+    def _checked_build(self, index, *args):
+        record = self.records[index]
+        self.validate(record, index)
+        try:
+            return self._build(record, index, *args)
+        except DataError:
+            raise
+        except Exception as e:  # any other failure still names the record; the cause stays chained
+            raise self._error(index, record, f"{type(e).__name__}: {e}", code="build_failed") from e
+
+    def _error(self, index, record, reason, path=None, code="invalid_record"):
+        return DataError(
+            reason, index=index, record_id=record.get("id"), path=path, data_path=self.data_path, code=code
+        )
+
+    def _full_path(self, path):
+        return path if os.path.isabs(path) else os.path.join(self.image_root, path)
+
+    def _load_image(self, index, record, tag, path):
+        full_path = self._full_path(path)
+        try:
+            return open_rgb(full_path)
+        except ImageProblem as e:
+            raise self._error(
+                index, record, f"cannot load image {tag} from {full_path}: {e}", path=full_path, code=e.code
+            ) from e
+
+
+class SupervisedDataset(RecordDataset):
     """Records -> model inputs. See the module docstring and docs/CONTRACTS.md."""
 
     def __init__(
@@ -505,7 +573,7 @@ class SupervisedDataset(Dataset):
     ):
         if llm_type not in LLM_TYPES:
             raise ValueError(f"llm_type must be one of {LLM_TYPES}, got {llm_type!r}")
-        self.records = records
+        super().__init__(records, max_length=max_length, image_root=image_root, data_path=data_path)
         self.tokenizer = tokenizer
         self.transform = transform
         self.slice_config = (
@@ -518,15 +586,7 @@ class SupervisedDataset(Dataset):
         self.patch_size = patch_size
         self.query_num = query_num
         self.batch_vision = batch_vision
-        self.max_length = max_length
         self.use_image_id = use_image_id
-        self.data_path = None if data_path is None else os.fspath(data_path)
-        if image_root is None:
-            image_root = os.path.dirname(os.path.abspath(self.data_path)) if self.data_path else os.getcwd()
-        self.image_root = os.fspath(image_root)
-        # Each record's token count as trained (after truncation), once preflight has checked it:
-        # what length grouping and packing need, without building every sample to learn it.
-        self.lengths = None
 
         # Every special token the layout uses, checked against the vocabulary before any record is built.
         sliced = slice_config is not None
@@ -546,11 +606,8 @@ class SupervisedDataset(Dataset):
         self.im_id_start_id = ids[IMAGE_ID_START] if use_image_id else None
         self.reserved_tokens = (IMAGE_END, SLICE_START, SLICE_END, IMAGE_ID_START, IMAGE_ID_END, unk)
 
-    def __len__(self):
-        return len(self.records)
-
     def __getitem__(self, index):
-        return self._checked_build(index, pixels=True)
+        return self._checked_build(index, True)
 
     def check(self, index):
         """Build record ``index`` exactly as training does, minus the image tensors.
@@ -558,31 +615,7 @@ class SupervisedDataset(Dataset):
         Raises DataError if the record is unusable; else returns ``{"tokens", "truncated"}``.
         Every image is opened and decoded once. This is what preflight.py runs over a dataset.
         """
-        return self._checked_build(index, pixels=False)
-
-    def _checked_build(self, index, pixels):
-        record = self.records[index]
-        validate_record(record, index, data_path=self.data_path, reserved_tokens=self.reserved_tokens)
-        try:
-            return self._build(record, index, pixels)
-        except DataError:
-            raise
-        except Exception as e:  # any other failure still names the record; the cause stays chained
-            raise self._error(index, record, f"{type(e).__name__}: {e}", code="build_failed") from e
-
-    def _error(self, index, record, reason, path=None, code="invalid_record"):
-        return DataError(
-            reason, index=index, record_id=record.get("id"), path=path, data_path=self.data_path, code=code
-        )
-
-    def _load_image(self, index, record, tag, path):
-        full_path = path if os.path.isabs(path) else os.path.join(self.image_root, path)
-        try:
-            return open_rgb(full_path)
-        except ImageProblem as e:
-            raise self._error(
-                index, record, f"cannot load image {tag} from {full_path}: {e}", path=full_path, code=e.code
-            ) from e
+        return self._checked_build(index, False)
 
     def _build(self, record, index, pixels=True):
         paths = record_images(record)

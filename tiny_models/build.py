@@ -99,34 +99,38 @@ QWEN_CHAT_TEMPLATE = (
 
 # Qwen3-style: the assistant turns after the last user message carry a think block (an empty one
 # when the message has none); earlier turns lose theirs; enable_thinking=False closes the block
-# of the generation prompt.
-QWEN3_CHAT_TEMPLATE = (
-    "{%- set ns = namespace(last_query=-1) -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}{%- set ns.last_query = loop.index0 -%}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{%- set content = message['content'] -%}"
-    "{%- set reasoning = '' -%}"
-    "{%- if '</think>' in content -%}"
-    "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\n') -%}"
-    "{%- set content = content.split('</think>')[-1].lstrip('\n') -%}"
-    "{%- endif -%}"
-    "{%- if loop.index0 > ns.last_query -%}"
-    "{{- '<|im_start|>assistant\n<think>\n' + reasoning + '\n</think>\n\n' + content + '<|im_end|>\n' -}}"
-    "{%- else -%}"
-    "{{- '<|im_start|>assistant\n' + content + '<|im_end|>\n' -}}"
-    "{%- endif -%}"
-    "{%- else -%}"
-    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<|im_start|>assistant\n' -}}"
-    "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\n\n</think>\n\n' -}}{%- endif -%}"
-    "{%- endif -%}"
-)
+# of the generation prompt. `content` is the Jinja expression of a message's text.
+def qwen3_chat_template(content="message['content']"):
+    return (
+        "{%- set ns = namespace(last_query=-1) -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'user' -%}{%- set ns.last_query = loop.index0 -%}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- for message in messages -%}"
+        "{%- set content = " + content + " -%}"
+        "{%- if message['role'] == 'assistant' -%}"
+        "{%- set reasoning = '' -%}"
+        "{%- if '</think>' in content -%}"
+        "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\n') -%}"
+        "{%- set content = content.split('</think>')[-1].lstrip('\n') -%}"
+        "{%- endif -%}"
+        "{%- if loop.index0 > ns.last_query -%}"
+        "{{- '<|im_start|>assistant\n<think>\n' + reasoning + '\n</think>\n\n' + content + '<|im_end|>\n' -}}"
+        "{%- else -%}"
+        "{{- '<|im_start|>assistant\n' + content + '<|im_end|>\n' -}}"
+        "{%- endif -%}"
+        "{%- else -%}"
+        "{{- '<|im_start|>' + message['role'] + '\n' + content + '<|im_end|>\n' -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}"
+        "{{- '<|im_start|>assistant\n' -}}"
+        "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\n\n</think>\n\n' -}}{%- endif -%}"
+        "{%- endif -%}"
+    )
+
+
+QWEN3_CHAT_TEMPLATE = qwen3_chat_template()
 
 LLAMA3_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -431,32 +435,7 @@ NATIVE_CHAT_TEMPLATE = (
     "{%- else -%}{{- part['text'] -}}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{%- endmacro -%}"
-    "{%- set ns = namespace(last_query=-1) -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}{%- set ns.last_query = loop.index0 -%}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- for message in messages -%}"
-    "{%- set content = render(message['content']) -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{%- set reasoning = '' -%}"
-    "{%- if '</think>' in content -%}"
-    "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\n') -%}"
-    "{%- set content = content.split('</think>')[-1].lstrip('\n') -%}"
-    "{%- endif -%}"
-    "{%- if loop.index0 > ns.last_query -%}"
-    "{{- '<|im_start|>assistant\n<think>\n' + reasoning + '\n</think>\n\n' + content + '<|im_end|>\n' -}}"
-    "{%- else -%}"
-    "{{- '<|im_start|>assistant\n' + content + '<|im_end|>\n' -}}"
-    "{%- endif -%}"
-    "{%- else -%}"
-    "{{- '<|im_start|>' + message['role'] + '\n' + content + '<|im_end|>\n' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<|im_start|>assistant\n' -}}"
-    "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\n\n</think>\n\n' -}}{%- endif -%}"
-    "{%- endif -%}"
-)
+) + qwen3_chat_template(content="render(message['content'])")
 
 
 def build_native_tokenizer():
