@@ -612,7 +612,7 @@ class SupervisedDataset(RecordDataset):
     def check(self, index):
         """Build record ``index`` exactly as training does, minus the image tensors.
 
-        Raises DataError if the record is unusable; else returns ``{"tokens", "truncated"}``.
+        Raises DataError if the record is unusable; else returns ``{"tokens", "truncated", "length"}``.
         Every image is opened and decoded once. This is what preflight.py runs over a dataset.
         """
         return self._checked_build(index, False)

@@ -192,9 +192,6 @@ class NativeDataset(RecordDataset):
             [t.convert_tokens_to_ids(token) for token in self.reserved_tokens + (t.image_start_token,)]
         )
 
-    def __len__(self):
-        return len(self.records)
-
     def __getitem__(self, index):
         sample, _ = self._checked_build(index, True)
         return sample
@@ -202,10 +199,15 @@ class NativeDataset(RecordDataset):
     def check(self, index):
         """Build record ``index`` as training does (every image and the video decoded).
 
-        Raises DataError if the record is unusable; else returns ``{"tokens", "truncated"}``.
+        Raises DataError if the record is unusable; else returns ``{"tokens", "truncated", "length"}``
+        (length: as trained, after truncation).
         """
         _, full_length = self._checked_build(index, False)
-        return {"tokens": full_length, "truncated": full_length > self.max_length}
+        return {
+            "tokens": full_length,
+            "truncated": full_length > self.max_length,
+            "length": min(full_length, self.max_length),
+        }
 
     def validate(self, record, index):
         super().validate(record, index)

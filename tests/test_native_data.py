@@ -209,7 +209,7 @@ def test_bad_videos_are_named_by_preflight(tiny_checkpoint, media, tmp_path):
         video_record("good.mp4", content="<video> and <video>"),
     ]
     data = NativeDataset(records, processor, max_length=2048, data_path=tmp_path / "data.json")
-    problems, stats = preflight.check_dataset(data, "train", progress=False)
+    problems, stats, lengths = preflight.check_dataset(data, "train", progress=False)
     found = {(p.index, p.record_id, p.reason) for p in problems}
     assert found == {
         (1, "rec-nowhere.mp4", "missing_video"),
@@ -222,6 +222,7 @@ def test_bad_videos_are_named_by_preflight(tiny_checkpoint, media, tmp_path):
     assert all(p.reason in preflight.REASONS for p in problems)
     assert all(p.path == str(tmp_path / "noise.mp4") for p in problems if p.reason == "unreadable_video")
     assert stats["bad"] == 6
+    assert lengths[0] == len(data[0]["input_ids"]) and lengths[1:] == [None] * 6
 
 
 def test_too_long_never_cuts_a_placeholder(tiny_checkpoint, media):
@@ -232,7 +233,7 @@ def test_too_long_never_cuts_a_placeholder(tiny_checkpoint, media):
     # A cut after the image keeps it whole and truncates the answer.
     cut = last_visual + 20
     short = dataset(processor, [record], media, max_length=cut)
-    assert short.check(0) == {"tokens": len(full["input_ids"]), "truncated": True}
+    assert short.check(0) == {"tokens": len(full["input_ids"]), "truncated": True, "length": cut}
     assert torch.equal(short[0]["input_ids"], full["input_ids"][:cut])
     assert torch.equal(short[0]["pixel_values"], full["pixel_values"])
     # A cut through the image is refused, naming the record.
