@@ -609,6 +609,14 @@ class SupervisedDataset(RecordDataset):
     def __getitem__(self, index):
         return self._checked_build(index, True)
 
+    def validate(self, record, index):
+        super().validate(record, index)
+        if "video" in record:
+            raise self._error(
+                index, record, "the record has a 'video', but this model (remote code) takes no video; "
+                "video needs a native MiniCPM-V (4.6, 4.7, MiniCPM-OCR)", code="video_unsupported",
+            )
+
     def check(self, index):
         """Build record ``index`` exactly as training does, minus the image tensors.
 

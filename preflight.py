@@ -50,6 +50,7 @@ REASONS = {
     "not_an_image": "an image file is not an image PIL can read",
     "truncated_image": "an image file is truncated or corrupt",
     "image_too_large": "an image has more pixels than the decompression-bomb limit",
+    "video_unsupported": "the record has a video, which the model (remote code) cannot take",
     "bad_video_field": "'video' is not a path",
     "video_tag_count": "<video> appears more than once",
     "video_in_assistant": "the <video> tag sits in an assistant message",

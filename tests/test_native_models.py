@@ -2,6 +2,7 @@
 the Auto classes with their processor, train and generate."""
 
 import hashlib
+import re
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import transformers
 from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+from backends import NATIVE_LORA_TARGETS
 from tiny_models.build import NATIVE_CLASSES, NATIVE_FAMILIES, NATIVE_MEDIA_TOKENS, build_checkpoint
 
 
@@ -74,6 +76,16 @@ def test_native_checkpoint_trains_and_generates(tiny_checkpoint, family):
     inputs = processor(text=prompt, images=[image], return_tensors="pt")
     generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert generated.shape == (1, inputs["input_ids"].shape[1] + 3)
+
+
+@pytest.mark.parametrize("family", NATIVE_FAMILIES)
+def test_default_lora_targets_are_both_attention_kinds_of_the_language_model(tiny_checkpoint, family):
+    model = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint(family))
+    matched = {name for name, _ in model.named_modules() if re.fullmatch(NATIVE_LORA_TARGETS, name)}
+    layers = "model.language_model.layers"
+    assert matched == {f"{layers}.0.linear_attn.{p}" for p in ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj")} | {
+        f"{layers}.1.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+    }
 
 
 def test_native_build_is_deterministic_given_the_seed(tiny_checkpoint, tmp_path):
