@@ -32,7 +32,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 import loading
 import preflight
 import resilience
-from dataset import DataCollator, SupervisedDataset, load_records
+from dataset import DataCollator, DataError, SupervisedDataset, load_records
 from trainer import CPMTrainer, model_source_dir
 
 logger = logging.getLogger(__name__)
@@ -327,9 +327,15 @@ def make_dataset(records, tokenizer, settings, *, llm_type, max_length, image_ro
 
 
 def build_datasets(data_args, training_args, tokenizer, settings):
+    """The train and eval datasets; a file that cannot be read comes back as its DataError, for preflight."""
+
     def make(path):
+        try:
+            records = load_records(path)
+        except DataError as e:
+            return e
         return make_dataset(
-            load_records(path),
+            records,
             tokenizer,
             settings,
             llm_type=training_args.llm_type,
