@@ -276,3 +276,26 @@ def test_seeded_runs_are_reproducible(tiny_checkpoint, shapes, tmp_path):
         run_finetune(lora_args(tiny_checkpoint("minicpmv2_6"), shapes, tmp_path / name) + ["--max_steps", "3"])
         runs.append(train_losses(tmp_path / name))
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize(
+    "script, gpu, precision, expected",
+    [
+        ("finetune_lora.sh", "bf16", "", "--bf16 true --bf16_full_eval true"),
+        ("finetune_lora.sh", "fp16", "", "--fp16 true --fp16_full_eval true"),
+        ("finetune_ds.sh", "bf16", "fp16", "--fp16 true --fp16_full_eval true"),
+        ("finetune_ds.sh", "cpu", "", "--use_cpu true --ddp_backend gloo"),
+    ],
+)
+def test_launchers_pick_bf16_where_the_gpu_has_it(script, gpu, precision, expected, tmp_path):
+    """The launchers' precision choice, with a stand-in Python that answers the GPU probe."""
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\necho {gpu}\n")
+    python.chmod(0o755)
+    env = subprocess_env(PYTHON=python, TORCHRUN="echo torchrun", PRECISION=precision)
+    env.pop("DEVICE_ARGS", None)
+    if not precision:
+        env.pop("PRECISION")
+    _, output = run(["bash", REPO / script], env=env)
+    assert f" {expected} " in output
+    assert ("--bf16" in output) + ("--fp16" in output) + ("--use_cpu" in output) == 1, output

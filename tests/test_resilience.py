@@ -1,5 +1,6 @@
 """Never lose a run: SIGTERM, kill -9 and a crash mid-save, each with real finetune.py processes."""
 
+import os
 import re
 import signal
 import subprocess
@@ -135,3 +136,50 @@ def test_crash_during_save_leaves_previous_checkpoint_usable(tiny_checkpoint, sh
         step: uninterrupted[step] for step in range(6, int(STEPS) + 1)
     }
     assert resilience.complete_checkpoints(out) == [(int(STEPS), str(out / f"checkpoint-{STEPS}"))]
+
+
+def descendants(pid):
+    """Process ids of every live descendant of ``pid`` (from /proc)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:  # the process ended while we looked
+                continue
+            if fields[0] != "Z":
+                parents.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_sigterm_to_the_launcher_script_checkpoints_and_exits_143(tiny_checkpoint, shapes, tmp_path):
+    """What a scheduler or `docker stop` does: SIGTERM to the script's process, nothing else."""
+    out = tmp_path / "run"
+    args = ["--max_steps", "5000", "--save_steps", "5000", "--logging_steps", "1", "--warmup_steps", "0"]
+    env = subprocess_env(GPUS_PER_NODE=1, MODEL=tiny_checkpoint("minicpmv2_6"), DATA=shapes, EVAL_DATA="",
+                         LLM_TYPE="qwen", OUTPUT_DIR=out)
+    run = Launched(["bash", REPO / "finetune_lora.sh", *FAST_ARGS, *args], env)
+    run.wait_for(lambda: logged_steps(run) >= 2, what="two logged steps")
+    workers = descendants(run.proc.pid)
+    assert workers, "torchrun started no worker"
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish() == resilience.EXIT_PREEMPTED, run.output[-3000:]
+    assert "Traceback" not in run.output, run.output[-3000:]
+    assert "torchrun: stopped by SIGTERM" in run.output
+    [folder] = list(out.glob("checkpoint-*"))
+    assert resilience.is_complete(folder) and (folder / "adapter_model.safetensors").is_file()
+    assert not [pid for pid in workers if alive(pid)], "processes of the run outlived the script"

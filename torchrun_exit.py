@@ -1,0 +1,23 @@
+"""torchrun as the launchers start it, with the exit status a stopped job should have.
+
+    python torchrun_exit.py TORCHRUN_ARGS...    # exactly like: torchrun TORCHRUN_ARGS...
+
+On SIGTERM (a scheduler or a container stop), torchrun forwards the signal to its workers and
+waits for them (they save a checkpoint and exit 143, see resilience.py), then raises
+SignalException, which ends it with status 1 and a traceback. A stop is not a crash: this
+ends it with 128 + the signal's number (143 for SIGTERM), as a process killed by the signal
+reports, and one line instead of the traceback.
+"""
+
+import sys
+
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.run import main
+
+if __name__ == "__main__":
+    try:
+        main()
+    except SignalException as e:
+        print(f"torchrun: stopped by {e.sigval.name}; its workers were passed the signal and have exited",
+              file=sys.stderr)
+        sys.exit(128 + e.sigval)
