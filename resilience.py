@@ -9,12 +9,16 @@ Crash-safe checkpoints. transformers 5.23's ``Trainer._save_checkpoint`` writes
 ``checkpoint-N`` in place (weights, optimizer, scheduler, one RNG file per rank, then
 ``trainer_state.json``, then it deletes checkpoints beyond ``save_total_limit``) and marks
 nothing as finished; ``resume_from_checkpoint=True`` takes the highest step number, finished
-or not. What is added here (hooked in by ``CPMTrainer``):
-- ``trainer_state.json`` is the commit record: a checkpoint is complete when that file parses
-  and names the folder's step. The Trainer writes it last, and CPMTrainer makes every rank
-  finish its own files before it is written; older checkpoints are rotated away only after.
-- a stale folder of the same step (left by an earlier crash) is removed before a save, so a
-  half-overwritten folder never looks complete.
+or not; its rotation deletes old checkpoints with ``shutil.rmtree``, file by file in directory
+order, so a deletion cut short can leave ``trainer_state.json`` beside missing weights. What is
+added here (hooked in by ``CPMTrainer``):
+- ``trainer_state.json`` is the commit record, written last: a checkpoint is complete when that
+  file parses and names the folder's step, and every file that ``checkpoint_files.json`` lists
+  (written just before it, once every rank has finished its files) is there at its size. A
+  save cut short lacks the commit record; a deletion cut short lacks a listed file, whatever
+  order it deleted in. Older checkpoints are rotated away only after the commit record.
+- ``remove_checkpoint`` (used for a stale folder of the same step, left by an earlier crash,
+  before a save writes into it) deletes the commit record first.
 - ``resolve_checkpoint`` turns ``--resume_from_checkpoint`` (a checkpoint, a run folder, or
   ``true``/``last`` for the output dir) into the newest complete checkpoint.
 """
@@ -36,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "checkpoint_files.json"
 EXIT_PREEMPTED = 128 + signal.SIGTERM  # the status a process killed by SIGTERM reports
 
 
@@ -43,15 +48,39 @@ def checkpoint_folder(run_dir, step):
     return os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
 
 
+def folder_files(folder):
+    """``{relative path: size}`` of every file under ``folder`` but the commit record and the list."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, folder)
+            if relative not in (STATE_FILE, MANIFEST_FILE):
+                files[relative] = os.path.getsize(path)
+    return files
+
+
+def write_manifest(folder):
+    """List the checkpoint's files, once all are written and before the commit record."""
+    files = folder_files(folder)
+    partial = os.path.join(folder, MANIFEST_FILE + ".partial")
+    with open(partial, "w", encoding="utf-8") as f:
+        json.dump(files, f, indent=1, sort_keys=True)
+    os.replace(partial, os.path.join(folder, MANIFEST_FILE))
+
+
 def is_complete(folder):
-    """Whether ``folder`` is a checkpoint whose save finished (see the module docstring)."""
+    """Whether ``folder`` is a checkpoint whose save finished and that no deletion has touched."""
     match = CHECKPOINT_NAME.match(os.path.basename(os.path.normpath(folder)))
     try:
         with open(os.path.join(folder, STATE_FILE), encoding="utf-8") as f:
             step = json.load(f).get("global_step")
+        with open(os.path.join(folder, MANIFEST_FILE), encoding="utf-8") as f:
+            listed = json.load(f)
+        sizes = {name: os.path.getsize(os.path.join(folder, name)) for name in listed}
     except (OSError, ValueError):
         return False
-    return match is None or int(match.group(1)) == step
+    return sizes == listed and (match is None or int(match.group(1)) == step)
 
 
 def complete_checkpoints(run_dir):
@@ -64,7 +93,9 @@ def complete_checkpoints(run_dir):
             if is_complete(folder):
                 found.append((int(match.group(1)), folder))
             else:
-                logger.warning("%s is incomplete (its save was interrupted): not resuming from it", folder)
+                logger.warning(
+                    "%s is incomplete (its save or its deletion was interrupted): not resuming from it", folder
+                )
     return sorted(found)
 
 
@@ -85,7 +116,8 @@ def resolve_checkpoint(value, output_dir):
         usable = complete_checkpoints(os.path.dirname(os.path.normpath(value)))
         hint = f"resume from {usable[-1][1]}" if usable else "no complete checkpoint is left beside it"
         raise ValueError(
-            f"--resume_from_checkpoint {value}: its save did not finish ({STATE_FILE} missing or unreadable); "
+            f"--resume_from_checkpoint {value}: the checkpoint is incomplete (its save did not finish, or its "
+            f"deletion was cut short: {STATE_FILE} or a file that {MANIFEST_FILE} lists is missing); "
             f"{hint}, or pass the run folder to take the newest complete checkpoint"
         )
     else:
@@ -100,11 +132,20 @@ def resolve_checkpoint(value, output_dir):
     return folder
 
 
+def remove_checkpoint(folder):
+    """Delete a checkpoint, its commit record first: cut short, it is never taken as complete."""
+    try:
+        os.remove(os.path.join(folder, STATE_FILE))
+    except FileNotFoundError:
+        pass  # an incomplete checkpoint: nothing marks it complete
+    shutil.rmtree(folder)
+
+
 def remove_stale(folder):
     """Delete a leftover folder the next save would write into, so it is never half old, half new."""
     if os.path.isdir(folder):
         logger.warning("Removing %s, left by an earlier run, before saving over it", folder)
-        shutil.rmtree(folder)
+        remove_checkpoint(folder)
 
 
 class Preempted(SystemExit):

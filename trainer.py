@@ -168,9 +168,11 @@ class CPMTrainer(transformers.Trainer):
 
     def _save_rng_state(self, output_dir):
         super()._save_rng_state(output_dir)
-        # The last files every rank writes: once all are on disk, the main process writes
-        # trainer_state.json, which marks the checkpoint complete (resilience.is_complete).
+        # The last files every rank writes: once all are on disk, the main process lists them,
+        # then writes trainer_state.json, which marks the checkpoint complete (resilience.is_complete).
         self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            resilience.write_manifest(output_dir)
 
     def save_model(self, output_dir=None, _internal_call=False):
         super().save_model(output_dir, _internal_call=_internal_call)

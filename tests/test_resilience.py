@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,10 +65,16 @@ def logged_steps(launched):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_checkpoint, shapes, tmp_path_factory):
+def uninterrupted_run(tiny_checkpoint, shapes, tmp_path_factory):
+    """The output folder of a run of STEPS steps, saved every SAVE_EVERY. Read only."""
     out = tmp_path_factory.mktemp("uninterrupted")
     run_finetune(train_args(tiny_checkpoint("minicpmv2_6"), shapes, out))
-    losses = train_losses(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run):
+    losses = train_losses(uninterrupted_run)
     assert [step for step, _ in losses] == list(range(1, int(STEPS) + 1))
     return dict(losses)
 
@@ -115,6 +122,30 @@ def test_kill_9_then_resume_continues_with_identical_losses(tiny_checkpoint, sha
     assert {step: losses[step] for step in after} == {step: uninterrupted[step] for step in after}
 
 
+def test_checkpoint_whose_deletion_was_cut_short_is_not_resumed_from(uninterrupted_run, tmp_path):
+    run = tmp_path / "run"
+    for step in (25, 30):
+        shutil.copytree(uninterrupted_run / f"checkpoint-{step}", run / f"checkpoint-{step}")
+    assert resilience.complete_checkpoints(run)[-1] == (30, str(run / "checkpoint-30"))
+    # What rmtree leaves when stopped after its first file, if that is not trainer_state.json.
+    newest = run / "checkpoint-30"
+    first = next(e for e in os.scandir(newest) if e.is_file() and e.name != resilience.STATE_FILE)
+    os.remove(first.path)
+    assert (newest / resilience.STATE_FILE).is_file() and not resilience.is_complete(newest)
+    assert resilience.resolve_checkpoint(str(run), str(run)) == str(run / "checkpoint-25")
+    with pytest.raises(ValueError, match="checkpoint-30: the checkpoint is incomplete"):
+        resilience.resolve_checkpoint(str(newest), str(run))
+    # Our own deletion removes the commit record before anything else.
+    older = run / "checkpoint-25"
+    order = []
+    real_remove = os.remove
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(resilience.os, "remove", lambda path: order.append(os.path.basename(path)) or real_remove(path))
+        patch.setattr(resilience.shutil, "rmtree", lambda path: order.append("rmtree"))
+        resilience.remove_checkpoint(str(older))
+    assert order == [resilience.STATE_FILE, "rmtree"] and not resilience.is_complete(older)
+
+
 def test_crash_during_save_leaves_previous_checkpoint_usable(tiny_checkpoint, shapes, uninterrupted, tmp_path):
     model, out = tiny_checkpoint("minicpmv2_6"), tmp_path / "run"
     args = train_args(model, shapes, out, "--save_total_limit", "1")
@@ -126,7 +157,7 @@ def test_crash_during_save_leaves_previous_checkpoint_usable(tiny_checkpoint, sh
     # The half-written checkpoint-10 is recognised as such; checkpoint-5 survived the rotation.
     assert (out / "checkpoint-10").is_dir() and not resilience.is_complete(out / "checkpoint-10")
     assert resilience.complete_checkpoints(out) == [(5, str(out / "checkpoint-5"))]
-    with pytest.raises(ValueError, match=r"checkpoint-10: its save did not finish.*resume from .*checkpoint-5"):
+    with pytest.raises(ValueError, match=r"checkpoint-10: the checkpoint is incomplete.*resume from .*checkpoint-5"):
         resilience.resolve_checkpoint(str(out / "checkpoint-10"), str(out))
 
     _, output = run_finetune(train_args(model, shapes, out, "--resume_from_checkpoint", out, "--save_total_limit", "1"))
