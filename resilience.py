@@ -23,6 +23,8 @@ added here (hooked in by ``CPMTrainer``):
   ``true``/``last`` for the output dir) into the newest complete checkpoint.
 """
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -146,6 +148,57 @@ def remove_stale(folder):
     if os.path.isdir(folder):
         logger.warning("Removing %s, left by an earlier run, before saving over it", folder)
         remove_checkpoint(folder)
+
+
+# torch.save's writer reports a full disk as "unexpected pos" or "iostream error", without the
+# OS error: a save that fails while its filesystem has less than this left is taken as one.
+DISK_NEARLY_FULL = 64 * 2**20
+
+
+class DiskFull(SystemExit):
+    """A save ran out of disk space (exit status 1); the message names the folder."""
+
+    def __init__(self, message):
+        super().__init__(1)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
+def out_of_space(error, folder):
+    """Whether ``error``, raised while writing into ``folder``, means the disk is full."""
+    cause = error
+    while cause is not None:
+        if getattr(cause, "errno", None) == errno.ENOSPC:
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return free_space(folder) < DISK_NEARLY_FULL
+
+
+def free_space(folder):
+    """Bytes free (to this user) on the filesystem that holds, or would hold, ``folder``."""
+    existing = os.path.abspath(folder)
+    while not os.path.isdir(existing):
+        existing = os.path.dirname(existing)
+    return shutil.disk_usage(existing).free
+
+
+@contextlib.contextmanager
+def explain_disk_full(folder):
+    """Turn a write failure caused by a full disk into DiskFull, saying so and naming ``folder``."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if not out_of_space(e, folder):
+            raise
+        message = (
+            f"Saving {folder} failed: the disk is full ({free_space(folder) / 2**20:.1f} MiB left on its filesystem; "
+            f"{type(e).__name__}: {e}). Free some space or pass another --output_dir; checkpoints saved "
+            "earlier are untouched, and this incomplete one is never resumed from."
+        )
+        logger.error("%s", message)
+        raise DiskFull(message) from e
 
 
 class Preempted(SystemExit):

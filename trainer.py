@@ -164,7 +164,8 @@ class CPMTrainer(transformers.Trainer):
         if self.args.should_save:
             resilience.remove_stale(folder)
         self.accelerator.wait_for_everyone()
-        super()._save_checkpoint(model, trial)
+        with resilience.explain_disk_full(folder):
+            super()._save_checkpoint(model, trial)
 
     def _save_rng_state(self, output_dir):
         super()._save_rng_state(output_dir)
@@ -175,8 +176,9 @@ class CPMTrainer(transformers.Trainer):
             resilience.write_manifest(output_dir)
 
     def save_model(self, output_dir=None, _internal_call=False):
-        super().save_model(output_dir, _internal_call=_internal_call)
         output_dir = output_dir or self.args.output_dir
+        with resilience.explain_disk_full(output_dir):
+            super().save_model(output_dir, _internal_call=_internal_call)
         model = self.accelerator.unwrap_model(self.model)
         if self.args.should_save and self.model_source is not None and not isinstance(model, PeftModel):
             copied = copy_remote_code(self.model_source, output_dir)

@@ -214,3 +214,26 @@ def test_sigterm_to_the_launcher_script_checkpoints_and_exits_143(tiny_checkpoin
     [folder] = list(out.glob("checkpoint-*"))
     assert resilience.is_complete(folder) and (folder / "adapter_model.safetensors").is_file()
     assert not [pid for pid in workers if alive(pid)], "processes of the run outlived the script"
+
+
+def test_disk_full_while_saving_names_the_folder_and_keeps_earlier_checkpoints(tiny_checkpoint, shapes, tmp_path):
+    """A real full disk: the run writes into a small tmpfs mounted in its own user and mount namespace
+    (``unshare``, no privileges needed), sized to hold one checkpoint and a half."""
+    model, out, kept = tiny_checkpoint("minicpmv2_6"), tmp_path / "out", tmp_path / "kept"
+    out.mkdir()
+    checkpoint_bytes = 3 * (model / "model.safetensors").stat().st_size + 2**18  # weights, Adam's two moments, the rest
+    args = train_args(model, shapes, out, "--max_steps", "3", "--save_steps", "1")
+    # The tmpfs vanishes with the namespace: what the run left is copied out before.
+    script = f'mount -t tmpfs -o size={int(1.5 * checkpoint_bytes)} tmpfs "{out}" && "$@"; code=$?; cp -a "{out}/." "{kept}"; exit $code'
+    result = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh",
+         sys.executable, REPO / "finetune.py", *FAST_ARGS, *args],
+        env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    folder = out / "checkpoint-2"
+    assert f"Saving {folder} failed: the disk is full" in output, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert resilience.complete_checkpoints(kept) == [(1, str(kept / "checkpoint-1"))]
+    assert not resilience.is_complete(kept / "checkpoint-2")
