@@ -747,6 +747,7 @@ class SupervisedDataset(Dataset):
 
         pixel_values, tgt_sizes = self._image_tensors([v for group in views for v in group])
         return dict(
+            record={"index": index, "id": record.get("id")},  # names the record if its loss goes bad
             input_ids=ids,
             position_ids=torch.arange(len(ids), dtype=torch.long),
             labels=labels,
@@ -832,4 +833,5 @@ class DataCollator:
             "pixel_values": [e["pixel_values"] for e in examples],
             "image_bound": [e["image_bound"] for e in examples],
             "tgt_sizes": [e["tgt_sizes"] for e in examples],
+            "records": [e["record"] for e in examples],
         }

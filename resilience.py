@@ -201,6 +201,60 @@ def explain_disk_full(folder):
         raise DiskFull(message) from e
 
 
+def any_rank(flag, args):
+    """Whether ``flag`` is true on any rank, the same answer on every rank (one all-reduce)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    tensor = torch.tensor([int(flag)], device=args.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+class NonFiniteLoss(SystemExit):
+    """The loss became NaN or inf: the run stops (exit status 1) without saving the damaged weights."""
+
+    def __init__(self, message):
+        super().__init__(1)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
+class NonFiniteLossGuard(TrainerCallback):
+    """Stops training after a step whose loss was NaN or inf on any rank, before anything is saved.
+
+    A NaN loss makes NaN gradients and weights; training on would spend hours on garbage, and a
+    checkpoint saved after it would replace a good one. The trainer calls ``note`` with every
+    training loss; at the step's end the ranks agree (one all-reduce) and all of them stop, each
+    naming the records of its batch whose loss was not finite.
+    """
+
+    def __init__(self):
+        self.records = []
+        self.values = set()
+
+    def note(self, loss, records):
+        value = loss.detach().float()
+        if not torch.isfinite(value).item():
+            self.records += records
+            self.values.add(str(value.item()))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # Runs before the Trainer's save of this step (DefaultFlowCallback only asks for it).
+        if not any_rank(bool(self.records), args):
+            return control
+        mine = ", ".join(f"#{r['index']} (id {r['id']!r})" for r in self.records) or "none on this rank"
+        message = (
+            f"The loss became {' and '.join(sorted(self.values)) or 'NaN or inf'} at step {state.global_step} "
+            f"(rank {args.process_index}'s records in that batch: {mine}); stopping without saving this step. "
+            "Resume from the last checkpoint with a lower --learning_rate, or bf16 instead of fp16, or check "
+            "those records."
+        )
+        logger.error("%s", message)
+        raise NonFiniteLoss(message)
+
+
 class Preempted(SystemExit):
     """Raised on every rank once the SIGTERM checkpoint is saved: exit status 143."""
 
@@ -233,16 +287,8 @@ class PreemptionCallback(TrainerCallback):
             signal.signal(signal.SIGTERM, self.previous_handler)
             self.previous_handler = None
 
-    def any_rank_signalled(self, args):
-        """Whether any rank got SIGTERM, the same answer on every rank (one all-reduce per step)."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return self.signalled
-        flag = torch.tensor([int(self.signalled)], device=args.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
     def on_step_end(self, args, state, control, **kwargs):
-        if not self.stopping and self.any_rank_signalled(args):
+        if not self.stopping and any_rank(self.signalled, args):
             self.stopping = True
             control.should_save = True
             control.should_training_stop = True

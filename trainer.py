@@ -102,6 +102,8 @@ class CPMTrainer(transformers.Trainer):
         """``model_source``: folder of the base model, whose remote code full saves copy."""
         super().__init__(*args, **kwargs)
         self.model_source = model_source
+        self.loss_guard = resilience.NonFiniteLossGuard()
+        self.add_callback(self.loss_guard)
         if is_deepspeed_zero3_enabled():
             count = register_zero3_external_parameters(self.model)
             logger.info("ZeRO-3: registered %d attention output parameters for gathering", count)
@@ -142,6 +144,8 @@ class CPMTrainer(transformers.Trainer):
                 model(data=inputs, use_cache=False)
             loss = head.loss_sum / num_items
             outputs = CausalLMOutput(loss=loss)
+        if model.training:
+            self.loss_guard.note(loss, inputs["records"])
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # That count is summed over processes, and DDP averages gradients over them.
             loss = loss * self.accelerator.num_processes

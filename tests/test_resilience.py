@@ -1,5 +1,6 @@
 """Never lose a run: SIGTERM, kill -9 and a crash mid-save, each with real finetune.py processes."""
 
+import json
 import os
 import re
 import shutil
@@ -237,3 +238,21 @@ def test_disk_full_while_saving_names_the_folder_and_keeps_earlier_checkpoints(t
     assert "Traceback" not in output, output[-3000:]
     assert resilience.complete_checkpoints(kept) == [(1, str(kept / "checkpoint-1"))]
     assert not resilience.is_complete(kept / "checkpoint-2")
+
+
+def test_loss_turning_nan_stops_after_that_step_saving_nothing(tiny_checkpoint, shapes, tmp_path):
+    # A learning rate of 1e30 wrecks the weights in the first step: the second step's loss is NaN.
+    out = tmp_path / "run"
+    args = train_args(tiny_checkpoint("minicpmv2_6"), shapes, out, "--max_steps", "4", "--save_steps", "1",
+                      "--learning_rate", "1e30", "--per_device_train_batch_size", "2")
+    code, output = run_finetune(args, expect_ok=False)
+    assert code == 1, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    message = re.search(r"The loss became nan at step 2 \(rank 0's records in that batch: (.*?)\); stopping", output)
+    assert message, output[-3000:]
+    named = re.findall(r"#(\d+) \(id '([^']*)'\)", message.group(1))
+    records = json.loads(shapes.read_text())
+    assert len(named) == 2 and all(records[int(index)]["id"] == record_id for index, record_id in named)
+    # Nothing was saved after the bad step: the last good checkpoint is the newest, and no final model.
+    assert resilience.complete_checkpoints(out) == [(1, str(out / "checkpoint-1"))]
+    assert not (out / "checkpoint-2").exists() and not (out / "model.safetensors").exists()
