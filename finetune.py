@@ -6,12 +6,13 @@ Launch through the scripts, which hold the reference flags:
 or directly: ``torchrun --nproc_per_node N finetune.py --model_name_or_path ... --data_path ...``.
 """
 
+import atexit
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -37,6 +38,12 @@ from trainer import CPMTrainer, model_source_dir
 
 logger = logging.getLogger(__name__)
 
+
+class UsageError(ValueError):
+    """A mistake on the command line: ``main`` prints the message alone and exits 2, no traceback."""
+
+
+EXIT_USAGE = 2  # argparse's status for a bad command line
 LLM_TYPES = ("minicpm", "llama3", "qwen")
 DEFAULT_LORA_TARGETS = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj)"
 
@@ -96,19 +103,22 @@ class TrainingArguments(transformers.TrainingArguments):
 
     def __post_init__(self):
         if self.llm_type not in LLM_TYPES:
-            raise ValueError(f"--llm_type {self.llm_type!r} is not one of {', '.join(LLM_TYPES)}")
+            raise UsageError(f"--llm_type {self.llm_type!r} is not one of {', '.join(LLM_TYPES)}")
         if self.use_lora and self.tune_llm:
-            raise ValueError(
+            raise UsageError(
                 "cannot tune the LLM and apply LoRA at once: pass --tune_llm false together with --use_lora true"
             )
         if self.model_max_length < 1:
-            raise ValueError("--model_max_length must be positive")
+            raise UsageError("--model_max_length must be positive")
         if self.max_slice_nums < 1:
-            raise ValueError("--max_slice_nums must be at least 1")
+            raise UsageError("--max_slice_nums must be at least 1")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name} is {getattr(self, name)}; it must be at least 1")
         if self.group_by_length:
             # transformers 5 replaced its own --group_by_length by this sampler option.
             if self.train_sampling_strategy not in ("random", "group_by_length"):
-                raise ValueError(
+                raise UsageError(
                     f"--group_by_length true contradicts --train_sampling_strategy {self.train_sampling_strategy}"
                 )
             self.train_sampling_strategy = "group_by_length"
@@ -144,12 +154,16 @@ class LoraArguments:
     )
 
     def __post_init__(self):
+        if self.lora_r < 1:
+            raise UsageError(f"--lora_r is {self.lora_r}; the LoRA rank must be at least 1 (e.g. 8, 16, 64)")
+        if not 0 <= self.lora_dropout < 1:
+            raise UsageError(f"--lora_dropout is {self.lora_dropout}; a dropout probability is in [0, 1), e.g. 0.05")
         if self.lora_bias not in ("none", "all", "lora_only"):
-            raise ValueError(f"--lora_bias must be none, all or lora_only, not {self.lora_bias!r}")
+            raise UsageError(f"--lora_bias must be none, all or lora_only, not {self.lora_bias!r}")
         if self.lora_layers_pattern and not self.lora_layers_to_transform:
-            raise ValueError("--lora_layers_pattern only applies together with --lora_layers_to_transform")
+            raise UsageError("--lora_layers_pattern only applies together with --lora_layers_to_transform")
         if self.lora_layer_replication:
-            raise ValueError(
+            raise UsageError(
                 "--lora_layer_replication: peft replicates decoder layers only where they sit at "
                 "model.model...layers; MiniCPM-V keeps its LLM at model.llm, so its layers cannot be replicated"
             )
@@ -186,14 +200,20 @@ def adapt_deepspeed_argv(argv):
       its ``optimizer`` section.
     - Without CUDA, DeepSpeed's fused CPU Adam would be compiled with g++ on first use
       (minutes); torch's AdamW (``torch_adam``) does the same job.
-    The adapted copy goes to a temporary file and the argument points to it.
+    The adapted copy goes to a private temporary folder, removed at exit, and the argument
+    points to it.
     """
     found = last_flag_value(argv, "--deepspeed")
     if found is None or not found[1].endswith(".json"):
         return argv
     index, path = found
-    with open(path) as f:
-        config = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except OSError as e:
+        raise UsageError(f"--deepspeed {path}: cannot read the file ({e.strerror or e})") from e
+    except ValueError as e:
+        raise UsageError(f"--deepspeed {path}: not a valid JSON DeepSpeed config: {e}") from e
     changes = []
     scheduler = last_flag_value(argv, "--lr_scheduler_type")
     if scheduler is not None and "scheduler" in config:
@@ -207,13 +227,13 @@ def adapt_deepspeed_argv(argv):
         changes.append("torch's AdamW, as there is no CUDA")
     if not changes:
         return argv
-    # Named by content: every rank (and every rerun) writes the same file, and no two differ.
-    text = json.dumps(config, indent=2, sort_keys=True)
-    adapted = os.path.join(tempfile.gettempdir(), f"ds_config_{hashlib.sha256(text.encode()).hexdigest()[:16]}.json")
-    fd, partial = tempfile.mkstemp(dir=tempfile.gettempdir(), suffix=".json.partial")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(partial, adapted)
+    # A private folder per process (mode 0700: another user on the machine can neither read it
+    # nor collide with it), removed when the process exits.
+    folder = tempfile.mkdtemp(prefix="finetune_ds_")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    adapted = os.path.join(folder, os.path.basename(path))
+    with open(adapted, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
     argv = list(argv)
     argv[index] = adapted if argv[index] == path else f"--deepspeed={adapted}"
     logger.warning("DeepSpeed config %s used as %s: %s", path, adapted, "; ".join(changes))
@@ -233,24 +253,43 @@ def check_launch(training_args, lora_args):
     if not training_args.use_lora:
         given = [f"--{f.name}" for f in dataclasses.fields(lora_args) if getattr(lora_args, f.name) != f.default]
         if given:
-            raise ValueError(f"{', '.join(given)} given without --use_lora true, where LoRA settings do nothing")
+            raise UsageError(f"{', '.join(given)} given without --use_lora true, where LoRA settings do nothing")
     elif training_args.tune_vision and "vpm" not in lora_args.modules_to_save(tune_vision=True):
-        raise ValueError(
+        raise UsageError(
             "--tune_vision true, but --lora_modules_to_save leaves out vpm, so the vision tower would stay "
             "frozen: add vpm to the list or pass --tune_vision false"
         )
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if lora_args.q_lora and (is_deepspeed_zero3_enabled() or training_args.fsdp):
-        raise ValueError(
+        raise UsageError(
             "--q_lora does not work with FSDP or DeepSpeed ZeRO-3: 4-bit weights cannot be partitioned; "
             "use ZeRO-2 (ds_config_zero2.json) or no DeepSpeed"
         )
     if world_size > 1 and training_args.world_size != world_size:
         hint = " On a machine without GPUs add --use_cpu True (the launchers do)." if not torch.cuda.is_available() else ""
-        raise RuntimeError(
+        raise UsageError(
             f"WORLD_SIZE={world_size} processes were launched, but the Trainer runs {training_args.world_size} "
             f"process(es): each rank would train alone.{hint}"
         )
+
+
+def looks_local(name_or_path):
+    """Whether a --model_name_or_path is meant as a folder rather than a hub id ("org/name")."""
+    return name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
+
+
+def check_paths(model_args, training_args):
+    """Paths the run needs, checked before anything loads; returns the checkpoint to resume from."""
+    model = model_args.model_name_or_path
+    if looks_local(model) and not os.path.isdir(os.path.expanduser(model)):
+        raise UsageError(
+            f"--model_name_or_path {model}: no such folder; pass the folder that holds the model's config.json, "
+            "or a hub id such as openbmb/MiniCPM-V-2_6"
+        )
+    try:
+        return resilience.resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
 
 
 def init_cpu_deepspeed():
@@ -345,7 +384,7 @@ def build_datasets(data_args, training_args, tokenizer, settings):
         )
 
     if data_args.data_path is None:
-        raise ValueError("--data_path is required")
+        raise UsageError("--data_path is required")
     train_dataset = make(data_args.data_path)
     eval_dataset = make(data_args.eval_data_path) if data_args.eval_data_path else None
     return train_dataset, eval_dataset
@@ -379,10 +418,16 @@ def apply_lora(model, training_args, lora_args):
             and int(match.group(1)) in lora_args.lora_layers_to_transform
         ]
         if not target_modules:
-            raise ValueError(
+            raise UsageError(
                 f"--lora_target_modules {lora_args.lora_target_modules!r} matches no module in layers "
                 f"{lora_args.lora_layers_to_transform}"
             )
+    elif not any(re.fullmatch(target_modules, name) for name, _ in model.named_modules()):
+        example = next(name for name, module in model.llm.named_modules() if isinstance(module, torch.nn.Linear))
+        raise UsageError(
+            f"--lora_target_modules {target_modules!r} matches no module of the model (the regex must match a "
+            f"whole module name, e.g. llm.{example}); the default is {DEFAULT_LORA_TARGETS!r}"
+        )
     config = LoraConfig(
         r=lora_args.lora_r,
         lora_alpha=lora_args.lora_alpha,
@@ -418,7 +463,7 @@ def load_adapter_weights(model, path):
         key for key in set(weights) & set(expected) if weights[key].shape != expected[key].shape
     )
     if mismatched:
-        raise ValueError(
+        raise UsageError(
             f"--lora_weight_path {path}: {len(mismatched)} tensors do not fit this LoRA layout, "
             f"e.g. {mismatched[:3]}; pass the LoRA arguments the adapter was trained with"
         )
@@ -452,6 +497,7 @@ def train(argv=None):
     )
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     check_launch(training_args, lora_args)
+    resume_from = check_paths(model_args, training_args)
     if training_args.deepspeed and not torch.cuda.is_available():
         init_cpu_deepspeed()
     # Before the model exists: LoRA's initial weights are drawn when the adapter is added, and
@@ -508,11 +554,20 @@ def train(argv=None):
         callbacks=[resilience.PreemptionCallback()],
     )
     check_engine(trainer, training_args)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_state()
     trainer.save_model(training_args.output_dir)
     return trainer
 
 
+def main(argv=None):
+    """The command line: a mistake in it prints one message (which flag, what, how to fix) and exits 2."""
+    try:
+        return train(argv)
+    except UsageError as e:
+        print(f"finetune.py: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
 if __name__ == "__main__":
-    train()
+    main()

@@ -112,6 +112,11 @@ def resolve_checkpoint(value, output_dir):
         return None
     if value is True or str(value).lower() in ("true", "last", "latest"):
         run_dir = output_dir
+    elif not os.path.isdir(value):
+        raise ValueError(
+            f"--resume_from_checkpoint {value}: no such folder; pass a checkpoint folder, the run folder "
+            "(its newest complete checkpoint is taken), or true for the newest in --output_dir"
+        )
     elif CHECKPOINT_NAME.match(os.path.basename(os.path.normpath(value))):
         if is_complete(value):
             return value
