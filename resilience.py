@@ -155,20 +155,27 @@ def remove_stale(folder):
         remove_checkpoint(folder)
 
 
+class StopRun(SystemExit):
+    """Ends the process with ``status`` and a message that is logged, not a traceback."""
+
+    status = 1
+
+    def __init__(self, message):
+        super().__init__(self.status)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
 # torch.save's writer reports a full disk as "unexpected pos" or "iostream error", without the
 # OS error: a save that fails while its filesystem has less than this left is taken as one.
 DISK_NEARLY_FULL = 64 * 2**20
 
 
-class DiskFull(SystemExit):
+class DiskFull(StopRun):
     """A save ran out of disk space (exit status 1); the message names the folder."""
 
-    def __init__(self, message):
-        super().__init__(1)
-        self.message = message
-
-    def __str__(self):
-        return self.message
 
 
 def out_of_space(error, folder):
@@ -215,15 +222,9 @@ def any_rank(flag, args):
     return bool(tensor.item())
 
 
-class NonFiniteLoss(SystemExit):
+class NonFiniteLoss(StopRun):
     """The loss became NaN or inf: the run stops (exit status 1) without saving the damaged weights."""
 
-    def __init__(self, message):
-        super().__init__(1)
-        self.message = message
-
-    def __str__(self):
-        return self.message
 
 
 class NonFiniteLossGuard(TrainerCallback):
@@ -260,15 +261,10 @@ class NonFiniteLossGuard(TrainerCallback):
         raise NonFiniteLoss(message)
 
 
-class Preempted(SystemExit):
+class Preempted(StopRun):
     """Raised on every rank once the SIGTERM checkpoint is saved: exit status 143."""
 
-    def __init__(self, message):
-        super().__init__(EXIT_PREEMPTED)
-        self.message = message
-
-    def __str__(self):
-        return self.message
+    status = EXIT_PREEMPTED
 
 
 class PreemptionCallback(TrainerCallback):
