@@ -177,7 +177,6 @@ class DiskFull(StopRun):
     """A save ran out of disk space (exit status 1); the message names the folder."""
 
 
-
 def out_of_space(error, folder):
     """Whether ``error``, raised while writing into ``folder``, means the disk is full."""
     cause = error
@@ -224,7 +223,6 @@ def any_rank(flag, args):
 
 class NonFiniteLoss(StopRun):
     """The loss became NaN or inf: the run stops (exit status 1) without saving the damaged weights."""
-
 
 
 class NonFiniteLossGuard(TrainerCallback):
