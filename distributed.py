@@ -115,3 +115,17 @@ def check_engine(trainer, training_args):
     else:
         engine = "a single process"
     logger.info("Training with %s on %d process(es), device %s", engine, training_args.world_size, training_args.device)
+
+
+def finish():
+    """Tear down the process group once every rank is done with it.
+
+    Exiting with a gloo group still alive lets its C++ worker threads be destroyed during
+    interpreter shutdown, which aborts the process ("terminate called without an active
+    exception", exit -6) at random after a run that otherwise succeeded. Called only where all
+    ranks arrive together (the end of training, a coordinated SIGTERM stop): after a failure on
+    one rank, a barrier here would hang the others.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -143,7 +143,13 @@ def main(argv=None):
         force=True,
     )
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
-    return train(model_args, data_args, training_args, lora_args)
+    try:
+        trainer = train(model_args, data_args, training_args, lora_args)
+    except resilience.Preempted:
+        distributed.finish()  # every rank stopped after the same step
+        raise
+    distributed.finish()
+    return trainer
 
 
 if __name__ == "__main__":
