@@ -1,12 +1,13 @@
 # The two commands a newcomer needs; both create the git-ignored .venv when it is missing.
 #   make demo   # build a tiny MiniCPM-V 2.6, fine-tune it with LoRA on 2 CPU processes, ask it questions
 #   make test   # the whole test suite (no GPU needed)
+#   make test-fast   # the tests that start no processes (pytest -m "not launch"), for a quick check while editing
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU machines this project is developed on take torch from local files; elsewhere pip downloads it.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test venv
+.PHONY: demo test test-fast venv
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
@@ -21,3 +22,6 @@ demo: venv
 
 test: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q
+
+test-fast: venv
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -m "not launch"

@@ -21,12 +21,14 @@ import math
 import os
 import re
 import stat
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
+from torchvision import transforms
 
 logger = logging.getLogger(__name__)
 
@@ -835,3 +837,74 @@ class DataCollator:
             "tgt_sizes": [e["tgt_sizes"] for e in examples],
             "records": [e["record"] for e in examples],
         }
+
+
+# --------------------------------------------------------------------------------------------
+# The dataset as training and inference build it from a model config
+
+
+# The vision tower's input normalisation: to tensor, then mean = std = 0.5 per channel.
+IMAGE_TRANSFORM = transforms.Compose(
+    [transforms.ToTensor(), transforms.Normalize(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))]
+)
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """What the dataset needs from the model config: slicing, placeholder size, image layout."""
+
+    slice_config: dict | None  # max_slice_nums, scale_resolution, patch_size; None: no slicing
+    query_num: int
+    patch_size: int
+    batch_vision: bool
+    use_image_id: bool
+
+
+def data_settings(config, max_slice_nums):
+    """The DataSettings of a model config, slicing images into at most ``max_slice_nums``.
+
+    ``max_slice_nums`` applies to the data only: the model config is left as it is, so a saved
+    model keeps the slicing its processor (preprocessor_config.json) and its own ``chat()`` agree
+    on, and inference may use more slices than training did.
+    """
+    slice_config = getattr(config, "slice_config", None)
+    if slice_config is not None:
+        slicing = {**slice_config.to_dict(), "max_slice_nums": max_slice_nums}
+    elif getattr(config, "slice_mode", True):  # MiniCPM-V 2.0 keeps its slicing fields on the config itself
+        slicing = {**config.to_dict(), "max_slice_nums": max_slice_nums}
+    else:
+        slicing = None
+    return DataSettings(
+        slice_config=slicing,
+        query_num=config.query_num,
+        patch_size=getattr(config, "patch_size", 14),
+        batch_vision=getattr(config, "batch_vision_input", False),
+        use_image_id=getattr(config, "use_image_id", False),
+    )
+
+
+def make_dataset(records, tokenizer, settings, *, llm_type, max_length, image_root, data_path=None):
+    """A SupervisedDataset laid out as training lays it out (infer.py asks its questions through it too)."""
+    return SupervisedDataset(
+        records,
+        tokenizer,
+        transform=IMAGE_TRANSFORM,
+        slice_config=settings.slice_config,
+        llm_type=llm_type,
+        patch_size=settings.patch_size,
+        query_num=settings.query_num,
+        batch_vision=settings.batch_vision,
+        max_length=max_length,
+        use_image_id=settings.use_image_id,
+        image_root=image_root,
+        data_path=data_path,
+    )
+
+
+def log_sample(dataset, tokenizer):
+    """Log the first sample as the model reads it, and the tokens it learns."""
+    sample = dataset[0]
+    ids, labels = sample["input_ids"].tolist(), sample["labels"].tolist()
+    logger.info("First training sample, as the model reads it:\n%s", tokenizer.decode(ids))
+    learned = [label for label in labels if label != IGNORE_INDEX]
+    logger.info("...and the tokens it learns to predict (%d):\n%s", len(learned), tokenizer.decode(learned))

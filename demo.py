@@ -71,8 +71,9 @@ def plot_losses(output_dir):
 
 def ask(model_dir, adapter, data):
     import infer
+    import loading
 
-    model, tokenizer, config = infer.load(model_dir, adapter)
+    model, tokenizer, config = loading.load_for_inference(model_dir, adapter)
     answerer = infer.Answerer(model, tokenizer, config, llm_type="qwen", max_slice_nums=2)
     records = json.loads(Path(data).read_text())
     answers = answerer.answer(records, Path(data).parent, max_new_tokens=16)

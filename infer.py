@@ -12,27 +12,13 @@ fine-tuned model sees at inference what it saw in training.
 import argparse
 import logging
 import os
-from pathlib import Path
 
 import torch
-from peft import PeftModel
 
-import finetune
 import loading
-from dataset import IGNORE_INDEX, load_records
+from dataset import IGNORE_INDEX, LLM_TYPES, data_settings, load_records, make_dataset
 
 logger = logging.getLogger(__name__)
-
-
-def load(model_path, adapter=None, dtype=torch.float32, device="cpu"):
-    """The model (with the adapter applied, if any) in eval mode on ``device``, its tokenizer and config."""
-    config = loading.load_config(model_path)
-    # The adapter folder carries the tokenizer the run trained with.
-    tokenizer = loading.load_tokenizer(adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else model_path)
-    model = loading.load_model(model_path, config, dtype=dtype)
-    if adapter:
-        model = PeftModel.from_pretrained(model, adapter)
-    return model.to(device).eval(), tokenizer, config
 
 
 def first_exchange(record):
@@ -58,12 +44,12 @@ def prompt_inputs(sample, device="cpu"):
 class Answerer:
     def __init__(self, model, tokenizer, config, *, llm_type, max_slice_nums=9, max_length=4096):
         self.model, self.tokenizer = model, tokenizer
-        self.settings = finetune.data_settings(config, max_slice_nums)
+        self.settings = data_settings(config, max_slice_nums)
         self.llm_type, self.max_length = llm_type, max_length
 
     def answer(self, records, image_root, max_new_tokens=64):
         """Generated answers to the first question of each record, in order."""
-        dataset = finetune.make_dataset(
+        dataset = make_dataset(
             [first_exchange(record) for record in records], self.tokenizer, self.settings,
             llm_type=self.llm_type, max_length=self.max_length, image_root=image_root,
         )
@@ -81,7 +67,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="base model: hub id or folder")
     parser.add_argument("--adapter", help="LoRA adapter folder saved by finetune_lora.sh")
-    parser.add_argument("--llm_type", default="qwen", choices=finetune.LLM_TYPES, help="chat template, as in training")
+    parser.add_argument("--llm_type", default="qwen", choices=LLM_TYPES, help="chat template, as in training")
     parser.add_argument("--image", help="one image to ask about")
     parser.add_argument("--question", help="the question about --image")
     parser.add_argument("--questions", help="a .json/.jsonl file of records in the training format")
@@ -96,7 +82,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING)
 
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
-    model, tokenizer, config = load(args.model, args.adapter, dtype, args.device)
+    model, tokenizer, config = loading.load_for_inference(args.model, args.adapter, dtype, args.device)
     answerer = Answerer(model, tokenizer, config, llm_type=args.llm_type, max_slice_nums=args.max_slice_nums)
     if args.questions:
         records = load_records(args.questions)

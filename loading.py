@@ -2,18 +2,23 @@
 
 One place for what ``finetune.py``, ``infer.py`` and ``merge.py`` share: the ``AutoModel`` /
 ``AutoTokenizer`` calls with ``trust_remote_code=True``, the keyword arguments only some
-model families accept, and the repairs (``remote_code_repairs``) that remote code written for
-transformers 4.4x needs to load correctly today; and ``write_repaired_classes``, which gives every
-folder this project saves the same repairs, so that it loads correctly with plain transformers.
+model families accept, the repairs (``remote_code_repairs``) that remote code written for
+transformers 4.4x needs to load correctly today, and a base model with its LoRA adapter for
+inference. Saved folders: the copying of remote code into them, and ``write_repaired_classes``,
+which gives every folder this project saves the same repairs, so that it loads correctly with
+plain transformers.
 """
 
 import contextlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
+import torch
 import transformers
+from peft import PeftModel
 
 import remote_code_repairs
 
@@ -77,6 +82,43 @@ def load_model(name_or_path, config, *, dtype, cache_dir=None, device_map=None, 
     if reference is not None:
         remote_code_repairs.restore_non_persistent_buffers(model, reference)
     return model
+
+
+def load_for_inference(model_path, adapter=None, dtype=torch.float32, device="cpu"):
+    """The model (with the adapter applied, if any) in eval mode on ``device``, its tokenizer and config."""
+    config = load_config(model_path)
+    # The adapter folder carries the tokenizer the run trained with.
+    tokenizer = load_tokenizer(adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else model_path)
+    model = load_model(model_path, config, dtype=dtype)
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.to(device).eval(), tokenizer, config
+
+
+# Files besides the weights that make a checkpoint folder self-contained: the model's remote
+# code and the processor description (the tokenizer is saved by the Trainer itself).
+REMOTE_CODE_PATTERNS = ("*.py", "preprocessor_config.json", "processor_config.json")
+
+
+def model_source_dir(name_or_path, cache_dir=None):
+    """The local folder holding a model's files: the path itself, or its hub cache snapshot."""
+    if os.path.isdir(name_or_path):
+        return Path(name_or_path)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name_or_path, cache_dir=cache_dir, allow_patterns=list(REMOTE_CODE_PATTERNS)))
+
+
+def copy_remote_code(source_dir, output_dir):
+    """Copy remote-code and processor files that ``output_dir`` does not have yet."""
+    copied = []
+    for pattern in REMOTE_CODE_PATTERNS:
+        for src in sorted(Path(source_dir).glob(pattern)):
+            dst = Path(output_dir) / src.name
+            if not dst.exists():
+                shutil.copy2(src, dst)
+                copied.append(src.name)
+    return copied
 
 
 # A saved folder's config.json `auto_map` points to this generated module; the published targets it

@@ -15,20 +15,18 @@ from pathlib import Path
 
 import torch
 
-import infer
 import loading
-from trainer import copy_remote_code, model_source_dir
 
 logger = logging.getLogger(__name__)
 
 
 def merge(model_path, adapter, out_dir, dtype=torch.float32):
-    model, tokenizer, _ = infer.load(model_path, adapter, dtype)
+    model, tokenizer, _ = loading.load_for_inference(model_path, adapter, dtype)
     merged = model.merge_and_unload()
     out_dir = Path(out_dir)
     merged.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    copied = copy_remote_code(model_source_dir(model_path), out_dir)
+    copied = loading.copy_remote_code(loading.model_source_dir(model_path), out_dir)
     logger.info("Merged %s into %s (remote code: %s)", adapter, out_dir, ", ".join(copied) or "already present")
     loading.write_repaired_classes(out_dir)
     return out_dir

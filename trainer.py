@@ -18,9 +18,6 @@ stock ``transformers.Trainer``.
 """
 
 import logging
-import os
-import shutil
-from pathlib import Path
 
 import torch
 import transformers
@@ -35,32 +32,6 @@ import resilience
 from loss import full_logits_reason, labelled_count, loss_on_labelled, token_loss
 
 logger = logging.getLogger(__name__)
-
-# Files besides the weights that make a checkpoint folder self-contained: the model's remote
-# code and the processor description (the tokenizer is saved by the Trainer itself).
-REMOTE_CODE_PATTERNS = ("*.py", "preprocessor_config.json", "processor_config.json")
-
-
-def model_source_dir(name_or_path, cache_dir=None):
-    """The local folder holding a model's files: the path itself, or its hub cache snapshot."""
-    if os.path.isdir(name_or_path):
-        return Path(name_or_path)
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(name_or_path, cache_dir=cache_dir, allow_patterns=list(REMOTE_CODE_PATTERNS)))
-
-
-def copy_remote_code(source_dir, output_dir):
-    """Copy remote-code and processor files that ``output_dir`` does not have yet."""
-    copied = []
-    for pattern in REMOTE_CODE_PATTERNS:
-        for src in sorted(Path(source_dir).glob(pattern)):
-            dst = Path(output_dir) / src.name
-            if not dst.exists():
-                shutil.copy2(src, dst)
-                copied.append(src.name)
-    return copied
-
 
 def register_zero3_external_parameters(model):
     """Let ZeRO-3 gather parameters that are used outside their own module's forward.
@@ -185,7 +156,7 @@ class CPMTrainer(transformers.Trainer):
             super().save_model(output_dir, _internal_call=_internal_call)
         model = self.accelerator.unwrap_model(self.model)
         if self.args.should_save and self.model_source is not None and not isinstance(model, PeftModel):
-            copied = copy_remote_code(self.model_source, output_dir)
+            copied = loading.copy_remote_code(self.model_source, output_dir)
             if copied:
                 logger.info("Copied remote code into %s: %s", output_dir, ", ".join(copied))
             loading.write_repaired_classes(output_dir)

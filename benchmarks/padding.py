@@ -82,8 +82,9 @@ def main():
             ["--model_name_or_path", str(model), "--data_path", str(data), "--output_dir", str(tmp / "out"),
              "--llm_type", "qwen", "--max_slice_nums", "9", "--model_max_length", "2048"]
         )
-        settings = finetune.data_settings(loading.load_config(model), training_args.max_slice_nums)
-        train, _ = finetune.build_datasets(data_args, training_args, loading.load_tokenizer(model), settings)
+        train, _ = finetune.build_datasets(
+            data_args, training_args, loading.load_tokenizer(model), loading.load_config(model)
+        )
         start = time.perf_counter()
         train = preflight.run({"train": train}, str(tmp / "out"))["train"]
         checked = time.perf_counter() - start

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import arguments  # noqa: E402
 import finetune  # noqa: E402
 import loading  # noqa: E402
 import preflight  # noqa: E402
@@ -76,13 +77,12 @@ def main():
         path, references = write_data(tmp, args.records, args.images, size)
         print(f"wrote {args.records} records, {args.images} {args.size} JPEGs in {time.perf_counter() - start:.1f} s")
         model = build_checkpoint("minicpmv2_6", tmp / "model")
-        _, data_args, training_args, _ = finetune.parse_args(
+        _, data_args, training_args, _ = arguments.parse_args(
             ["--model_name_or_path", str(model), "--data_path", str(path), "--output_dir", str(tmp / "out"),
              "--use_cpu", "true", "--llm_type", "qwen", "--report_to", "none"]
         )
         config, tokenizer = loading.load_config(model), loading.load_tokenizer(model)
-        settings = finetune.data_settings(config, training_args.max_slice_nums)
-        train, _ = finetune.build_datasets(data_args, training_args, tokenizer, settings)
+        train, _ = finetune.build_datasets(data_args, training_args, tokenizer, config)
         decodes = 0
         start = time.perf_counter()
         bad, _ = preflight.check_all({"train": train}, tmp / "out", skip_bad=False, preflight_only=True)

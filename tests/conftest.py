@@ -1,7 +1,8 @@
-"""Shared fixtures: tiny random MiniCPM-V checkpoints, built once per test session."""
+"""Shared fixtures: tiny random MiniCPM-V checkpoints and a small dataset, built once per test session."""
 
 import pytest
 
+import demo_data
 from tiny_models.build import build_checkpoint
 
 
@@ -19,3 +20,9 @@ def tiny_checkpoint(tmp_path_factory):
         return built[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    """A small training file (demo_data: 8 images of coloured shapes, a two-image and a text-only record)."""
+    return demo_data.generate(tmp_path_factory.mktemp("shapes"), count=8)

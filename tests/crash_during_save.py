@@ -29,4 +29,4 @@ def crash_mid_save(self, output_dir):
 transformers.Trainer._save_optimizer_and_scheduler = crash_mid_save
 
 if __name__ == "__main__":
-    finetune.train(sys.argv[1:])
+    finetune.main(sys.argv[1:])

@@ -52,14 +52,38 @@ def run(cmd, *, env=None, timeout=420, expect_ok=True, cwd=None):
     return result.returncode, output
 
 
+def finetune_args(model, data, output_dir, *extra, llm_type="qwen", use_cpu=True):
+    """The flags every run of finetune.py names (model, data, template, output folder, CPU processes), then ``extra``."""
+    return [
+        "--model_name_or_path", model, "--data_path", data, "--llm_type", llm_type, "--output_dir", output_dir,
+        *(["--use_cpu", "true"] if use_cpu else []), *extra,
+    ]
+
+
+# LoRA on the LLM, which itself stays frozen (the launchers' LoRA setting).
+LORA_ARGS = ["--use_lora", "true", "--tune_llm", "false"]
+
+
+def torchrun_finetune(env, nproc=2):
+    """The command that starts finetune.py on ``nproc`` processes through torchrun, at ``env``'s address and port."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+        "--master_addr", env["MASTER_ADDR"], "--master_port", env["MASTER_PORT"], REPO / "finetune.py", *FAST_ARGS,
+    ]
+
+
 def run_script(script, args=(), timeout=420, expect_ok=True, **env):
     return run(["bash", REPO / script, *FAST_ARGS, *args], env=subprocess_env(**env), timeout=timeout,
                expect_ok=expect_ok)
 
 
+def finetune_command(*args):
+    """``python finetune.py`` with the fast arguments, then ``args``."""
+    return [sys.executable, REPO / "finetune.py", *FAST_ARGS, *args]
+
+
 def run_finetune(args, timeout=420, expect_ok=True, **env):
-    return run([sys.executable, REPO / "finetune.py", *FAST_ARGS, *args], env=subprocess_env(**env),
-               timeout=timeout, expect_ok=expect_ok)
+    return run(finetune_command(*args), env=subprocess_env(**env), timeout=timeout, expect_ok=expect_ok)
 
 
 def trainer_state(output_dir):
@@ -85,16 +109,17 @@ def load_state_dict(folder):
 
 def dataset_as_trained(model_dir, data_path, *argv):
     """The dataset finetune.train() builds from ``--data_path`` with these arguments, and its collator."""
+    import arguments
     import finetune
     import loading
     from dataset import DataCollator
 
-    _, data_args, training_args, _ = finetune.parse_args(
-        ["--model_name_or_path", str(model_dir), "--data_path", str(data_path), "--output_dir", "unused",
-         "--use_cpu", "true", "--llm_type", "qwen", *FAST_ARGS, *map(str, argv)]
+    _, data_args, training_args, _ = arguments.parse_args(
+        [str(arg) for arg in finetune_args(model_dir, data_path, "unused", *FAST_ARGS, *argv)]
     )
-    settings = finetune.data_settings(loading.load_config(model_dir), training_args.max_slice_nums)
-    dataset, _ = finetune.build_datasets(data_args, training_args, loading.load_tokenizer(model_dir), settings)
+    dataset, _ = finetune.build_datasets(
+        data_args, training_args, loading.load_tokenizer(model_dir), loading.load_config(model_dir)
+    )
     return dataset, DataCollator(training_args.model_max_length)
 
 

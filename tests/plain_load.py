@@ -18,7 +18,9 @@ import torch
 from PIL import Image
 from transformers import AutoModel, AutoTokenizer
 
-PROJECT_MODULES = ("loading", "remote_code_repairs", "finetune", "trainer", "merge", "infer")
+PROJECT_MODULES = (
+    "loading", "remote_code_repairs", "finetune", "arguments", "distributed", "lora", "usage", "dataset", "trainer", "merge", "infer"
+)
 
 
 def load(folder):

@@ -88,15 +88,6 @@ def test_reshape_by_patch_matches_the_processor_unfold_layout():
 Q = 2  # query_num: short placeholders keep the golden strings readable
 SCALE = 56  # scale_resolution: a 112x56 image gives a 84x42 source and a 2x1 grid of 56x56 slices
 SLICE_CONFIG = {"max_slice_nums": 9, "scale_resolution": SCALE, "patch_size": 14}
-LLM_TYPES = ("minicpm", "llama3", "qwen")
-
-
-def transform():
-    from torchvision import transforms
-
-    return transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
-
-
 TOKENIZER_FAMILY = {"minicpm": "minicpmv2_0", "llama3": "minicpmv2_5", "qwen": "minicpmv2_6", "qwen-thinking": "minicpmv4_5"}
 
 
@@ -127,7 +118,7 @@ def write_image(path, size, color=(200, 30, 30), mode="RGB"):
 
 def make_dataset(records, tokenizer, llm_type, root, **overrides):
     kwargs = dict(
-        transform=transform(),
+        transform=dataset.IMAGE_TRANSFORM,
         slice_config=SLICE_CONFIG,
         llm_type=llm_type,
         patch_size=14,
@@ -223,7 +214,7 @@ def check_bounds(sample, tokenizer, new_schema):
 # Samples: golden layouts and labels
 
 
-@pytest.mark.parametrize("llm_type", LLM_TYPES)
+@pytest.mark.parametrize("llm_type", dataset.LLM_TYPES)
 def test_golden_two_turn_sample(llm_type, tokenizers, tmp_path):
     tok = tokenizers[llm_type]
     write_image(tmp_path / "cat.png", (112, 56))
@@ -250,7 +241,7 @@ def test_golden_two_turn_sample(llm_type, tokenizers, tmp_path):
     assert [tuple(p.shape) for p in sample["pixel_values"]] == [(3, 14, 252), (3, 14, 224), (3, 14, 224)]
 
 
-@pytest.mark.parametrize("llm_type", LLM_TYPES)
+@pytest.mark.parametrize("llm_type", dataset.LLM_TYPES)
 def test_image_tag_in_a_later_user_turn_and_no_slicing(llm_type, tokenizers, tmp_path):
     tok = tokenizers[llm_type]
     write_image(tmp_path / "cat.png", (112, 56))
@@ -266,7 +257,7 @@ def test_image_tag_in_a_later_user_turn_and_no_slicing(llm_type, tokenizers, tmp
     check_bounds(sample, tok, new_schema=llm_type == "qwen")
 
 
-@pytest.mark.parametrize("llm_type", LLM_TYPES)
+@pytest.mark.parametrize("llm_type", dataset.LLM_TYPES)
 def test_spliced_ids_equal_the_full_string_route(llm_type, tokenizers, tmp_path):
     """Splicing query runs into compact ids gives exactly the ids of tokenizing the full text."""
     tok = tokenizers[llm_type]
@@ -323,7 +314,7 @@ def check_bounds_q(sample, tok, new_schema, q):
         assert end - start == q and int(ids[end]) in closers and (ids[start:end] == tok.unk_id).all()
 
 
-@pytest.mark.parametrize("llm_type", LLM_TYPES)
+@pytest.mark.parametrize("llm_type", dataset.LLM_TYPES)
 def test_multi_image_tags_in_two_turns(llm_type, tokenizers, tmp_path):
     tok = tokenizers[llm_type]
     write_image(tmp_path / "wide.png", (112, 56))  # sliced 2x1
@@ -353,7 +344,7 @@ def test_multi_image_tags_in_two_turns(llm_type, tokenizers, tmp_path):
     assert len(learned_runs(sample["labels"])) == 2
 
 
-@pytest.mark.parametrize("llm_type", LLM_TYPES)
+@pytest.mark.parametrize("llm_type", dataset.LLM_TYPES)
 def test_text_only_record(llm_type, tokenizers, tmp_path):
     tok = tokenizers[llm_type]
     record = {"id": "t", "conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}
@@ -470,7 +461,7 @@ def test_truncation_keeps_images_whole_and_warns(tokenizers, tmp_path, caplog):
     assert torch.equal(sample["image_bound"], full["image_bound"])
 
 
-@pytest.mark.parametrize("llm_type", LLM_TYPES)
+@pytest.mark.parametrize("llm_type", dataset.LLM_TYPES)
 def test_truncation_inside_an_image_placeholder_is_an_error(llm_type, tokenizers, tmp_path):
     tok = tokenizers[llm_type]
     write_image(tmp_path / "cat.png", (112, 56))
@@ -686,7 +677,6 @@ FAMILY_LLM_TYPE = {
 
 @pytest.mark.parametrize("family", list(FAMILY_LLM_TYPE))
 def test_built_batch_feeds_the_tiny_model_forward(family, checkpoints, tmp_path):
-    import finetune
     import loading
 
     path = checkpoints(family)
@@ -706,9 +696,9 @@ def test_built_batch_feeds_the_tiny_model_forward(family, checkpoints, tmp_path)
         },
     ]
     llm_type = FAMILY_LLM_TYPE[family]
-    data = dataset.SupervisedDataset(
-        records, tokenizer, transform=transform(), llm_type=llm_type, max_length=2048,
-        image_root=tmp_path, data_path=tmp_path / "data.json", **finetune.data_settings(config, max_slice_nums=9),
+    data = dataset.make_dataset(
+        records, tokenizer, dataset.data_settings(config, max_slice_nums=9), llm_type=llm_type, max_length=2048,
+        image_root=tmp_path, data_path=tmp_path / "data.json",
     )
     samples = [data[i] for i in range(len(data))]
     for sample in samples:

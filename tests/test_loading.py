@@ -20,7 +20,7 @@ from transformers import AutoModel
 import demo_data
 import loading
 import remote_code_repairs
-from launch import dataset_as_trained, eval_loss, eval_losses, run_finetune, train_losses
+from launch import LORA_ARGS, dataset_as_trained, eval_loss, eval_losses, finetune_args, run_finetune, train_losses
 
 FIXTURES = Path(__file__).parent / "fixtures" / "defective_remote_code"
 REPAIRS_LOGGER = remote_code_repairs.__name__
@@ -184,17 +184,16 @@ def test_omni_init_kwargs_only_for_configs_that_declare_them(tiny_checkpoint):
     assert (omni.config.init_vision, omni.config.init_audio, omni.config.init_tts) == (True, False, False)
 
 
+@pytest.mark.launch
 def test_lora_run_on_defective_model_trains_and_reloads(defective_checkpoint, tmp_path):
     model_dir, out = defective_checkpoint("all"), tmp_path / "lora"
     data = demo_data.generate(tmp_path / "data", count=4)
     eval_file = data.parent / "eval_one.json"
     eval_file.write_text(json.dumps(json.loads(data.read_text())[:1]))
-    _, output = run_finetune([
-        "--model_name_or_path", model_dir, "--data_path", data, "--eval_data_path", eval_file,
-        "--llm_type", "qwen", "--output_dir", out, "--use_lora", "true", "--tune_llm", "false",
-        "--use_cpu", "true", "--max_steps", "3", "--logging_steps", "1", "--learning_rate", "1e-3",
-        "--eval_strategy", "steps", "--eval_steps", "3",
-    ])
+    _, output = run_finetune(finetune_args(
+        model_dir, data, out, *LORA_ARGS, "--eval_data_path", eval_file, "--max_steps", "3", "--logging_steps", "1",
+        "--learning_rate", "1e-3", "--eval_strategy", "steps", "--eval_steps", "3",
+    ))
     for message in MESSAGES.values():
         assert message in output
     losses = [loss for _, loss in train_losses(out)]

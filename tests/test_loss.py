@@ -7,19 +7,13 @@ import torch
 from transformers import AutoModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-import demo_data
-import finetune
+import arguments
 import loading
+import lora
 import loss
 from launch import dataset_as_trained
 from tiny_models.build import LLM_TYPE
 from trainer import CPMTrainer
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    # count 8: text-only, one-image, two-image and sliced records all occur.
-    return demo_data.generate(tmp_path_factory.mktemp("shapes"), count=8)
 
 
 def batch_of(model_dir, data, llm_type, indices=(6, 7, 3)):
@@ -28,8 +22,8 @@ def batch_of(model_dir, data, llm_type, indices=(6, 7, 3)):
 
 
 def make_trainer(model, tmp_path, *argv):
-    _, _, args, _ = finetune.parse_args(["--output_dir", str(tmp_path), "--use_cpu", "true", "--report_to", "none",
-                                         *argv])
+    _, _, args, _ = arguments.parse_args(["--output_dir", str(tmp_path), "--use_cpu", "true", "--report_to", "none",
+                                          *argv])
     return CPMTrainer(model=model, args=args)
 
 
@@ -80,7 +74,7 @@ def test_same_loss_and_gradients_for_every_family(tiny_checkpoint, shapes, tmp_p
 
 def test_lora_with_gradient_checkpointing(tiny_checkpoint, shapes, tmp_path, small_chunks):
     model_dir = tiny_checkpoint("minicpmv2_6")
-    _, _, training_args, lora_args = finetune.parse_args(
+    _, _, training_args, lora_args = arguments.parse_args(
         ["--output_dir", str(tmp_path), "--use_cpu", "true", "--use_lora", "true", "--tune_llm", "false",
          "--gradient_checkpointing", "true", "--lora_dropout", "0", "--report_to", "none",
          # The head itself carries LoRA: the stand-in must call the wrapped module, not its weight.
@@ -88,7 +82,7 @@ def test_lora_with_gradient_checkpointing(tiny_checkpoint, shapes, tmp_path, sma
     )
     model = AutoModel.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = finetune.apply_lora(model, training_args, lora_args)
+    model = lora.apply_lora(model, training_args, lora_args)
     for name, param in model.named_parameters():  # LoRA B starts at zero: give the adapters an effect
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.1)
@@ -103,14 +97,14 @@ def test_lora_with_gradient_checkpointing(tiny_checkpoint, shapes, tmp_path, sma
 def test_qlora(tiny_checkpoint, shapes, tmp_path, small_chunks):
     model_dir = tiny_checkpoint("minicpmv2_6")
     batch = batch_of(model_dir, shapes, "qwen")
-    _, _, training_args, lora_args = finetune.parse_args(
+    _, _, training_args, lora_args = arguments.parse_args(
         ["--output_dir", str(tmp_path), "--use_cpu", "true", "--use_lora", "true", "--tune_llm", "false",
          "--q_lora", "true", "--lora_dropout", "0", "--report_to", "none"]
     )
     config = loading.load_config(model_dir)
     model = loading.load_model(model_dir, config, dtype=torch.float32,
-                               quantization_config=finetune.quantization_config(lora_args, torch.float32))
-    model = finetune.apply_lora(model, training_args, lora_args)
+                               quantization_config=lora.quantization_config(lora_args, torch.float32))
+    model = lora.apply_lora(model, training_args, lora_args)
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.1)

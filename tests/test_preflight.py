@@ -4,7 +4,6 @@ import json
 import os
 import re
 import struct
-import sys
 import zlib
 
 import numpy as np
@@ -13,7 +12,7 @@ from PIL import Image
 
 import dataset
 import preflight
-from launch import FAST_ARGS, REPO, dataset_as_trained, run, run_finetune, subprocess_env, trainer_state
+from launch import dataset_as_trained, finetune_args, run, run_finetune, subprocess_env, torchrun_finetune, trainer_state
 
 MAX_LENGTH = 512  # FAST_ARGS's --model_max_length
 
@@ -188,13 +187,12 @@ def test_corpus_every_bad_record_is_reported_with_its_reason(corpus, tmp_path):
     assert report["action"] == "stopped" and not report["ok"]
 
 
+@pytest.mark.launch
 def test_preflight_only_exits_nonzero_with_table_and_report_before_weights(corpus, tmp_path):
     model, path, records, expected = corpus
     out = tmp_path / "out"
     code, output = run_finetune(
-        ["--model_name_or_path", model, "--data_path", path, "--eval_data_path", path, "--llm_type", "qwen",
-         "--output_dir", out, "--use_cpu", "true", "--preflight_only", "true"],
-        expect_ok=False,
+        finetune_args(model, path, out, "--eval_data_path", path, "--preflight_only", "true"), expect_ok=False
     )
     assert code == 1, output[-3000:]
     n_bad, total = len(expected), 2 * len(records)
@@ -209,17 +207,16 @@ def test_preflight_only_exits_nonzero_with_table_and_report_before_weights(corpu
     }
 
 
+@pytest.mark.launch
 def test_skip_bad_samples_trains_on_exactly_the_good_ones(corpus, tmp_path):
     model, path, records, expected = corpus
     out = tmp_path / "out"
     env = subprocess_env()
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_addr", env["MASTER_ADDR"], "--master_port", env["MASTER_PORT"]]
     _, output = run(
-        [*torchrun, REPO / "finetune.py", *FAST_ARGS,
-         "--model_name_or_path", model, "--data_path", path, "--llm_type", "qwen", "--output_dir", out,
-         "--use_cpu", "true", "--skip_bad_samples", "true", "--num_train_epochs", "1",
-         "--per_device_train_batch_size", "1", "--logging_steps", "1", "--save_strategy", "no"],
+        [*torchrun_finetune(env), *finetune_args(
+            model, path, out, "--skip_bad_samples", "true", "--num_train_epochs", "1",
+            "--per_device_train_batch_size", "1", "--logging_steps", "1", "--save_strategy", "no",
+        )],
         env=env,
     )
     good = len(records) - len(expected)
@@ -285,6 +282,7 @@ def test_bad_jsonl_line_is_a_record_problem_that_skip_mode_drops(tiny_checkpoint
     assert problem["message"].startswith(f"record 1 (id None) of {path}: line 3 is not valid JSON")
 
 
+@pytest.mark.launch
 def test_unreadable_file_exits_1_with_the_table_and_no_traceback(tiny_checkpoint, tmp_path):
     path = tmp_path / "train.json"
     path.write_bytes(UNUSABLE_FILES["latin-1"][1])

@@ -12,25 +12,29 @@ import time
 
 import pytest
 
-import demo_data
 import resilience
-from launch import FAST_ARGS, REPO, run_finetune, subprocess_env, train_losses, trainer_state
+from launch import (
+    FAST_ARGS,
+    REPO,
+    finetune_args,
+    finetune_command,
+    run_finetune,
+    subprocess_env,
+    torchrun_finetune,
+    train_losses,
+    trainer_state,
+)
 
+pytestmark = pytest.mark.launch
 STEPS, SAVE_EVERY = "30", "5"
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    return demo_data.generate(tmp_path_factory.mktemp("shapes"), count=8)
 
 
 def train_args(model, data, output_dir, *extra):
     # Full fine-tune in fp32 on CPU, seeded: resumed losses must equal uninterrupted ones exactly.
-    return [
-        "--model_name_or_path", model, "--data_path", data, "--llm_type", "qwen", "--output_dir", output_dir,
-        "--use_cpu", "true", "--per_device_train_batch_size", "1", "--logging_steps", "1",
+    return finetune_args(
+        model, data, output_dir, "--per_device_train_batch_size", "1", "--logging_steps", "1",
         "--learning_rate", "1e-3", "--max_steps", STEPS, "--save_steps", SAVE_EVERY, *extra,
-    ]
+    )
 
 
 class Launched:
@@ -83,10 +87,8 @@ def uninterrupted(uninterrupted_run):
 def test_sigterm_saves_the_current_step_on_every_rank(tiny_checkpoint, shapes, tmp_path):
     out = tmp_path / "run"
     env = subprocess_env()
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_addr", env["MASTER_ADDR"], "--master_port", env["MASTER_PORT"]]
     args = train_args(tiny_checkpoint("minicpmv2_6"), shapes, out, "--max_steps", "5000", "--save_steps", "5000")
-    run = Launched([*torchrun, REPO / "finetune.py", *FAST_ARGS, *args], env)
+    run = Launched([*torchrun_finetune(env), *args], env)
     run.wait_for(lambda: logged_steps(run) >= 3, what="three logged steps")
     seen = logged_steps(run)
     run.proc.send_signal(signal.SIGTERM)  # to torchrun, as a preempted node's agent would
@@ -108,7 +110,7 @@ def test_sigterm_saves_the_current_step_on_every_rank(tiny_checkpoint, shapes, t
 
 def test_kill_9_then_resume_continues_with_identical_losses(tiny_checkpoint, shapes, uninterrupted, tmp_path):
     model, out = tiny_checkpoint("minicpmv2_6"), tmp_path / "run"
-    run = Launched([sys.executable, REPO / "finetune.py", *FAST_ARGS, *train_args(model, shapes, out)], subprocess_env())
+    run = Launched(finetune_command(*train_args(model, shapes, out)), subprocess_env())
     run.wait_for(lambda: resilience.is_complete(out / "checkpoint-10"), what="checkpoint-10")
     run.proc.kill()  # SIGKILL: no handler, no cleanup
     assert run.finish() == -signal.SIGKILL

@@ -4,8 +4,8 @@ import pytest
 from transformers import AutoModel
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+import arguments
 import demo_data
-import finetune
 import preflight
 from dataset import SupervisedDataset
 from launch import dataset_as_trained
@@ -19,8 +19,8 @@ def test_group_by_length_uses_preflight_lengths_without_building_samples(tiny_ch
     expected = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
     assert checked.lengths == expected and len(set(expected)) > 1
 
-    _, _, args, _ = finetune.parse_args(["--output_dir", str(tmp_path), "--use_cpu", "true", "--report_to", "none",
-                                         "--group_by_length", "true", "--per_device_train_batch_size", "2"])
+    _, _, args, _ = arguments.parse_args(["--output_dir", str(tmp_path), "--use_cpu", "true", "--report_to", "none",
+                                          "--group_by_length", "true", "--per_device_train_batch_size", "2"])
     assert args.train_sampling_strategy == "group_by_length"
 
     def refuse(self, index):
@@ -46,5 +46,5 @@ def test_subset_lengths_follow_its_indices(tiny_checkpoint, tmp_path):
 
 def test_group_by_length_contradicting_another_sampler_is_refused():
     with pytest.raises(ValueError, match="--group_by_length true contradicts --train_sampling_strategy sequential"):
-        finetune.parse_args(["--output_dir", "unused", "--use_cpu", "true", "--group_by_length", "true",
-                             "--train_sampling_strategy", "sequential"])
+        arguments.parse_args(["--output_dir", "unused", "--use_cpu", "true", "--group_by_length", "true",
+                              "--train_sampling_strategy", "sequential"])

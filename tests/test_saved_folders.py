@@ -20,10 +20,10 @@ from PIL import Image
 from transformers import TrainingArguments
 
 import demo_data
-import finetune
 import loading
 import merge
-from launch import REPO, run, run_finetune, subprocess_env
+from lora import DEFAULT_LORA_TARGETS
+from launch import LORA_ARGS, REPO, finetune_args, run, run_finetune, subprocess_env
 from test_loading import DEFECTS, batch, defective_checkpoint, load, logits  # noqa: F401 (a fixture)
 from trainer import CPMTrainer
 
@@ -86,7 +86,7 @@ def save_full(model, tokenizer, base, out):
 def save_merged(base, out):
     """merge.py on an adapter whose LoRA weights are not zero (merging changes the weights)."""
     model = load(base)
-    config = LoraConfig(target_modules=finetune.DEFAULT_LORA_TARGETS, r=4, init_lora_weights=False,
+    config = LoraConfig(target_modules=DEFAULT_LORA_TARGETS, r=4, init_lora_weights=False,
                         modules_to_save=["resampler"])
     adapter = out.parent / f"{out.name}-adapter"
     get_peft_model(model, config).save_pretrained(adapter)
@@ -118,6 +118,7 @@ def defect_folders(defective_checkpoint, tmp_path_factory):
     return expected, plain_load(jobs, tmp_path)
 
 
+@pytest.mark.launch
 @pytest.mark.parametrize("defect", sorted(DEFECTS))
 @pytest.mark.parametrize("kind", ["full", "merged"])
 def test_saved_folder_loads_with_plain_transformers(defect_folders, defect, kind):
@@ -154,13 +155,10 @@ def trained_folders(defective_checkpoint, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("trained")
     data = demo_data.generate(tmp_path / "data", count=2)
     base = defective_checkpoint("all")
-    common = ["--data_path", data, "--llm_type", "qwen", "--use_cpu", "true", "--max_steps", "1",
-              "--learning_rate", "1e-3"]
-    run_finetune(["--model_name_or_path", base, "--output_dir", tmp_path / "lora", "--use_lora", "true",
-                  "--tune_llm", "false", *common])
+    common = ["--max_steps", "1", "--learning_rate", "1e-3"]
+    run_finetune(finetune_args(base, data, tmp_path / "lora", *LORA_ARGS, *common))
     merged = merge.merge(base, tmp_path / "lora", tmp_path / "merged")
-    _, output = run_finetune(["--model_name_or_path", merged, "--output_dir", tmp_path / "full",
-                              "--save_steps", "1", *common])
+    _, output = run_finetune(finetune_args(merged, data, tmp_path / "full", "--save_steps", "1", *common))
     assert f"Wrote {loading.REPAIRED_MODULE}.py and remote_code_repairs.py into {tmp_path / 'full'}" in output
     # The checkpoint first: moving the run folder moves it too.
     return {"merged": merged, "checkpoint": tmp_path / "full" / "checkpoint-1", "full": tmp_path / "full"}
@@ -172,6 +170,7 @@ def chat(model, tokenizer):
                       sampling=False, max_new_tokens=4)
 
 
+@pytest.mark.launch
 def test_trained_folders_load_with_plain_transformers_and_chat(trained_folders, tmp_path):
     """Through the loader and through plain transformers: the same logits, and chat() answers."""
     data = batch(loading.load_config(trained_folders["full"]).vocab_size)

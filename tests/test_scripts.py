@@ -1,5 +1,6 @@
 """demo_data.py, infer.py, merge.py and the demo itself, on the tiny checkpoints."""
 
+import ast
 import json
 import re
 import sys
@@ -10,44 +11,43 @@ from peft import PeftModel
 from transformers import AutoModel
 
 import demo_data
-import finetune
 import infer
 import loading
-from dataset import DataCollator
-from launch import REPO, run, run_finetune, subprocess_env
+from dataset import DataCollator, data_settings, make_dataset
+from launch import LORA_ARGS, REPO, finetune_args, run, run_finetune, subprocess_env
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
+def demo_set(tmp_path_factory):
+    """The demo's own dataset (demo_data defaults: 16 shapes, a two-image and a text-only record)."""
     return demo_data.generate(tmp_path_factory.mktemp("demo_data"))
 
 
 @pytest.fixture(scope="module")
-def adapter(tiny_checkpoint, shapes, tmp_path_factory):
+def adapter(tiny_checkpoint, demo_set, tmp_path_factory):
     out = tmp_path_factory.mktemp("adapter")
-    run_finetune([
-        "--model_name_or_path", tiny_checkpoint("minicpmv2_6"), "--data_path", shapes, "--llm_type", "qwen",
-        "--output_dir", out, "--use_lora", "true", "--tune_llm", "false", "--use_cpu", "true",
+    run_finetune(finetune_args(
+        tiny_checkpoint("minicpmv2_6"), demo_set, out, *LORA_ARGS,
         "--max_steps", "40", "--learning_rate", "3e-3", "--lr_scheduler_type", "cosine", "--logging_steps", "10",
-    ])
+    ))
     return out
 
 
 def samples(model_dir, data, indices):
     config, tokenizer = loading.load_config(model_dir), loading.load_tokenizer(model_dir)
-    dataset = finetune.make_dataset(
-        json.loads(data.read_text()), tokenizer, finetune.data_settings(config, max_slice_nums=2),
+    dataset = make_dataset(
+        json.loads(data.read_text()), tokenizer, data_settings(config, max_slice_nums=2),
         llm_type="qwen", max_length=512, image_root=data.parent,
     )
     batch = DataCollator(512)([dataset[i] for i in indices]) if indices else None
     return batch, dataset
 
 
-def test_demo_data_passes_the_pipeline(tiny_checkpoint, shapes):
-    records = json.loads(shapes.read_text())
+def test_demo_data_passes_the_pipeline(tiny_checkpoint, demo_set):
+    records = json.loads(demo_set.read_text())
     assert len(records) == 18 and len({r["id"] for r in records}) == 18
     model_dir = tiny_checkpoint("minicpmv2_6")
-    batch, dataset = samples(model_dir, shapes, range(len(records)))
+    batch, dataset = samples(model_dir, demo_set, range(len(records)))
     image_counts = [len(p) for p in batch["pixel_values"]]
     by_id = dict(zip((r["id"] for r in records), image_counts))
     assert by_id["text-only"] == 0
@@ -62,9 +62,9 @@ def test_demo_data_passes_the_pipeline(tiny_checkpoint, shapes):
     assert logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(logits).all()
 
 
-def test_prompt_ends_where_the_answer_starts(tiny_checkpoint, shapes):
+def test_prompt_ends_where_the_answer_starts(tiny_checkpoint, demo_set):
     model_dir = tiny_checkpoint("minicpmv2_6")
-    _, dataset = samples(model_dir, shapes, [])
+    _, dataset = samples(model_dir, demo_set, [])
     tokenizer = loading.load_tokenizer(model_dir)
     prompt = infer.prompt_inputs(dataset[0])
     text = tokenizer.decode(prompt["input_ids"][0])
@@ -73,7 +73,8 @@ def test_prompt_ends_where_the_answer_starts(tiny_checkpoint, shapes):
     assert prompt["image_bound"][0].tolist() == dataset[0]["image_bound"].tolist()
 
 
-def test_merge_is_standalone_and_matches_the_adapter(tiny_checkpoint, shapes, adapter, tmp_path):
+@pytest.mark.launch
+def test_merge_is_standalone_and_matches_the_adapter(tiny_checkpoint, demo_set, adapter, tmp_path):
     base = tiny_checkpoint("minicpmv2_6")
     out = tmp_path / "merged"
     run([sys.executable, REPO / "merge.py", "--model", base, "--adapter", adapter, "--out", out])
@@ -82,7 +83,7 @@ def test_merge_is_standalone_and_matches_the_adapter(tiny_checkpoint, shapes, ad
         assert (out / name).is_file(), name
     assert not (out / "adapter_config.json").exists()
 
-    batch, _ = samples(base, shapes, [0, 3, 16, 17])
+    batch, _ = samples(base, demo_set, [0, 3, 16, 17])
     wrapped = PeftModel.from_pretrained(AutoModel.from_pretrained(base, trust_remote_code=True), adapter).eval()
     merged = AutoModel.from_pretrained(out, trust_remote_code=True).eval()
     plain = AutoModel.from_pretrained(base, trust_remote_code=True).eval()
@@ -94,30 +95,41 @@ def test_merge_is_standalone_and_matches_the_adapter(tiny_checkpoint, shapes, ad
     assert (untouched - expected).abs().max().item() > 1e-2  # the adapter changed the model
 
 
+@pytest.mark.launch
+def test_inference_and_merging_import_no_training_code():
+    """infer.py and merge.py depend on loading and data code only, never on the training modules."""
+    training = {"finetune", "arguments", "distributed", "lora", "trainer", "loss", "preflight", "resilience", "usage"}
+    _, output = run([sys.executable, "-c", "import sys, infer, merge; print('modules:', sorted(sys.modules))"])
+    imported = set(ast.literal_eval(re.search(r"^modules: (.*)$", output, flags=re.M).group(1)))
+    assert {"loading", "dataset"} <= imported and not imported & training, imported & training
+
+
 def answers(output):
     return re.findall(r"^    generated: (.*)$", output, flags=re.M)
 
 
-def test_infer_cli_adapter_and_merged_model_answer_alike(tiny_checkpoint, shapes, adapter, tmp_path):
+@pytest.mark.launch
+def test_infer_cli_adapter_and_merged_model_answer_alike(tiny_checkpoint, demo_set, adapter, tmp_path):
     base = tiny_checkpoint("minicpmv2_6")
     merged = tmp_path / "merged"
     run([sys.executable, REPO / "merge.py", "--model", base, "--adapter", adapter, "--out", merged])
-    common = ["--questions", shapes, "--max_slice_nums", "2", "--max_new_tokens", "8"]
+    common = ["--questions", demo_set, "--max_slice_nums", "2", "--max_new_tokens", "8"]
     _, with_adapter = run([sys.executable, REPO / "infer.py", "--model", base, "--adapter", adapter, *common])
     _, with_merged = run([sys.executable, REPO / "infer.py", "--model", merged, *common])
     _, without = run([sys.executable, REPO / "infer.py", "--model", base, *common])
-    records = json.loads(shapes.read_text())
+    records = json.loads(demo_set.read_text())
     assert len(answers(with_adapter)) == len(records)
     assert answers(with_adapter) == answers(with_merged)
     assert answers(with_adapter) != answers(without)
     assert with_adapter.count("expected:") == len(records)
 
     _, single = run([sys.executable, REPO / "infer.py", "--model", base, "--adapter", adapter,
-                     "--image", shapes.parent / records[0]["image"], "--question", "What is in the image?",
+                     "--image", demo_set.parent / records[0]["image"], "--question", "What is in the image?",
                      "--max_slice_nums", "2", "--max_new_tokens", "8"])
     assert answers(single) == answers(with_adapter)[:1]
 
 
+@pytest.mark.launch
 def test_demo_learns_the_training_answers(tmp_path):
     """The README's first command, end to end: at least 90% of the answers reproduced exactly."""
     code, output = run([sys.executable, REPO / "demo.py", "--out", tmp_path / "demo"], env=subprocess_env(),

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModel, AutoProcessor, AutoTokenizer, Pr
 
 from infer import prompt_inputs
 from launch import dataset_as_trained
+from lora import DEFAULT_LORA_TARGETS
 from tiny_models.build import (
     FAMILIES,
     LLM_TYPE,
@@ -24,8 +25,6 @@ from tiny_models.build import (
     published_config_fields,
     published_record,
 )
-
-LORA_REGEX = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj)"
 
 
 def load(path, **kwargs):
@@ -296,7 +295,7 @@ def test_default_lora_regex_matches_llm_attention_only(tiny_checkpoint):
 
     for family in ("minicpmv2_6", "minicpmv2_0"):
         model, _ = load(tiny_checkpoint(family))
-        matched = {name for name, _ in model.named_modules() if re.fullmatch(LORA_REGEX, name)}
+        matched = {name for name, _ in model.named_modules() if re.fullmatch(DEFAULT_LORA_TARGETS, name)}
         expected = {f"llm.model.layers.{i}.self_attn.{p}" for i in range(model.config.num_hidden_layers)
                     for p in ("q_proj", "k_proj", "v_proj")}
         assert matched == expected
@@ -310,7 +309,9 @@ def test_lora_with_modules_to_save_trains_saves_and_reloads(tiny_checkpoint, tmp
     if family == "minicpmv2_0":  # like the real 2.0 code, the class has no get_input_embeddings
         assert not hasattr(model, "get_input_embeddings")
         model.get_input_embeddings = types.MethodType(lambda self: self.llm.get_input_embeddings(), model)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_REGEX, modules_to_save=["embed_tokens", "resampler"])
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=DEFAULT_LORA_TARGETS, modules_to_save=["embed_tokens", "resampler"]
+    )
     peft_model = get_peft_model(model, config)
     batch = two_sample_batch(tokenizer, model.config)
     vpm_before = model.vpm.embeddings.patch_embedding.weight.detach().clone()
@@ -344,7 +345,7 @@ def test_bf16_lora_with_gradient_checkpointing_backpropagates(tiny_checkpoint, f
     if not hasattr(model, "get_input_embeddings"):
         model.get_input_embeddings = types.MethodType(lambda self: self.llm.get_input_embeddings(), model)
     model.requires_grad_(False)
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=LORA_REGEX))
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=DEFAULT_LORA_TARGETS))
     peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_model.enable_input_require_grads()
     assert model.llm.model.layers[0].gradient_checkpointing

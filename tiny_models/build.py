@@ -24,7 +24,7 @@ from .remote_code.configuration_minicpm import TINY_SCALE_RESOLUTION
 
 # What each family's published remote code exposes: tokenizer names, config.json fields (data).
 PUBLISHED_RECORD = pathlib.Path(__file__).parent / "published_remote_code.json"
-# The config fields the data pipeline reads (finetune.data_settings, dataset.py).
+# The config fields the data pipeline reads (dataset.data_settings, dataset.py).
 PIPELINE_CONFIG_FIELDS = tuple(json.loads(PUBLISHED_RECORD.read_text())["pipeline_config_fields"])
 
 FAMILIES = ("minicpmv2_0", "minicpmv2_5", "minicpmv2_6", "minicpmo2_6", "minicpmv4_5")

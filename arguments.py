@@ -1,0 +1,205 @@
+"""The command line of finetune.py: four argument dataclasses, their checks, and the parser.
+
+Every check that needs only the arguments runs here, at parse time: in a dataclass's
+``__post_init__`` when it reads one dataclass, in ``validate`` when it reads several;
+``check_paths`` then checks the folders they name, before anything loads. A mistake raises
+``UsageError``: one message, exit status 2, no traceback.
+"""
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+from transformers.integrations import is_deepspeed_zero3_enabled
+
+import distributed
+import resilience
+from dataset import LLM_TYPES
+from lora import DEFAULT_LORA_TARGETS
+from usage import UsageError
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="openbmb/MiniCPM-V-2", metadata={"help": "Hub id or local folder of the model to fine-tune."}
+    )
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(default=None, metadata={"help": "Training data: a .json list or a .jsonl of records."})
+    eval_data_path: str = field(default=None, metadata={"help": "Evaluation data, same format (optional)."})
+    image_folder: str = field(
+        default=None,
+        metadata={"help": "Folder that relative image paths resolve against (default: the data file's folder)."},
+    )
+    skip_bad_samples: bool = field(
+        default=False,
+        metadata={"help": "Train without the records preflight reports as unusable, instead of stopping."},
+    )
+    preflight_only: bool = field(
+        default=False,
+        metadata={"help": "Only check the data (no weights load): report problems, exit 1 if there are any."},
+    )
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    cache_dir: str = field(default=None, metadata={"help": "Where downloaded models are cached."})
+    optim: str = field(default="adamw_torch", metadata={"help": "Optimizer name (see transformers OptimizerNames)."})
+    model_max_length: int = field(
+        default=2048, metadata={"help": "Maximum sequence length; samples are right-padded and truncated to it."}
+    )
+    tune_vision: bool = field(default=True, metadata={"help": "Train the vision encoder (vpm)."})
+    tune_llm: bool = field(default=True, metadata={"help": "Train the language model (llm) in full."})
+    llm_type: str = field(default="minicpm", metadata={"help": f"Chat template: one of {', '.join(LLM_TYPES)}."})
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on the LLM instead of its weights."})
+    max_slice_nums: int = field(default=9, metadata={"help": "Most slices a high-resolution image is cut into."})
+    group_by_length: bool = field(
+        default=False,
+        metadata={"help": "Batch samples of similar length together (less padding), using the lengths "
+                  "preflight measured; the same as --train_sampling_strategy group_by_length."},
+    )
+    log_level: str = field(default="info", metadata={"help": "Log level of the main process."})
+    # Our batches are dicts the model reads whole; the Trainer must not prune their keys.
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the model reads every key."})
+    label_names: list[str] = field(default_factory=lambda: ["labels"], metadata={"help": "Batch keys with labels."})
+    # transformers 5.x calls gradient checkpointing "activation checkpointing" (the old names
+    # stay as aliases); non-reentrant checkpointing works with frozen inputs and LoRA.
+    activation_checkpointing_kwargs: dict = field(
+        default_factory=lambda: {"use_reentrant": False},
+        metadata={"help": "Keyword arguments for gradient (activation) checkpointing."},
+    )
+
+    def __post_init__(self):
+        if self.llm_type not in LLM_TYPES:
+            raise UsageError(f"--llm_type {self.llm_type!r} is not one of {', '.join(LLM_TYPES)}")
+        if self.use_lora and self.tune_llm:
+            raise UsageError(
+                "cannot tune the LLM and apply LoRA at once: pass --tune_llm false together with --use_lora true"
+            )
+        if self.model_max_length < 1:
+            raise UsageError("--model_max_length must be positive")
+        if self.max_slice_nums < 1:
+            raise UsageError("--max_slice_nums must be at least 1")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name} is {getattr(self, name)}; it must be at least 1")
+        if self.group_by_length:
+            # transformers 5 replaced its own --group_by_length by this sampler option.
+            if self.train_sampling_strategy not in ("random", "group_by_length"):
+                raise UsageError(
+                    f"--group_by_length true contradicts --train_sampling_strategy {self.train_sampling_strategy}"
+                )
+            self.train_sampling_strategy = "group_by_length"
+        super().__post_init__()
+
+
+@dataclass
+class LoraArguments:
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=64, metadata={"help": "LoRA scaling alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
+    lora_target_modules: str = field(
+        default=DEFAULT_LORA_TARGETS, metadata={"help": "Regex (full match) of the module names that get LoRA."}
+    )
+    lora_weight_path: str = field(default="", metadata={"help": "An existing adapter folder to start training from."})
+    lora_bias: str = field(default="none", metadata={"help": "Which biases train: none, all or lora_only."})
+    q_lora: bool = field(default=False, metadata={"help": "QLoRA: load the LLM in 4 bit (nf4, double quant)."})
+    lora_modules_to_save: str = field(
+        default="",
+        metadata={"help": "Comma-separated modules trained in full and saved with the adapter "
+                  "(default: embed_tokens,resampler, plus vpm with --tune_vision)."},
+    )
+    lora_layer_replication: str = field(
+        default=None,
+        metadata={"help": "peft layer_replication (start:end ranges); MiniCPM-V's nested LLM cannot take it, "
+                  "so any value is rejected."},
+    )
+    lora_layers_to_transform: list[int] = field(
+        default=None, metadata={"help": "Only these LLM layer indices get LoRA (space-separated)."}
+    )
+    lora_layers_pattern: str = field(
+        default=None, metadata={"help": "Name of the layers container for --lora_layers_to_transform (e.g. layers)."}
+    )
+
+    def __post_init__(self):
+        if self.lora_r < 1:
+            raise UsageError(f"--lora_r is {self.lora_r}; the LoRA rank must be at least 1 (e.g. 8, 16, 64)")
+        if not 0 <= self.lora_dropout < 1:
+            raise UsageError(f"--lora_dropout is {self.lora_dropout}; a dropout probability is in [0, 1), e.g. 0.05")
+        if self.lora_bias not in ("none", "all", "lora_only"):
+            raise UsageError(f"--lora_bias must be none, all or lora_only, not {self.lora_bias!r}")
+        if self.lora_layers_pattern and not self.lora_layers_to_transform:
+            raise UsageError("--lora_layers_pattern only applies together with --lora_layers_to_transform")
+        if self.lora_layer_replication:
+            raise UsageError(
+                "--lora_layer_replication: peft replicates decoder layers only where they sit at "
+                "model.model...layers; MiniCPM-V keeps its LLM at model.llm, so its layers cannot be replicated"
+            )
+
+    def modules_to_save(self, tune_vision):
+        if self.lora_modules_to_save.strip():
+            return [name.strip() for name in self.lora_modules_to_save.split(",") if name.strip()]
+        return ["embed_tokens", "resampler"] + (["vpm"] if tune_vision else [])
+
+
+def validate(training_args, lora_args):
+    """Refuse combinations that would silently train something other than what was asked."""
+    if not training_args.use_lora:
+        given = [f"--{f.name}" for f in dataclasses.fields(lora_args) if getattr(lora_args, f.name) != f.default]
+        if given:
+            raise UsageError(f"{', '.join(given)} given without --use_lora true, where LoRA settings do nothing")
+    elif training_args.tune_vision and "vpm" not in lora_args.modules_to_save(tune_vision=True):
+        raise UsageError(
+            "--tune_vision true, but --lora_modules_to_save leaves out vpm, so the vision tower would stay "
+            "frozen: add vpm to the list or pass --tune_vision false"
+        )
+    if lora_args.q_lora and (is_deepspeed_zero3_enabled() or training_args.fsdp):
+        raise UsageError(
+            "--q_lora does not work with FSDP or DeepSpeed ZeRO-3: 4-bit weights cannot be partitioned; "
+            "use ZeRO-2 (ds_config_zero2.json) or no DeepSpeed"
+        )
+
+
+def parse_args(argv=None):
+    """The four argument dataclasses of ``argv`` (default: the command line), checked."""
+    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, LoraArguments))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    model_args, data_args, training_args, lora_args = parser.parse_args_into_dataclasses(
+        args=distributed.adapt_deepspeed_argv(argv)
+    )
+    validate(training_args, lora_args)
+    return model_args, data_args, training_args, lora_args
+
+
+def looks_local(name_or_path):
+    """Whether a --model_name_or_path is meant as a folder rather than a hub id ("org/name")."""
+    return name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
+
+
+def check_paths(model_args, training_args):
+    """The folders the run needs, checked before anything loads; returns the checkpoint to resume from."""
+    model = model_args.model_name_or_path
+    if looks_local(model) and not os.path.isdir(os.path.expanduser(model)):
+        raise UsageError(
+            f"--model_name_or_path {model}: no such folder; pass the folder that holds the model's config.json, "
+            "or a hub id such as openbmb/MiniCPM-V-2_6"
+        )
+    try:
+        return resilience.resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
+def compute_dtype(training_args):
+    """The dtype the model loads and trains in: --fp16, --bf16, else float32."""
+    if training_args.fp16:
+        return torch.float16
+    if training_args.bf16:
+        return torch.bfloat16
+    return torch.float32

@@ -1,0 +1,104 @@
+"""LoRA and QLoRA on the LLM of a MiniCPM-V model: the adapter layout, 4-bit loading, a starting adapter."""
+
+import logging
+import re
+
+import torch
+import transformers
+from peft import (
+    LoraConfig,
+    get_peft_model,
+    get_peft_model_state_dict,
+    prepare_model_for_kbit_training,
+    set_peft_model_state_dict,
+)
+from peft.utils import load_peft_weights
+
+from usage import UsageError
+
+logger = logging.getLogger(__name__)
+
+# The LLM's attention projections (the vision tower has self_attn.q_proj too: the llm. prefix keeps it out).
+DEFAULT_LORA_TARGETS = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj)"
+
+
+def quantization_config(lora_args, dtype):
+    if not lora_args.q_lora:
+        return None
+    return transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        # Only the LLM is quantized: the vision tower, resampler and output head stay in `dtype`.
+        llm_int8_skip_modules=["vpm", "resampler", "lm_head"],
+    )
+
+
+def apply_lora(model, training_args, lora_args):
+    """Freeze the LLM and wrap the model in LoRA adapters as ``lora_args`` lay them out (a PeftModel)."""
+    model.llm.requires_grad_(False)
+    target_modules = lora_args.lora_target_modules
+    if lora_args.lora_layers_to_transform is not None:
+        # peft selects layers only for module-name suffixes, not for a regex, and suffixes such as
+        # self_attn.q_proj would catch the vision tower's layers too: select the modules here.
+        layer_index = re.compile(rf".*\.{re.escape(lora_args.lora_layers_pattern or 'layers')}\.(\d+)\.")
+        target_modules = [
+            name
+            for name, _ in model.named_modules()
+            if re.fullmatch(lora_args.lora_target_modules, name)
+            and (match := layer_index.match(name))
+            and int(match.group(1)) in lora_args.lora_layers_to_transform
+        ]
+        if not target_modules:
+            raise UsageError(
+                f"--lora_target_modules {lora_args.lora_target_modules!r} matches no module in layers "
+                f"{lora_args.lora_layers_to_transform}"
+            )
+    elif not any(re.fullmatch(target_modules, name) for name, _ in model.named_modules()):
+        example = next(name for name, module in model.llm.named_modules() if isinstance(module, torch.nn.Linear))
+        raise UsageError(
+            f"--lora_target_modules {target_modules!r} matches no module of the model (the regex must match a "
+            f"whole module name, e.g. llm.{example}); the default is {DEFAULT_LORA_TARGETS!r}"
+        )
+    config = LoraConfig(
+        r=lora_args.lora_r,
+        lora_alpha=lora_args.lora_alpha,
+        target_modules=target_modules,
+        lora_dropout=lora_args.lora_dropout,
+        bias=lora_args.lora_bias,
+        modules_to_save=lora_args.modules_to_save(training_args.tune_vision),
+    )
+    if not hasattr(model, "get_input_embeddings"):
+        # peft and gradient checkpointing reach the token embeddings through this method.
+        model.get_input_embeddings = model.llm.get_input_embeddings
+    if lora_args.q_lora:
+        import bitsandbytes as bnb
+
+        quantized = [name for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
+        if not getattr(model, "is_loaded_in_4bit", False) or not quantized:
+            raise RuntimeError("--q_lora was given but the model did not load in 4 bit")
+        logger.info("QLoRA: %d linear layers in 4 bit (nf4), e.g. %s", len(quantized), quantized[0])
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training_args.gradient_checkpointing)
+    model = get_peft_model(model, config)
+    if lora_args.lora_weight_path:
+        load_adapter_weights(model, lora_args.lora_weight_path)
+    if training_args.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model
+
+
+def load_adapter_weights(model, path):
+    """Start from an existing adapter: its tensors must be exactly the ones this LoRA layout trains."""
+    weights = load_peft_weights(path)
+    expected = get_peft_model_state_dict(model)
+    mismatched = sorted(set(weights) ^ set(expected)) + sorted(
+        key for key in set(weights) & set(expected) if weights[key].shape != expected[key].shape
+    )
+    if mismatched:
+        raise UsageError(
+            f"--lora_weight_path {path}: {len(mismatched)} tensors do not fit this LoRA layout, "
+            f"e.g. {mismatched[:3]}; pass the LoRA arguments the adapter was trained with"
+        )
+    set_peft_model_state_dict(model, weights)
+    logger.info("Loaded %d adapter tensors from %s", len(weights), path)
