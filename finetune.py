@@ -13,6 +13,7 @@ config, tokenizer), dataset.py (records to tensors), preflight.py (the data chec
 
 import logging
 import os
+import sys
 
 import torch
 import transformers
@@ -22,20 +23,29 @@ import loading
 import lora
 import preflight
 import resilience
-from arguments import compute_dtype, parse_args
-from dataset import DataCollator, data_settings, load_records, log_sample, make_dataset
+from arguments import check_paths, compute_dtype, parse_args
+from dataset import DataCollator, DataError, data_settings, load_records, log_sample, make_dataset
 from trainer import CPMTrainer
+from usage import EXIT_USAGE, UsageError
 
 logger = logging.getLogger(__name__)
 
 
 def build_datasets(data_args, training_args, tokenizer, config):
-    """The train and eval datasets of the command line, laid out for the model of ``config``."""
+    """The train and eval datasets of the command line, laid out for the model of ``config``.
+
+    A data file that cannot be read comes back as its DataError in place of a dataset: preflight
+    reports it in its table, like a record's problem.
+    """
     settings = data_settings(config, training_args.max_slice_nums)
 
     def make(path):
+        try:
+            records = load_records(path)
+        except DataError as e:
+            return e
         return make_dataset(
-            load_records(path),
+            records,
             tokenizer,
             settings,
             llm_type=training_args.llm_type,
@@ -45,7 +55,7 @@ def build_datasets(data_args, training_args, tokenizer, config):
         )
 
     if data_args.data_path is None:
-        raise ValueError("--data_path is required")
+        raise UsageError("--data_path is required")
     train_dataset = make(data_args.data_path)
     eval_dataset = make(data_args.eval_data_path) if data_args.eval_data_path else None
     return train_dataset, eval_dataset
@@ -107,6 +117,7 @@ def adapt_model(model, training_args, lora_args):
 
 def train(model_args, data_args, training_args, lora_args):
     """Train as the parsed arguments say and save the result; the trainer, or None with --preflight_only."""
+    resume_from = check_paths(model_args, training_args)
     distributed.start(training_args)
     # Before the model exists: LoRA's initial weights are drawn when the adapter is added, and
     # the Trainer seeds only later, when it is created.
@@ -128,23 +139,29 @@ def train(model_args, data_args, training_args, lora_args):
         callbacks=[resilience.PreemptionCallback()],
     )
     distributed.check_engine(trainer, training_args)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_state()
     trainer.save_model(training_args.output_dir)
     return trainer
 
 
 def main(argv=None):
-    """The command line: parse ``argv`` (default: sys.argv), set up this process's logging, train."""
-    model_args, data_args, training_args, lora_args = parse_args(argv)
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        level=training_args.get_process_log_level(),
-        force=True,
-    )
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    """The command line: parse ``argv`` (default: sys.argv), set up this process's logging, train.
+
+    A mistake on the command line prints one message (which flag, what, how to fix) and exits 2.
+    """
     try:
+        model_args, data_args, training_args, lora_args = parse_args(argv)
+        logging.basicConfig(
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            level=training_args.get_process_log_level(),
+            force=True,
+        )
+        transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
         trainer = train(model_args, data_args, training_args, lora_args)
+    except UsageError as e:
+        print(f"finetune.py: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
     except resilience.Preempted:
         distributed.finish()  # every rank stopped after the same step
         raise

@@ -3,6 +3,7 @@
 import logging
 import re
 
+import torch
 import transformers
 from peft import (
     LoraConfig,
@@ -12,6 +13,8 @@ from peft import (
     set_peft_model_state_dict,
 )
 from peft.utils import load_peft_weights
+
+from usage import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +51,16 @@ def apply_lora(model, training_args, lora_args):
             and int(match.group(1)) in lora_args.lora_layers_to_transform
         ]
         if not target_modules:
-            raise ValueError(
+            raise UsageError(
                 f"--lora_target_modules {lora_args.lora_target_modules!r} matches no module in layers "
                 f"{lora_args.lora_layers_to_transform}"
             )
+    elif not any(re.fullmatch(target_modules, name) for name, _ in model.named_modules()):
+        example = next(name for name, module in model.llm.named_modules() if isinstance(module, torch.nn.Linear))
+        raise UsageError(
+            f"--lora_target_modules {target_modules!r} matches no module of the model (the regex must match a "
+            f"whole module name, e.g. llm.{example}); the default is {DEFAULT_LORA_TARGETS!r}"
+        )
     config = LoraConfig(
         r=lora_args.lora_r,
         lora_alpha=lora_args.lora_alpha,
@@ -87,7 +96,7 @@ def load_adapter_weights(model, path):
         key for key in set(weights) & set(expected) if weights[key].shape != expected[key].shape
     )
     if mismatched:
-        raise ValueError(
+        raise UsageError(
             f"--lora_weight_path {path}: {len(mismatched)} tensors do not fit this LoRA layout, "
             f"e.g. {mismatched[:3]}; pass the LoRA arguments the adapter was trained with"
         )

@@ -1,8 +1,10 @@
 """finetune.py, CPMTrainer and the launchers, run as users run them: real processes, real engines."""
 
 import json
+import os
 import re
 import shutil
+import sys
 
 import pytest
 import torch
@@ -300,3 +302,81 @@ def test_finish_tears_down_the_process_group(tmp_path):
     distributed.finish()
     assert not dist.is_initialized()
     distributed.finish()  # nothing to tear down: a no-op
+
+
+@pytest.mark.launch
+@pytest.mark.parametrize(
+    "script, gpu, precision, expected",
+    [
+        ("finetune_lora.sh", "bf16", "", "--bf16 true --bf16_full_eval true"),
+        ("finetune_lora.sh", "fp16", "", "--fp16 true --fp16_full_eval true"),
+        ("finetune_ds.sh", "bf16", "fp16", "--fp16 true --fp16_full_eval true"),
+        ("finetune_ds.sh", "cpu", "", "--use_cpu true --ddp_backend gloo"),
+    ],
+)
+def test_launchers_pick_bf16_where_the_gpu_has_it(script, gpu, precision, expected, tmp_path):
+    """The launchers' precision choice, with a stand-in Python that answers the GPU probe."""
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\necho {gpu}\n")
+    python.chmod(0o755)
+    env = subprocess_env(PYTHON=python, TORCHRUN="echo torchrun", PRECISION=precision)
+    env.pop("DEVICE_ARGS", None)
+    if not precision:
+        env.pop("PRECISION")
+    _, output = run(["bash", REPO / script], env=env)
+    assert f" {expected} " in output
+    assert ("--bf16" in output) + ("--fp16" in output) + ("--use_cpu" in output) == 1, output
+
+
+COMMAND_LINE_MISTAKES = {
+    "lora rank 0": (LORA_ARGS + ["--lora_r", "0"], r"--lora_r is 0; the LoRA rank must be at least 1"),
+    "dropout 2": (LORA_ARGS + ["--lora_dropout", "2"], r"--lora_dropout is 2.0; a dropout probability is in \[0, 1\)"),
+    "batch size 0": (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size is 0; it must be at least 1"),
+    "no such resume folder": (["--resume_from_checkpoint", "nowhere/checkpoint-5"],
+                              "--resume_from_checkpoint nowhere/checkpoint-5: no such folder"),
+    "no such model folder": (["--model_name_or_path", "./models/MiniCPM-V-2_6"],
+                             r"--model_name_or_path \./models/MiniCPM-V-2_6: no such folder"),
+    "deepspeed json": (["--deepspeed", "{bad_json}"], r"--deepspeed \S+broken\.json: not a valid JSON DeepSpeed config"),
+    "lora targets": (LORA_ARGS + ["--lora_target_modules", r"llm\..*\.qproj"],
+                     r"--lora_target_modules 'llm\\\\\.\.\*\\\\\.qproj' matches no module of the model .*e\.g\. llm\.model"),
+}
+
+
+@pytest.mark.parametrize("case", list(COMMAND_LINE_MISTAKES))
+def test_command_line_mistake_prints_one_message_and_exits_2(case, tiny_checkpoint, shapes, tmp_path, capsys, monkeypatch):
+    argv, message = COMMAND_LINE_MISTAKES[case]
+    bad_json = tmp_path / "broken.json"
+    bad_json.write_text('{"train_batch_size": "auto",}')
+    argv = [arg.format(bad_json=bad_json) for arg in argv]
+    if case != "lora targets":  # every check that needs no weights runs before they load
+        monkeypatch.setattr(finetune.loading, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    base = finetune_args(tiny_checkpoint("minicpmv2_6"), shapes, tmp_path / "out", "--max_steps", "1", "--report_to", "none")
+    with pytest.raises(SystemExit) as exit:
+        finetune.main([str(arg) for arg in base] + argv)
+    assert exit.value.code == finetune.EXIT_USAGE
+    error = capsys.readouterr().err
+    assert re.search(f"finetune.py: error: {message}", error), error[-2000:]
+
+
+@pytest.mark.launch
+def test_command_line_mistake_through_the_launcher_has_no_traceback(tiny_checkpoint, shapes, tmp_path):
+    code, output = run_script("finetune_lora.sh", ["--lora_dropout", "1.5"], expect_ok=False, GPUS_PER_NODE=1,
+                              MODEL=tiny_checkpoint("minicpmv2_6"), DATA=shapes, EVAL_DATA="", OUTPUT_DIR=tmp_path)
+    assert code == finetune.EXIT_USAGE, output[-3000:]
+    assert "finetune.py: error: --lora_dropout is 1.5" in output
+    assert "Traceback" not in output, output[-3000:]
+
+
+@pytest.mark.launch
+def test_adapted_deepspeed_config_is_private_and_removed_at_exit(tmp_path):
+    script = (
+        "import os, distributed; argv = distributed.adapt_deepspeed_argv(['--deepspeed', 'ds_config_zero2.json', "
+        "'--lr_scheduler_type', 'cosine']); path = argv[1]; "
+        "print('adapted:', path, oct(os.stat(os.path.dirname(path)).st_mode & 0o777), os.path.isfile(path))"
+    )
+    outputs = [re.search(r"adapted: (\S+) (\S+) (\S+)", run([sys.executable, "-c", script])[1]).groups()
+               for _ in range(2)]
+    (first, mode, existed), (second, _, _) = outputs
+    assert existed == "True" and mode == "0o700"  # only its owner can read or write there
+    assert os.path.dirname(first) != os.path.dirname(second)  # no shared name to collide on
+    assert not os.path.exists(os.path.dirname(first)) and not os.path.exists(os.path.dirname(second))

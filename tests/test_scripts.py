@@ -98,7 +98,7 @@ def test_merge_is_standalone_and_matches_the_adapter(tiny_checkpoint, demo_set, 
 @pytest.mark.launch
 def test_inference_and_merging_import_no_training_code():
     """infer.py and merge.py depend on loading and data code only, never on the training modules."""
-    training = {"finetune", "arguments", "distributed", "lora", "trainer", "loss", "preflight", "resilience"}
+    training = {"finetune", "arguments", "distributed", "lora", "trainer", "loss", "preflight", "resilience", "usage"}
     _, output = run([sys.executable, "-c", "import sys, infer, merge; print('modules:', sorted(sys.modules))"])
     imported = set(ast.literal_eval(re.search(r"^modules: (.*)$", output, flags=re.M).group(1)))
     assert {"loading", "dataset"} <= imported and not imported & training, imported & training
