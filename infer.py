@@ -16,7 +16,7 @@ import os
 import torch
 
 import loading
-from dataset import IGNORE_INDEX, LLM_TYPES, data_settings, load_records, make_dataset
+from dataset import IGNORE_INDEX, LLM_TYPES, BadLine, DataError, data_settings, load_records, make_dataset, validate_record
 
 logger = logging.getLogger(__name__)
 
@@ -81,11 +81,14 @@ def main(argv=None):
         parser.error("give either --image/--question or --questions")
     logging.basicConfig(level=logging.WARNING)
 
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
-    model, tokenizer, config = loading.load_for_inference(args.model, args.adapter, dtype, args.device)
-    answerer = Answerer(model, tokenizer, config, llm_type=args.llm_type, max_slice_nums=args.max_slice_nums)
     if args.questions:
-        records = load_records(args.questions)
+        try:
+            records = load_records(args.questions)
+            for index, record in enumerate(records):
+                if isinstance(record, BadLine) or not isinstance(record, dict):
+                    validate_record(record, index, data_path=args.questions)  # raises, naming the record
+        except DataError as e:
+            parser.error(str(e))
         root = os.path.dirname(os.path.abspath(args.questions))
     else:
         content = args.question if args.image is None else f"<image>\n{args.question}"
@@ -93,7 +96,16 @@ def main(argv=None):
         if args.image:
             records[0]["image"] = os.path.abspath(args.image)
         root = os.getcwd()
-    for record, answer in zip(records, answerer.answer(records, root, args.max_new_tokens), strict=True):
+
+    # The questions are read and checked above, before any weights load.
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    model, tokenizer, config = loading.load_for_inference(args.model, args.adapter, dtype, args.device)
+    answerer = Answerer(model, tokenizer, config, llm_type=args.llm_type, max_slice_nums=args.max_slice_nums)
+    try:
+        answers = answerer.answer(records, root, args.max_new_tokens)
+    except DataError as e:
+        parser.error(str(e))
+    for record, answer in zip(records, answers, strict=True):
         question = record["conversations"][0]["content"].replace("\n", " ")
         expected = record["conversations"][1]["content"] if len(record["conversations"]) > 1 else ""
         print(f"[{record.get('id', '')}] Q: {question}")

@@ -140,3 +140,15 @@ def test_demo_learns_the_training_answers(tmp_path):
     assert total == 18 and correct >= 0.9 * total
     assert (tmp_path / "demo" / "lora" / "loss.png").stat().st_size > 0
     assert (tmp_path / "demo" / "lora" / "adapter_model.safetensors").is_file()
+
+
+def test_infer_names_a_bad_questions_line_before_loading_weights(tmp_path, capsys):
+    questions = tmp_path / "questions.jsonl"
+    good = {"id": "a", "conversations": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hi."}]}
+    questions.write_text(json.dumps(good) + "\n{not json\n")
+    # The model folder does not exist: reaching the weights would fail differently.
+    with pytest.raises(SystemExit) as stop:
+        infer.main(["--model", str(tmp_path / "no_model"), "--questions", str(questions)])
+    assert stop.value.code == 2
+    message = capsys.readouterr().err
+    assert "record 1" in message and "line 2 is not valid JSON" in message and str(questions) in message
