@@ -112,12 +112,9 @@ def record_images(record):
     return dict(image)
 
 
-def validate_record(record, index, *, data_path=None, reserved_tokens=()):
-    """Check a record's structure (no files opened); raise DataError naming it if it is unusable.
-
-    ``reserved_tokens``: strings of the tokenizer's image tokens other than ``<image>``
-    (``</image>``, ``<slice>``, ``<unk>``, ...), which must not appear in message text.
-    """
+def record_failure(record, index, data_path):
+    """``fail(code, reason)``, raising the DataError that names ``record``, once it is known to be
+    a JSON object (else that is the failure)."""
     record_id = record.get("id") if isinstance(record, dict) else None
 
     def fail(code, reason):
@@ -125,6 +122,16 @@ def validate_record(record, index, *, data_path=None, reserved_tokens=()):
 
     if not isinstance(record, dict):
         fail("not_an_object", f"a record must be a JSON object, got {type(record).__name__}")
+    return fail
+
+
+def validate_record(record, index, *, data_path=None, reserved_tokens=()):
+    """Check a record's structure (no files opened); raise DataError naming it if it is unusable.
+
+    ``reserved_tokens``: strings of the tokenizer's image tokens other than ``<image>``
+    (``</image>``, ``<slice>``, ``<unk>``, ...), which must not appear in message text.
+    """
+    fail = record_failure(record, index, data_path)
     conversations = record.get("conversations")
     if not isinstance(conversations, list) or len(conversations) < 2:
         fail("bad_conversations", "'conversations' must be a list of at least two messages")
@@ -732,13 +739,7 @@ PREFERENCE_ANSWERS = ("chosen", "rejected")
 def preference_pair(record, index, *, data_path=None):
     """A preference record's two SFT records: its conversation (ending with the user's message)
     answered by ``chosen`` and by ``rejected``; DataError naming the record if it is not one."""
-    record_id = record.get("id") if isinstance(record, dict) else None
-
-    def fail(code, reason):
-        raise DataError(reason, index=index, record_id=record_id, data_path=data_path, code=code)
-
-    if not isinstance(record, dict):
-        fail("not_an_object", f"a record must be a JSON object, got {type(record).__name__}")
+    fail = record_failure(record, index, data_path)
     conversations = record.get("conversations")
     if not isinstance(conversations, list) or not conversations:
         fail("bad_conversations", "'conversations' must be a non-empty list of messages ending with the user's")
@@ -765,7 +766,9 @@ def preference_pair(record, index, *, data_path=None):
 class PreferenceDataset(SupervisedDataset):
     """Preference records -> ``{"chosen": sample, "rejected": sample}``: each the SFT sample of the
     prompt with that answer, so only the answer (and its end-of-turn token) is labelled. A pair is
-    never truncated: an over-long one is an error (``pair_too_long``)."""
+    never truncated: an over-long one is an error (``pair_too_long``). Each row is built by the SFT
+    path, images included (decoded and sliced twice per pair on the loader side; the collator keeps
+    one set and the trainer encodes it once)."""
 
     truncates = False
 

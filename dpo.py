@@ -86,6 +86,7 @@ class PreferenceTrainer(CPMTrainer):
                 zero[key] = value
         engine, *_ = deepspeed.initialize(model=model, config=config)
         engine.eval()
+        logger.info("DPO reference model: a ZeRO-3 inference engine, sharded like the policy")
         return engine
 
     def sequence_logps(self, model, inputs):
