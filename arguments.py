@@ -19,7 +19,11 @@ import distributed
 import resilience
 from dataset import LLM_TYPES
 from lora import DEFAULT_LORA_TARGETS
+from loss import DPO_LOSS_TYPES
 from usage import UsageError
+
+# sft: learn the assistant turns of conversations; dpo: learn to prefer one answer over another.
+STAGES = ("sft", "dpo")
 
 
 @dataclass
@@ -64,6 +68,20 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "Batch samples of similar length together (less padding), using the lengths "
                   "preflight measured; the same as --train_sampling_strategy group_by_length."},
     )
+    stage: str = field(
+        default="sft",
+        metadata={"help": f"Training stage: {' or '.join(STAGES)} (preference tuning on records with "
+                  "'chosen' and 'rejected' answers; see the README)."},
+    )
+    dpo_beta: float = field(
+        default=0.1, metadata={"help": "DPO: strength of the pull towards the reference model (beta)."}
+    )
+    dpo_loss_type: str = field(default="sigmoid", metadata={"help": f"DPO loss: one of {', '.join(DPO_LOSS_TYPES)}."})
+    dpo_ref_model: str = field(
+        default=None,
+        metadata={"help": "DPO: folder or hub id of the reference model (default: the starting model itself, "
+                  "with LoRA its adapters switched off)."},
+    )
     log_level: str = field(default="info", metadata={"help": "Log level of the main process."})
     # Our batches are dicts the model reads whole; the Trainer must not prune their keys.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the model reads every key."})
@@ -82,6 +100,19 @@ class TrainingArguments(transformers.TrainingArguments):
             raise UsageError(
                 "cannot tune the LLM and apply LoRA at once: pass --tune_llm false together with --use_lora true"
             )
+        if self.stage not in STAGES:
+            raise UsageError(f"--stage {self.stage!r} is not one of {', '.join(STAGES)}")
+        if self.stage == "dpo":
+            if self.dpo_beta <= 0:
+                raise UsageError(f"--dpo_beta must be positive, not {self.dpo_beta}")
+            if self.dpo_loss_type not in DPO_LOSS_TYPES:
+                raise UsageError(f"--dpo_loss_type {self.dpo_loss_type!r} is not one of {', '.join(DPO_LOSS_TYPES)}")
+        else:
+            given = [
+                f"--{f.name}" for f in dataclasses.fields(self) if f.name.startswith("dpo_") and getattr(self, f.name) != f.default
+            ]
+            if given:
+                raise UsageError(f"{', '.join(given)} given without --stage dpo, where they do nothing")
         if self.model_max_length < 1:
             raise UsageError("--model_max_length must be positive")
         if self.max_slice_nums < 1:
@@ -158,6 +189,12 @@ def validate(training_args, lora_args):
         raise UsageError(
             "--tune_vision true, but --lora_modules_to_save leaves out vpm, so the vision tower would stay "
             "frozen: add vpm to the list or pass --tune_vision false"
+        )
+    if training_args.stage == "dpo" and lora_args.lora_weight_path and not training_args.dpo_ref_model:
+        raise UsageError(
+            "--stage dpo with --lora_weight_path: the reference would be the base model without that adapter, "
+            "not the model it makes; merge the adapter first (merge.py) and start from the merged model, or "
+            "name the reference with --dpo_ref_model"
         )
     if lora_args.q_lora and (is_deepspeed_zero3_enabled() or training_args.fsdp):
         raise UsageError(

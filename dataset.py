@@ -156,14 +156,9 @@ def record_images(record):
     return dict(image)
 
 
-def validate_record(record, index, *, data_path=None, reserved_tokens=(), special_tokens=()):
-    """Check a record's structure (no files opened); raise DataError naming it if it is unusable.
-
-    ``reserved_tokens``: strings of the tokenizer's image tokens other than ``<image>``
-    (``</image>``, ``<slice>``, ``<unk>``, ...); ``special_tokens``: its other special tokens
-    (chat control such as ``<|im_start|>``, bos, eos). Neither may appear in message text: the
-    tokenizer would read them as structure, not as the user's words.
-    """
+def record_failure(record, index, data_path):
+    """``fail(code, reason)``, raising the DataError that names ``record``, once it is known to be
+    a JSON object (else that is the failure)."""
     record_id = record.get("id") if isinstance(record, dict) else None
 
     def fail(code, reason):
@@ -173,6 +168,18 @@ def validate_record(record, index, *, data_path=None, reserved_tokens=(), specia
         fail("invalid_json", f"line {record.line_no} is not valid JSON: {record.error}")
     if not isinstance(record, dict):
         fail("not_an_object", f"a record must be a JSON object, got {type(record).__name__}")
+    return fail
+
+
+def validate_record(record, index, *, data_path=None, reserved_tokens=(), special_tokens=()):
+    """Check a record's structure (no files opened); raise DataError naming it if it is unusable.
+
+    ``reserved_tokens``: strings of the tokenizer's image tokens other than ``<image>``
+    (``</image>``, ``<slice>``, ``<unk>``, ...); ``special_tokens``: its other special tokens
+    (chat control such as ``<|im_start|>``, bos, eos). Neither may appear in message text: the
+    tokenizer would read them as structure, not as the user's words.
+    """
+    fail = record_failure(record, index, data_path)
     conversations = record.get("conversations")
     if not isinstance(conversations, list) or len(conversations) < 2:
         fail("bad_conversations", "'conversations' must be a list of at least two messages")
@@ -570,6 +577,9 @@ def shifted_labels(ids, context, end_of_turn_id):
 class SupervisedDataset(Dataset):
     """Records -> model inputs. See the module docstring and docs/CONTRACTS.md."""
 
+    # Over-long samples are cut at max_length (with a warning); a preference pair must not be.
+    truncates = True
+
     def __init__(
         self,
         records,
@@ -646,8 +656,8 @@ class SupervisedDataset(Dataset):
         """
         return self._checked_build(index, pixels=False)
 
-    def _checked_build(self, index, pixels):
-        record = self.records[index]
+    def _checked_build(self, index, pixels, record=None):
+        record = self.records[index] if record is None else record
         validate_record(
             record,
             index,
@@ -717,6 +727,14 @@ class SupervisedDataset(Dataset):
 
         full_length = len(ids)
         truncated = full_length > self.max_length
+        if truncated and not self.truncates:
+            raise self._error(
+                index,
+                record,
+                f"{full_length} tokens, more than max_length {self.max_length}: a preference pair must fit whole, "
+                "with its answer intact; raise model_max_length or shorten the record",
+                code="pair_too_long",
+            )
         if truncated:
             cut = self.max_length
             for number, (first, last) in enumerate(spans):
@@ -804,6 +822,71 @@ class SupervisedDataset(Dataset):
         return [reshape_by_patch(t, p) for t in tensors], torch.tensor(sizes, dtype=torch.int32).reshape(-1, 2)
 
 
+# --------------------------------------------------------------------------------------------
+# Preference pairs (DPO)
+
+# The two answers of a preference record, in the order their rows are batched.
+PREFERENCE_ANSWERS = ("chosen", "rejected")
+
+
+def preference_pair(record, index, *, data_path=None):
+    """A preference record's two SFT records: its conversation (ending with the user's message)
+    answered by ``chosen`` and by ``rejected``; DataError naming the record if it is not one."""
+    fail = record_failure(record, index, data_path)
+    conversations = record.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        fail("bad_conversations", "'conversations' must be a non-empty list of messages ending with the user's")
+    last = conversations[-1]
+    if not isinstance(last, dict) or last.get("role") != "user":
+        fail(
+            "prompt_not_user_last",
+            "a preference record's 'conversations' must end with a user message; its answers go in "
+            "'chosen' and 'rejected'",
+        )
+    for key in PREFERENCE_ANSWERS:
+        answer = record.get(key)
+        if not isinstance(answer, str) or not answer.strip():
+            got = "missing" if answer is None else f"{answer!r:.40}"
+            fail("missing_answer", f"'{key}' must be a non-empty string (the assistant's answer), got {got}")
+    if record["chosen"].strip() == record["rejected"].strip():
+        fail("identical_answers", "'chosen' and 'rejected' are the same answer: nothing to prefer")
+    return {
+        key: {**record, "conversations": conversations + [{"role": "assistant", "content": record[key]}]}
+        for key in PREFERENCE_ANSWERS
+    }
+
+
+class PreferenceDataset(SupervisedDataset):
+    """Preference records -> ``{"chosen": sample, "rejected": sample}``: each the SFT sample of the
+    prompt with that answer, so only the answer (and its end-of-turn token) is labelled. A pair is
+    never truncated: an over-long one is an error (``pair_too_long``). Each row is built by the SFT
+    path, images included (decoded and sliced twice per pair on the loader side; the collator keeps
+    one set and the trainer encodes it once)."""
+
+    truncates = False
+
+    def __getitem__(self, index):
+        return self._pair(index, pixels=True)
+
+    def check(self, index):
+        built = self._pair(index, pixels=False)
+        return {
+            "tokens": max(b["tokens"] for b in built.values()),
+            "truncated": False,
+            "length": sum(b["length"] for b in built.values()),
+        }
+
+    def _pair(self, index, pixels):
+        pair = preference_pair(self.records[index], index, data_path=self.data_path)
+        built = {}
+        for key, record in pair.items():
+            try:
+                built[key] = self._checked_build(index, pixels, record=record)
+            except DataError as e:
+                raise self._error(index, record, f"with the {key} answer: {e.reason}", path=e.path, code=e.code) from e
+        return built
+
+
 class DataCollator:
     """Pads a list of samples into a batch; images, bounds and sizes stay per-sample lists.
 
@@ -837,6 +920,20 @@ class DataCollator:
             "tgt_sizes": [e["tgt_sizes"] for e in examples],
             "records": [e["record"] for e in examples],
         }
+
+
+class PreferenceCollator(DataCollator):
+    """Batches B pairs as 2B rows, chosen answers first, then rejected in the same order.
+
+    Images are kept once per pair (``pixel_values`` and ``tgt_sizes`` have B entries, for the
+    first B rows): chosen and rejected share the prompt, so the trainer encodes them once.
+    """
+
+    def __call__(self, examples):
+        batch = super().__call__([example[key] for key in PREFERENCE_ANSWERS for example in examples])
+        batch["pixel_values"] = batch["pixel_values"][: len(examples)]
+        batch["tgt_sizes"] = batch["tgt_sizes"][: len(examples)]
+        return batch
 
 
 # --------------------------------------------------------------------------------------------
@@ -883,9 +980,10 @@ def data_settings(config, max_slice_nums):
     )
 
 
-def make_dataset(records, tokenizer, settings, *, llm_type, max_length, image_root, data_path=None):
-    """A SupervisedDataset laid out as training lays it out (infer.py asks its questions through it too)."""
-    return SupervisedDataset(
+def make_dataset(records, tokenizer, settings, *, llm_type, max_length, image_root, data_path=None, preference=False):
+    """A SupervisedDataset laid out as training lays it out (infer.py asks its questions through it too);
+    with ``preference``, a PreferenceDataset of the same layout."""
+    return (PreferenceDataset if preference else SupervisedDataset)(
         records,
         tokenizer,
         transform=IMAGE_TRANSFORM,
@@ -902,9 +1000,11 @@ def make_dataset(records, tokenizer, settings, *, llm_type, max_length, image_ro
 
 
 def log_sample(dataset, tokenizer):
-    """Log the first sample as the model reads it, and the tokens it learns."""
+    """Log the first sample as the model reads it, and the tokens it learns (both rows of a pair)."""
     sample = dataset[0]
-    ids, labels = sample["input_ids"].tolist(), sample["labels"].tolist()
-    logger.info("First training sample, as the model reads it:\n%s", tokenizer.decode(ids))
-    learned = [label for label in labels if label != IGNORE_INDEX]
-    logger.info("...and the tokens it learns to predict (%d):\n%s", len(learned), tokenizer.decode(learned))
+    rows = {key: sample[key] for key in PREFERENCE_ANSWERS} if PREFERENCE_ANSWERS[0] in sample else {"sample": sample}
+    for name, row in rows.items():
+        ids, labels = row["input_ids"].tolist(), row["labels"].tolist()
+        logger.info("First training %s, as the model reads it:\n%s", name, tokenizer.decode(ids))
+        learned = [label for label in labels if label != IGNORE_INDEX]
+        logger.info("...and the tokens it learns to predict (%d):\n%s", len(learned), tokenizer.decode(learned))

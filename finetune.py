@@ -24,7 +24,8 @@ import lora
 import preflight
 import resilience
 from arguments import check_paths, compute_dtype, parse_args
-from dataset import DataCollator, DataError, data_settings, load_records, log_sample, make_dataset
+from dataset import DataCollator, DataError, PreferenceCollator, data_settings, load_records, log_sample, make_dataset
+from dpo import PreferenceTrainer, unsupported_reason
 from trainer import CPMTrainer
 from usage import EXIT_USAGE, UsageError
 
@@ -52,6 +53,7 @@ def build_datasets(data_args, training_args, tokenizer, config):
             max_length=training_args.model_max_length,
             image_root=data_args.image_folder or os.path.dirname(os.path.abspath(path)),
             data_path=path,
+            preference=training_args.stage == "dpo",
         )
 
     if data_args.data_path is None:
@@ -76,15 +78,15 @@ def prepare_data(data_args, training_args, tokenizer, config):
     return checked
 
 
-def load_model(model_args, training_args, lora_args, config):
-    """The base model in the training dtype; with --q_lora its LLM in 4 bit, on this rank's device."""
+def load_model(path, training_args, lora_args, config):
+    """The model at ``path`` in the training dtype; with --q_lora its LLM in 4 bit, on this rank's device."""
     dtype = compute_dtype(training_args)
     device_map = None
     if lora_args.q_lora:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         device_map = {"": local_rank if torch.cuda.is_available() else "cpu"}
     return loading.load_model(
-        model_args.model_name_or_path,
+        path,
         config,
         dtype=dtype,
         cache_dir=training_args.cache_dir,
@@ -115,6 +117,20 @@ def adapt_model(model, training_args, lora_args):
     return model
 
 
+def load_reference(model_args, training_args, lora_args, config):
+    """The DPO reference model: --dpo_ref_model, else a copy of the starting weights (None with
+    LoRA: the policy with its adapters off is the reference)."""
+    if training_args.dpo_ref_model:
+        path = training_args.dpo_ref_model
+        config = loading.load_config(path, training_args.cache_dir)
+    elif training_args.use_lora:
+        return None
+    else:
+        path = model_args.model_name_or_path
+    logger.info("DPO reference model: %s (frozen)", path)
+    return load_model(path, training_args, lora_args, config)
+
+
 def train(model_args, data_args, training_args, lora_args):
     """Train as the parsed arguments say and save the result; the trainer, or None with --preflight_only."""
     resume_from = check_paths(model_args, training_args)
@@ -123,21 +139,34 @@ def train(model_args, data_args, training_args, lora_args):
     # the Trainer seeds only later, when it is created.
     transformers.set_seed(training_args.seed)
     config = loading.load_config(model_args.model_name_or_path, training_args.cache_dir)
+    if training_args.stage == "dpo" and unsupported_reason(config):
+        raise UsageError(f"--stage dpo: {unsupported_reason(config)}")
     tokenizer = loading.load_tokenizer(model_args.model_name_or_path, training_args.cache_dir)
     datasets = prepare_data(data_args, training_args, tokenizer, config)
     if data_args.preflight_only:
         return None
-    model = adapt_model(load_model(model_args, training_args, lora_args, config), training_args, lora_args)
-    trainer = CPMTrainer(
+    model = adapt_model(
+        load_model(model_args.model_name_or_path, training_args, lora_args, config), training_args, lora_args
+    )
+    common = dict(
         model=model,
         args=training_args,
         train_dataset=datasets["train"],
         eval_dataset=datasets["eval"],
-        data_collator=DataCollator(training_args.model_max_length),
         processing_class=tokenizer,
         model_source=loading.model_source_dir(model_args.model_name_or_path, training_args.cache_dir),
         callbacks=[resilience.PreemptionCallback()],
     )
+    if training_args.stage == "dpo":
+        trainer = PreferenceTrainer(
+            **common,
+            data_collator=PreferenceCollator(training_args.model_max_length),
+            beta=training_args.dpo_beta,
+            loss_type=training_args.dpo_loss_type,
+            ref_model=load_reference(model_args, training_args, lora_args, config),
+        )
+    else:
+        trainer = CPMTrainer(**common, data_collator=DataCollator(training_args.model_max_length))
     distributed.check_engine(trainer, training_args)
     trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_state()

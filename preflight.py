@@ -59,6 +59,10 @@ REASONS = {
     "image_too_large": "an image has more pixels than the decompression-bomb limit",
     "too_long": "model_max_length would cut through an image placeholder",
     "no_learnable_tokens": "no assistant token is left to learn (after truncation)",
+    "prompt_not_user_last": "a preference record's conversation does not end with a user message",
+    "missing_answer": "a preference record's 'chosen' or 'rejected' answer is missing, not a string, or empty",
+    "identical_answers": "a preference record's 'chosen' and 'rejected' answers are the same",
+    "pair_too_long": "a preference pair does not fit model_max_length with its answer intact",
     "build_failed": "building the sample failed for another reason",
     "invalid_record": "the record is unusable",
 }

@@ -202,6 +202,12 @@ def test_torchrun_on_cpu_without_use_cpu_is_refused(tiny_checkpoint, shapes, tmp
         (["--q_lora", "true", "--lora_r", "8"], "--lora_r, --q_lora given without --use_lora true"),
         (["--use_lora", "true", "--tune_llm", "false", "--lora_modules_to_save", "resampler"],
          "--lora_modules_to_save leaves out vpm"),
+        (["--stage", "ppo"], "--stage 'ppo' is not one of sft, dpo"),
+        (["--dpo_beta", "0.5", "--dpo_ref_model", "sft"], "--dpo_beta, --dpo_ref_model given without --stage dpo"),
+        (["--stage", "dpo", "--dpo_beta", "0"], "--dpo_beta must be positive"),
+        (["--stage", "dpo", "--dpo_loss_type", "kto"], "--dpo_loss_type 'kto' is not one of sigmoid, ipo, hinge"),
+        (["--stage", "dpo", "--use_lora", "true", "--tune_llm", "false", "--lora_weight_path", "sft_adapter"],
+         "the reference would be the base model without that adapter"),
     ],
 )
 def test_contradictory_or_ignored_arguments_are_refused_at_parse_time(argv, message):
