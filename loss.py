@@ -64,13 +64,15 @@ def _labelled_chunks(head, hidden, labels, vocab_size, chunk_elements, reduction
     mask = labels.ne(IGNORE_INDEX)
     picked, targets = hidden[mask], labels[mask]
     step = max(1, (chunk_elements or CHUNK_ELEMENTS) // vocab_size)
+    # Recomputed in the backward pass, so only one chunk's logits exist at any time; except for a
+    # head whose weight ZeRO-3 partitions: the recomputation sees the weight as ZeRO-3 left it
+    # after the forward, and torch's checkpoint refuses the mismatch (CheckpointError). Such a
+    # head keeps each chunk's logits for the backward: those of the labelled positions alone.
+    recompute = torch.is_grad_enabled() and not any(hasattr(p, "ds_id") for p in head.parameters())
     parts = []
     for start in range(0, len(targets), step):
         chunk = (head, picked[start : start + step], targets[start : start + step], reduction)
-        # Recomputed in the backward pass: only one chunk's logits exist at any time.
-        parts.append(
-            checkpoint(_chunk_loss, *chunk, use_reentrant=False) if torch.is_grad_enabled() else _chunk_loss(*chunk)
-        )
+        parts.append(checkpoint(_chunk_loss, *chunk, use_reentrant=False) if recompute else _chunk_loss(*chunk))
     return mask, parts
 
 
