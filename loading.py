@@ -136,9 +136,8 @@ REPAIRED_MODULE_HEADER = '''"""Written by the MiniCPM-V fine-tuner when it saved
 `auto_map` points to. Each is the published class named in `published_auto_map` (whose files
 beside this one are unchanged), with the repairs of remote_code_repairs.py applied where their
 defect is found: typing names a module never imports, transformers names since removed, a model
-that never calls post_init(), and
-non-persistent buffers that transformers 5 leaves unfilled after loading. Each repair is logged
-as a warning. Delete this file and restore `published_auto_map` as `auto_map` to load the
+that never calls post_init(), and non-persistent buffers that transformers 5 leaves unfilled
+after loading. Each repair is logged as a warning. Delete this file and restore `published_auto_map` as `auto_map` to load the
 published classes unrepaired.
 """
 

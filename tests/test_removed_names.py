@@ -21,7 +21,7 @@ import demo_data
 import loading
 import remote_code_repairs
 from golden import record_removed_names as recorded
-from launch import dataset_as_trained, eval_loss, eval_losses, run, run_finetune, train_losses
+from launch import LORA_ARGS, dataset_as_trained, eval_loss, eval_losses, finetune_args, run, run_finetune, train_losses
 from tiny_models.build import LLM_TYPE
 
 GOLDEN = Path(__file__).parent / "golden" / "removed_names"
@@ -137,7 +137,7 @@ def sample(config):
     generator = torch.Generator().manual_seed(0)
     length = config.query_num + 16
     patch = config.patch_size
-    if config.version == 2.0:  # plain [3, H, W] images
+    if not hasattr(config, "slice_config"):  # 2.0: plain [3, H, W] images
         image = torch.rand(3, 2 * patch, 3 * patch, generator=generator)
     else:  # NaViT-packed [3, patch, n * patch]
         image = torch.rand(3, patch, 6 * patch, generator=generator)
@@ -243,6 +243,7 @@ V2_0_NAMES = ("AttentionMaskConverter", "_prepare_4d_attention_mask", "_prepare_
               "_prepare_4d_causal_attention_mask_for_sdpa", "is_torch_fx_available")
 
 
+@pytest.mark.launch
 def test_twins_load_unpatched_and_each_repair_is_logged_once(fixture_checkpoint, tiny_checkpoint):
     twins = [(family, tiny_checkpoint(tiny)) for family, (_, tiny) in sorted(FIXTURE_CASES.items())]
     fixtures = [("fixture 2.0", fixture_checkpoint("2.0")), ("fixture 2.0 again", fixture_checkpoint("2.0")),
@@ -265,6 +266,7 @@ def test_twins_load_unpatched_and_each_repair_is_logged_once(fixture_checkpoint,
         assert sum(f"needs {name} from" in message for message in messages) == 1, (name, messages)
 
 
+@pytest.mark.launch
 @pytest.mark.parametrize("family", ["2.6", "2.0", "o-2.6", "o-4.5"])
 def test_lora_run_on_fixture_trains_and_reloads(family, fixture_checkpoint, tmp_path):
     model_dir, out = fixture_checkpoint(family), tmp_path / "lora"
@@ -272,12 +274,11 @@ def test_lora_run_on_fixture_trains_and_reloads(family, fixture_checkpoint, tmp_
     eval_file = data.parent / "eval_one.json"
     eval_file.write_text(json.dumps(json.loads(data.read_text())[:1]))
     llm_type = LLM_TYPE[FIXTURE_CASES[family][1]]
-    run_finetune([
-        "--model_name_or_path", model_dir, "--data_path", data, "--eval_data_path", eval_file,
-        "--llm_type", llm_type, "--output_dir", out, "--use_lora", "true", "--tune_llm", "false",
-        "--use_cpu", "true", "--max_steps", "2", "--logging_steps", "1", "--learning_rate", "1e-3",
-        "--eval_strategy", "steps", "--eval_steps", "2", "--max_slice_nums", "1",
-    ])
+    run_finetune(finetune_args(
+        model_dir, data, out, *LORA_ARGS, "--eval_data_path", eval_file, "--max_steps", "2", "--logging_steps", "1",
+        "--learning_rate", "1e-3", "--eval_strategy", "steps", "--eval_steps", "2", "--max_slice_nums", "1",
+        llm_type=llm_type,
+    ))
     losses = [loss for _, loss in train_losses(out)]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
 
