@@ -2,12 +2,13 @@
 #   make demo   # build a tiny MiniCPM-V 2.6, fine-tune it with LoRA on 2 CPU processes, ask it questions
 #   make test   # the whole test suite (no GPU needed)
 #   make test-fast   # the tests that start no processes (pytest -m "not launch"), for a quick check while editing
+#   make test-lowest  # loading and remote-code tests again, on the lowest transformers allowed
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU machines this project is developed on take torch from local files; elsewhere pip downloads it.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-fast venv
+.PHONY: demo test test-fast test-lowest venv
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
@@ -25,3 +26,18 @@ test: venv
 
 test-fast: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -m "not launch"
+
+# A second venv with the lowest transformers requirements.txt allows (the rest as for .venv).
+LOWEST_VENV ?= .venv-lowest
+TRANSFORMERS_FLOOR := $(shell sed -n 's/^transformers>=\([^,]*\),.*/\1/p' requirements.txt)
+
+$(LOWEST_VENV)/.installed: requirements.txt
+	python3 -m venv $(LOWEST_VENV)
+	$(LOWEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LOWEST_VENV)/bin/python -m pip install -q $(TORCH_SPEC)
+	echo "transformers==$(TRANSFORMERS_FLOOR)" > $(LOWEST_VENV)/constraints.txt
+	DS_BUILD_OPS=0 $(LOWEST_VENV)/bin/python -m pip install -q -r requirements.txt -c $(LOWEST_VENV)/constraints.txt
+	touch $@
+
+test-lowest: $(LOWEST_VENV)/.installed
+	PATH="$(abspath $(LOWEST_VENV))/bin:$$PATH" $(LOWEST_VENV)/bin/python -m pytest -q tests/test_loading.py tests/test_removed_names.py

@@ -1,10 +1,13 @@
 """The command line of finetune.py: four argument dataclasses, their checks, and the parser.
 
 Every check that needs only the arguments runs here, at parse time: in a dataclass's
-``__post_init__`` when it reads one dataclass, in ``validate`` when it reads several.
+``__post_init__`` when it reads one dataclass, in ``validate`` when it reads several;
+``check_paths`` then checks the folders they name, before anything loads. A mistake raises
+``UsageError``: one message, exit status 2, no traceback.
 """
 
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -13,7 +16,13 @@ import transformers
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 import distributed
+import resilience
 from backends import ALL_LLM_TYPES
+from loss import DPO_LOSS_TYPES
+from usage import UsageError
+
+# sft: learn the assistant turns of conversations; dpo: learn to prefer one answer over another.
+STAGES = ("sft", "dpo")
 
 
 @dataclass
@@ -53,7 +62,7 @@ class DataArguments:
     def __post_init__(self):
         for name in ("max_num_frames", "stack_frames"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be at least 1")
+                raise UsageError(f"--{name} must be at least 1")
 
 
 @dataclass
@@ -81,6 +90,20 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "Batch samples of similar length together (less padding), using the lengths "
                   "preflight measured; the same as --train_sampling_strategy group_by_length."},
     )
+    stage: str = field(
+        default="sft",
+        metadata={"help": f"Training stage: {' or '.join(STAGES)} (preference tuning on records with "
+                  "'chosen' and 'rejected' answers; see the README)."},
+    )
+    dpo_beta: float = field(
+        default=0.1, metadata={"help": "DPO: strength of the pull towards the reference model (beta)."}
+    )
+    dpo_loss_type: str = field(default="sigmoid", metadata={"help": f"DPO loss: one of {', '.join(DPO_LOSS_TYPES)}."})
+    dpo_ref_model: str = field(
+        default=None,
+        metadata={"help": "DPO: folder or hub id of the reference model (default: the starting model itself, "
+                  "with LoRA its adapters switched off)."},
+    )
     log_level: str = field(default="info", metadata={"help": "Log level of the main process."})
     # Our batches are dicts the model reads whole; the Trainer must not prune their keys.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the model reads every key."})
@@ -94,19 +117,35 @@ class TrainingArguments(transformers.TrainingArguments):
 
     def __post_init__(self):
         if self.llm_type is not None and self.llm_type not in ALL_LLM_TYPES:
-            raise ValueError(f"--llm_type {self.llm_type!r} is not one of {', '.join(ALL_LLM_TYPES)}")
+            raise UsageError(f"--llm_type {self.llm_type!r} is not one of {', '.join(ALL_LLM_TYPES)}")
         if self.use_lora and self.tune_llm:
-            raise ValueError(
+            raise UsageError(
                 "cannot tune the LLM and apply LoRA at once: pass --tune_llm false together with --use_lora true"
             )
+        if self.stage not in STAGES:
+            raise UsageError(f"--stage {self.stage!r} is not one of {', '.join(STAGES)}")
+        if self.stage == "dpo":
+            if self.dpo_beta <= 0:
+                raise UsageError(f"--dpo_beta must be positive, not {self.dpo_beta}")
+            if self.dpo_loss_type not in DPO_LOSS_TYPES:
+                raise UsageError(f"--dpo_loss_type {self.dpo_loss_type!r} is not one of {', '.join(DPO_LOSS_TYPES)}")
+        else:
+            given = [
+                f"--{f.name}" for f in dataclasses.fields(self) if f.name.startswith("dpo_") and getattr(self, f.name) != f.default
+            ]
+            if given:
+                raise UsageError(f"{', '.join(given)} given without --stage dpo, where they do nothing")
         if self.model_max_length < 1:
-            raise ValueError("--model_max_length must be positive")
+            raise UsageError("--model_max_length must be positive")
         if self.max_slice_nums < 1:
-            raise ValueError("--max_slice_nums must be at least 1")
+            raise UsageError("--max_slice_nums must be at least 1")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name} is {getattr(self, name)}; it must be at least 1")
         if self.group_by_length:
             # transformers 5 replaced its own --group_by_length by this sampler option.
             if self.train_sampling_strategy not in ("random", "group_by_length"):
-                raise ValueError(
+                raise UsageError(
                     f"--group_by_length true contradicts --train_sampling_strategy {self.train_sampling_strategy}"
                 )
             self.train_sampling_strategy = "group_by_length"
@@ -145,12 +184,16 @@ class LoraArguments:
     )
 
     def __post_init__(self):
+        if self.lora_r < 1:
+            raise UsageError(f"--lora_r is {self.lora_r}; the LoRA rank must be at least 1 (e.g. 8, 16, 64)")
+        if not 0 <= self.lora_dropout < 1:
+            raise UsageError(f"--lora_dropout is {self.lora_dropout}; a dropout probability is in [0, 1), e.g. 0.05")
         if self.lora_bias not in ("none", "all", "lora_only"):
-            raise ValueError(f"--lora_bias must be none, all or lora_only, not {self.lora_bias!r}")
+            raise UsageError(f"--lora_bias must be none, all or lora_only, not {self.lora_bias!r}")
         if self.lora_layers_pattern and not self.lora_layers_to_transform:
-            raise ValueError("--lora_layers_pattern only applies together with --lora_layers_to_transform")
+            raise UsageError("--lora_layers_pattern only applies together with --lora_layers_to_transform")
         if self.lora_layer_replication:
-            raise ValueError(
+            raise UsageError(
                 "--lora_layer_replication: peft replicates decoder layers only where they sit at "
                 "model.model...layers; MiniCPM-V keeps its LLM at model.llm, so its layers cannot be replicated"
             )
@@ -165,9 +208,15 @@ def validate(training_args, lora_args):
     if not training_args.use_lora:
         given = [f"--{f.name}" for f in dataclasses.fields(lora_args) if getattr(lora_args, f.name) != f.default]
         if given:
-            raise ValueError(f"{', '.join(given)} given without --use_lora true, where LoRA settings do nothing")
+            raise UsageError(f"{', '.join(given)} given without --use_lora true, where LoRA settings do nothing")
+    if training_args.stage == "dpo" and lora_args.lora_weight_path and not training_args.dpo_ref_model:
+        raise UsageError(
+            "--stage dpo with --lora_weight_path: the reference would be the base model without that adapter, "
+            "not the model it makes; merge the adapter first (merge.py) and start from the merged model, or "
+            "name the reference with --dpo_ref_model"
+        )
     if lora_args.q_lora and (is_deepspeed_zero3_enabled() or training_args.fsdp):
-        raise ValueError(
+        raise UsageError(
             "--q_lora does not work with FSDP or DeepSpeed ZeRO-3: 4-bit weights cannot be partitioned; "
             "use ZeRO-2 (ds_config_zero2.json) or no DeepSpeed"
         )
@@ -182,6 +231,25 @@ def parse_args(argv=None):
     )
     validate(training_args, lora_args)
     return model_args, data_args, training_args, lora_args
+
+
+def looks_local(name_or_path):
+    """Whether a --model_name_or_path is meant as a folder rather than a hub id ("org/name")."""
+    return name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
+
+
+def check_paths(model_args, training_args):
+    """The folders the run needs, checked before anything loads; returns the checkpoint to resume from."""
+    model = model_args.model_name_or_path
+    if looks_local(model) and not os.path.isdir(os.path.expanduser(model)):
+        raise UsageError(
+            f"--model_name_or_path {model}: no such folder; pass the folder that holds the model's config.json, "
+            "or a hub id such as openbmb/MiniCPM-V-2_6"
+        )
+    try:
+        return resilience.resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
 
 
 def compute_dtype(training_args):

@@ -86,6 +86,7 @@ class RemoteCodeBackend:
     """Checkpoints with their own model code (see the module docstring)."""
 
     zero3_problem = None
+    takes_video = False
     lora_targets = REMOTE_CODE_LORA_TARGETS
     # Kept out of 4-bit quantization with --q_lora: all but the LLM's layers.
     unquantized_modules = ["vpm", "resampler", "lm_head"]
@@ -102,14 +103,12 @@ class RemoteCodeBackend:
         return loading.load_model(path, config, **kwargs)
 
     def make_dataset(self, records, processing, config, *, max_length, image_root, data_path=None, max_slice_nums,
-                     max_num_frames=None, stack_frames=None):
-        """The dataset of ``records`` (a record with a video is refused: these models take none)."""
-        if max_num_frames is not None or stack_frames is not None:
-            raise ValueError("--max_num_frames and --stack_frames apply to video, which only the native models "
-                             f"(model_type {', '.join(NATIVE_MODEL_TYPES)}) take")
+                     max_num_frames=None, stack_frames=None, preference=False):
+        """The dataset of ``records`` (a record with a video is refused: these models take none, and
+        the frame settings are unused); with ``preference``, of preference records (DPO)."""
         settings = data_settings(config, max_slice_nums)
         return make_dataset(records, processing, settings, llm_type=self.llm_type, max_length=max_length,
-                            image_root=image_root, data_path=data_path)
+                            image_root=image_root, data_path=data_path, preference=preference)
 
     def collator(self, processing, max_length):
         return DataCollator(max_length)
@@ -181,6 +180,7 @@ class NativeBackend:
         "use ZeRO-2 (DS_CONFIG=ds_config_zero2.json with finetune_ds.sh, or --deepspeed ds_config_zero2.json)"
     )
     llm_type = NATIVE_LLM_TYPE
+    takes_video = True
     lora_targets = NATIVE_LORA_TARGETS
     unquantized_modules = ["vision_tower", "merger", "lm_head"]
     vision_module_name = "vision_tower"
@@ -196,7 +196,10 @@ class NativeBackend:
         )
 
     def make_dataset(self, records, processing, config, *, max_length, image_root, data_path=None, max_slice_nums,
-                     max_num_frames=None, stack_frames=None):
+                     max_num_frames=None, stack_frames=None, preference=False):
+        if preference:
+            # finetune.py refuses --stage dpo for these first (dpo.unsupported_reason says why).
+            raise ValueError("preference records need a remote-code checkpoint")
         return NativeDataset(records, processing, max_length=max_length, image_root=image_root, data_path=data_path,
                              max_slice_nums=max_slice_nums, max_num_frames=max_num_frames, stack_frames=stack_frames)
 
@@ -235,7 +238,8 @@ class NativeBackend:
         module) and give every trainable parameter a gradient (DeepSpeed and DDP reduce gradients
         bucket by bucket), whatever its share of the batch holds.
         """
-        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        # The model takes neither the labels nor the records' names (the loss guard's).
+        inputs = {key: value for key, value in batch.items() if key not in ("labels", "records")}
         if "pixel_values" in batch or "pixel_values_videos" in batch:
             return model(**inputs, use_cache=False)
         base = model if base is None else base
@@ -270,7 +274,7 @@ class NativeBackend:
         return {
             key: (value[:cut].unsqueeze(0) if key in tokens else value).to(device)
             for key, value in sample.items()
-            if key != "labels"
+            if key not in ("labels", "record")
         }
 
     def generate(self, model, processing, inputs, max_new_tokens):

@@ -14,11 +14,13 @@ which the tokenizer splits on before anything else, so the ids equal those of th
 (a test checks this for every family) at a fraction of the tokenizing cost.
 """
 
+import errno
 import json
 import logging
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +38,12 @@ ROLES = ("user", "assistant")
 MULTI_IMAGE_TAG = re.compile(r"<image_\d+>")
 SINGLE_IMAGE_TAG = "<image>"
 THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
+# Special tokens that are content, not structure, and so may appear in message text: the
+# grounding markup MiniCPM-V reads and writes (<ref>cat</ref><box>...</box>) and the thinking
+# block of MiniCPM-V 4.5's answers.
+CONTENT_MARKUP = frozenset(
+    ("<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", "<point>", "</point>", "<think>", "</think>")
+)
 # What a Qwen3-style template writes into the last assistant turn when it has no think block.
 EMPTY_THINK = "<think>\n\n</think>\n\n"
 
@@ -75,26 +83,62 @@ class DataError(ValueError):
 # Loading and structure checks
 
 
+class BadLine:
+    """A line of a ``.jsonl`` file that is not valid JSON, kept in its record's place.
+
+    Validation reports it as that record's problem (``invalid_json``), so preflight lists it
+    with the others and ``--skip_bad_samples`` can drop it like any bad record.
+    """
+
+    def __init__(self, line_no, error):
+        self.line_no = line_no
+        self.error = error
+
+    def __repr__(self):
+        return f"<line {self.line_no}: not valid JSON>"
+
+
+def read_text(path):
+    """The text of a data file: UTF-8, with or without a byte-order mark, else a DataError saying why."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"cannot read the file: {e.strerror or e}", data_path=path, code="unreadable_file") from e
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        guess = " (it starts with a UTF-16 byte-order mark)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise DataError(
+            f"not UTF-8 text{guess}: byte {raw[e.start]:#04x} at offset {e.start} ({e.reason}); "
+            "save the file as UTF-8",
+            data_path=path,
+            code="bad_encoding",
+        ) from e
+
+
 def load_records(path):
-    """Read a data file: ``.json`` holding a list of records, or ``.jsonl`` (one per line)."""
+    """Read a data file: ``.json`` holding a list of records, or ``.jsonl`` (one per line).
+
+    A file that cannot be read, is not UTF-8 or (``.json``) not a JSON list raises DataError.
+    A ``.jsonl`` line that is not valid JSON becomes a ``BadLine`` in its record's place.
+    """
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            records = []
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(
-                        f"line {line_no} is not valid JSON: {e}", index=len(records), data_path=path, code="invalid_json"
-                    ) from e
-            return records
-        try:
-            records = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"not valid JSON: {e}", data_path=path, code="invalid_json") from e
+    text = read_text(path)
+    if path.endswith(".jsonl"):
+        records = []
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                records.append(BadLine(line_no, e))
+        return records
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"not valid JSON: {e}", data_path=path, code="invalid_json") from e
     if not isinstance(records, list):
         raise DataError(
             f"a .json data file must hold a list of records, got {type(records).__name__}", data_path=path, code="invalid_json"
@@ -112,19 +156,30 @@ def record_images(record):
     return dict(image)
 
 
-def validate_record(record, index, *, data_path=None, reserved_tokens=()):
-    """Check a record's structure (no files opened); raise DataError naming it if it is unusable.
-
-    ``reserved_tokens``: strings of the tokenizer's image tokens other than ``<image>``
-    (``</image>``, ``<slice>``, ``<unk>``, ...), which must not appear in message text.
-    """
+def record_failure(record, index, data_path):
+    """``fail(code, reason)``, raising the DataError that names ``record``, once it is known to be
+    a JSON object (else that is the failure)."""
     record_id = record.get("id") if isinstance(record, dict) else None
 
     def fail(code, reason):
         raise DataError(reason, index=index, record_id=record_id, data_path=data_path, code=code)
 
+    if isinstance(record, BadLine):
+        fail("invalid_json", f"line {record.line_no} is not valid JSON: {record.error}")
     if not isinstance(record, dict):
         fail("not_an_object", f"a record must be a JSON object, got {type(record).__name__}")
+    return fail
+
+
+def validate_record(record, index, *, data_path=None, reserved_tokens=(), special_tokens=()):
+    """Check a record's structure (no files opened); raise DataError naming it if it is unusable.
+
+    ``reserved_tokens``: strings of the tokenizer's image tokens other than ``<image>``
+    (``</image>``, ``<slice>``, ``<unk>``, ...); ``special_tokens``: its other special tokens
+    (chat control such as ``<|im_start|>``, bos, eos). Neither may appear in message text: the
+    tokenizer would read them as structure, not as the user's words.
+    """
+    fail = record_failure(record, index, data_path)
     conversations = record.get("conversations")
     if not isinstance(conversations, list) or len(conversations) < 2:
         fail("bad_conversations", "'conversations' must be a list of at least two messages")
@@ -135,8 +190,13 @@ def validate_record(record, index, *, data_path=None, reserved_tokens=()):
             fail("bad_content", f"message {n} ({message['role']}) has no text 'content'")
     if conversations[0]["role"] != "user":
         fail("first_not_user", f"the first message must come from 'user', not {conversations[0]['role']!r}")
-    if not any(m["role"] == "assistant" for m in conversations):
-        fail("no_assistant_turn", "no assistant message: nothing to learn")
+    for n, message in enumerate(conversations):
+        if message["role"] != ROLES[n % 2]:
+            fail(
+                "roles_not_alternating",
+                f"message {n} comes from {message['role']!r} like message {n - 1}; roles must alternate "
+                "user, assistant, user, ...",
+            )
 
     image = record.get("image")
     if image is not None and not isinstance(image, (str, dict)):
@@ -156,6 +216,13 @@ def validate_record(record, index, *, data_path=None, reserved_tokens=()):
         for token in reserved_tokens:
             if token in message["content"]:
                 fail("reserved_token", f"message {n} contains the reserved image token {token!r}")
+        for token in special_tokens:
+            if token in message["content"]:
+                fail(
+                    "special_token",
+                    f"message {n} contains the tokenizer's special token {token!r}, which would be read as "
+                    "chat structure, not text; remove it",
+                )
     singles = [n for n, m in enumerate(conversations) if SINGLE_IMAGE_TAG in m["content"]]
     if isinstance(image, str):
         if sum(m["content"].count(SINGLE_IMAGE_TAG) for m in conversations) > 1:
@@ -208,6 +275,30 @@ class ImageProblem(Exception):
         self.code = code
 
 
+FILE_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+              stat.S_IFBLK: "a block device"}
+
+
+def regular_file_size(path):
+    """The size of ``path``, or ImageProblem if it is not a regular file.
+
+    Checked before opening: opening a FIFO blocks until something writes to it, and a folder
+    or a symlink loop would otherwise surface as a misleading decode error.
+    """
+    try:
+        info = os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ImageProblem("symlink_loop", "the path is a loop of symbolic links that never reaches a file") from e
+        raise ImageProblem("missing_image", f"no such file ({e.strerror})") from e
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageProblem("image_is_folder", "the path is a folder, not an image file")
+    if not stat.S_ISREG(info.st_mode):
+        kind = FILE_KINDS.get(stat.S_IFMT(info.st_mode), "a special file")
+        raise ImageProblem("not_a_file", f"the path is {kind}, not a regular image file; it was not opened")
+    return info.st_size
+
+
 def open_rgb(path, max_pixels=MAX_IMAGE_PIXELS):
     """Open, fully decode and convert an image to RGB, or raise ImageProblem saying why not.
 
@@ -216,12 +307,11 @@ def open_rgb(path, max_pixels=MAX_IMAGE_PIXELS):
     transparency) is composited onto white; 16-bit greyscale is scaled to 8 bits rather than
     clipped; CMYK and other modes go through PIL's conversion.
     """
+    size = regular_file_size(path)
     try:
         image = Image.open(path)
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
-        raise ImageProblem("missing_image", f"no such file ({type(e).__name__})") from e
     except UnidentifiedImageError as e:
-        if os.path.getsize(path) == 0:
+        if size == 0:
             raise ImageProblem("empty_image", "the file is empty (0 bytes)") from e
         raise ImageProblem("not_an_image", f"not an image file PIL can read: {e}") from e
     except Image.DecompressionBombError as e:
@@ -503,8 +593,10 @@ class RecordDataset(Dataset):
     """What a dataset of records is, whichever model it feeds: the records, the folder their
     relative paths resolve against, the checks of validate_record, and errors naming the record.
 
-    A subclass sets ``reserved_tokens`` (see validate_record) and defines
-    ``_build(record, index, *args)``; ``_checked_build(index, *args)`` validates and builds.
+    A subclass sets ``reserved_tokens`` and ``special_tokens`` (see validate_record; the latter
+    from ``special_tokens_of``) and defines ``_build(record, index, *args)``;
+    ``_checked_build(index, *args)`` validates and builds record ``index`` (or ``record``, one
+    made from it, such as a preference pair's answer).
     """
 
     def __init__(self, records, *, max_length, image_root, data_path):
@@ -522,10 +614,23 @@ class RecordDataset(Dataset):
         return len(self.records)
 
     def validate(self, record, index):
-        validate_record(record, index, data_path=self.data_path, reserved_tokens=self.reserved_tokens)
+        validate_record(
+            record,
+            index,
+            data_path=self.data_path,
+            reserved_tokens=self.reserved_tokens,
+            special_tokens=self.special_tokens,
+        )
 
-    def _checked_build(self, index, *args):
-        record = self.records[index]
+    def special_tokens_of(self, tokenizer):
+        """The tokenizer's special tokens that message text must not hold: all of them but the
+        image tag, the reserved tokens (refused with their own reason) and CONTENT_MARKUP."""
+        special = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+        special |= set(tokenizer.all_special_tokens)
+        return tuple(sorted(special - {SINGLE_IMAGE_TAG, *self.reserved_tokens} - CONTENT_MARKUP))
+
+    def _checked_build(self, index, *args, record=None):
+        record = self.records[index] if record is None else record
         self.validate(record, index)
         try:
             return self._build(record, index, *args)
@@ -554,6 +659,9 @@ class RecordDataset(Dataset):
 
 class SupervisedDataset(RecordDataset):
     """Records -> model inputs. See the module docstring and docs/CONTRACTS.md."""
+
+    # Over-long samples are cut at max_length (with a warning); a preference pair must not be.
+    truncates = True
 
     def __init__(
         self,
@@ -605,6 +713,7 @@ class SupervisedDataset(RecordDataset):
         self.image_end_extra = ids[SLICE_END] if sliced and not self.new_schema else None
         self.im_id_start_id = ids[IMAGE_ID_START] if use_image_id else None
         self.reserved_tokens = (IMAGE_END, SLICE_START, SLICE_END, IMAGE_ID_START, IMAGE_ID_END, unk)
+        self.special_tokens = self.special_tokens_of(tokenizer)
 
     def __getitem__(self, index):
         return self._checked_build(index, True)
@@ -666,6 +775,14 @@ class SupervisedDataset(RecordDataset):
 
         full_length = len(ids)
         truncated = full_length > self.max_length
+        if truncated and not self.truncates:
+            raise self._error(
+                index,
+                record,
+                f"{full_length} tokens, more than max_length {self.max_length}: a preference pair must fit whole, "
+                "with its answer intact; raise model_max_length or shorten the record",
+                code="pair_too_long",
+            )
         if truncated:
             cut = self.max_length
             for number, (first, last) in enumerate(spans):
@@ -698,6 +815,7 @@ class SupervisedDataset(RecordDataset):
 
         pixel_values, tgt_sizes = self._image_tensors([v for group in views for v in group])
         return dict(
+            record={"index": index, "id": record.get("id")},  # names the record if its loss goes bad
             input_ids=ids,
             position_ids=torch.arange(len(ids), dtype=torch.long),
             labels=labels,
@@ -752,6 +870,71 @@ class SupervisedDataset(RecordDataset):
         return [reshape_by_patch(t, p) for t in tensors], torch.tensor(sizes, dtype=torch.int32).reshape(-1, 2)
 
 
+# --------------------------------------------------------------------------------------------
+# Preference pairs (DPO)
+
+# The two answers of a preference record, in the order their rows are batched.
+PREFERENCE_ANSWERS = ("chosen", "rejected")
+
+
+def preference_pair(record, index, *, data_path=None):
+    """A preference record's two SFT records: its conversation (ending with the user's message)
+    answered by ``chosen`` and by ``rejected``; DataError naming the record if it is not one."""
+    fail = record_failure(record, index, data_path)
+    conversations = record.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        fail("bad_conversations", "'conversations' must be a non-empty list of messages ending with the user's")
+    last = conversations[-1]
+    if not isinstance(last, dict) or last.get("role") != "user":
+        fail(
+            "prompt_not_user_last",
+            "a preference record's 'conversations' must end with a user message; its answers go in "
+            "'chosen' and 'rejected'",
+        )
+    for key in PREFERENCE_ANSWERS:
+        answer = record.get(key)
+        if not isinstance(answer, str) or not answer.strip():
+            got = "missing" if answer is None else f"{answer!r:.40}"
+            fail("missing_answer", f"'{key}' must be a non-empty string (the assistant's answer), got {got}")
+    if record["chosen"].strip() == record["rejected"].strip():
+        fail("identical_answers", "'chosen' and 'rejected' are the same answer: nothing to prefer")
+    return {
+        key: {**record, "conversations": conversations + [{"role": "assistant", "content": record[key]}]}
+        for key in PREFERENCE_ANSWERS
+    }
+
+
+class PreferenceDataset(SupervisedDataset):
+    """Preference records -> ``{"chosen": sample, "rejected": sample}``: each the SFT sample of the
+    prompt with that answer, so only the answer (and its end-of-turn token) is labelled. A pair is
+    never truncated: an over-long one is an error (``pair_too_long``). Each row is built by the SFT
+    path, images included (decoded and sliced twice per pair on the loader side; the collator keeps
+    one set and the trainer encodes it once)."""
+
+    truncates = False
+
+    def __getitem__(self, index):
+        return self._pair(index, pixels=True)
+
+    def check(self, index):
+        built = self._pair(index, pixels=False)
+        return {
+            "tokens": max(b["tokens"] for b in built.values()),
+            "truncated": False,
+            "length": sum(b["length"] for b in built.values()),
+        }
+
+    def _pair(self, index, pixels):
+        pair = preference_pair(self.records[index], index, data_path=self.data_path)
+        built = {}
+        for key, record in pair.items():
+            try:
+                built[key] = self._checked_build(index, pixels, record=record)
+            except DataError as e:
+                raise self._error(index, record, f"with the {key} answer: {e.reason}", path=e.path, code=e.code) from e
+        return built
+
+
 class DataCollator:
     """Pads a list of samples into a batch; images, bounds and sizes stay per-sample lists.
 
@@ -783,7 +966,22 @@ class DataCollator:
             "pixel_values": [e["pixel_values"] for e in examples],
             "image_bound": [e["image_bound"] for e in examples],
             "tgt_sizes": [e["tgt_sizes"] for e in examples],
+            "records": [e["record"] for e in examples],
         }
+
+
+class PreferenceCollator(DataCollator):
+    """Batches B pairs as 2B rows, chosen answers first, then rejected in the same order.
+
+    Images are kept once per pair (``pixel_values`` and ``tgt_sizes`` have B entries, for the
+    first B rows): chosen and rejected share the prompt, so the trainer encodes them once.
+    """
+
+    def __call__(self, examples):
+        batch = super().__call__([example[key] for key in PREFERENCE_ANSWERS for example in examples])
+        batch["pixel_values"] = batch["pixel_values"][: len(examples)]
+        batch["tgt_sizes"] = batch["tgt_sizes"][: len(examples)]
+        return batch
 
 
 # --------------------------------------------------------------------------------------------
@@ -830,9 +1028,10 @@ def data_settings(config, max_slice_nums):
     )
 
 
-def make_dataset(records, tokenizer, settings, *, llm_type, max_length, image_root, data_path=None):
-    """A SupervisedDataset laid out as training lays it out (infer.py asks its questions through it too)."""
-    return SupervisedDataset(
+def make_dataset(records, tokenizer, settings, *, llm_type, max_length, image_root, data_path=None, preference=False):
+    """A SupervisedDataset laid out as training lays it out (infer.py asks its questions through it too);
+    with ``preference``, a PreferenceDataset of the same layout."""
+    return (PreferenceDataset if preference else SupervisedDataset)(
         records,
         tokenizer,
         transform=IMAGE_TRANSFORM,
@@ -849,9 +1048,11 @@ def make_dataset(records, tokenizer, settings, *, llm_type, max_length, image_ro
 
 
 def log_sample(dataset, tokenizer):
-    """Log the first sample as the model reads it, and the tokens it learns."""
+    """Log the first sample as the model reads it, and the tokens it learns (both rows of a pair)."""
     sample = dataset[0]
-    ids, labels = sample["input_ids"].tolist(), sample["labels"].tolist()
-    logger.info("First training sample, as the model reads it:\n%s", tokenizer.decode(ids))
-    learned = [label for label in labels if label != IGNORE_INDEX]
-    logger.info("...and the tokens it learns to predict (%d):\n%s", len(learned), tokenizer.decode(learned))
+    rows = {key: sample[key] for key in PREFERENCE_ANSWERS} if PREFERENCE_ANSWERS[0] in sample else {"sample": sample}
+    for name, row in rows.items():
+        ids, labels = row["input_ids"].tolist(), row["labels"].tolist()
+        logger.info("First training %s, as the model reads it:\n%s", name, tokenizer.decode(ids))
+        learned = [label for label in labels if label != IGNORE_INDEX]
+        logger.info("...and the tokens it learns to predict (%d):\n%s", len(learned), tokenizer.decode(learned))

@@ -37,7 +37,6 @@ def train(model_dir, data, output_dir, steps, processes, seed):
         OUTPUT_DIR=str(output_dir),
         MASTER_PORT=os.environ.get("MASTER_PORT", "29533"),
         PYTHON=sys.executable,
-        TORCHRUN=f"{sys.executable} -m torch.distributed.run",
         OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
         # CPU processes even where there is a GPU: the demo is the same everywhere.
         DEVICE_ARGS="--use_cpu true --ddp_backend gloo",

@@ -4,13 +4,16 @@ The Trainer (through accelerate) runs DDP or DeepSpeed itself; this module makes
 what runs is what was asked for, and that nothing is compiled with g++ on a machine without CUDA.
 """
 
-import hashlib
+import atexit
 import json
 import logging
 import os
+import shutil
 import tempfile
 
 import torch
+
+from usage import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -35,14 +38,20 @@ def adapt_deepspeed_argv(argv):
       its ``optimizer`` section.
     - Without CUDA, DeepSpeed's fused CPU Adam would be compiled with g++ on first use
       (minutes); torch's AdamW (``torch_adam``) does the same job.
-    The adapted copy goes to a temporary file and the argument points to it.
+    The adapted copy goes to a private temporary folder, removed at exit, and the argument
+    points to it.
     """
     found = last_flag_value(argv, "--deepspeed")
     if found is None or not found[1].endswith(".json"):
         return argv
     index, path = found
-    with open(path) as f:
-        config = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except OSError as e:
+        raise UsageError(f"--deepspeed {path}: cannot read the file ({e.strerror or e})") from e
+    except ValueError as e:
+        raise UsageError(f"--deepspeed {path}: not a valid JSON DeepSpeed config: {e}") from e
     changes = []
     scheduler = last_flag_value(argv, "--lr_scheduler_type")
     if scheduler is not None and "scheduler" in config:
@@ -56,13 +65,13 @@ def adapt_deepspeed_argv(argv):
         changes.append("torch's AdamW, as there is no CUDA")
     if not changes:
         return argv
-    # Named by content: every rank (and every rerun) writes the same file, and no two differ.
-    text = json.dumps(config, indent=2, sort_keys=True)
-    adapted = os.path.join(tempfile.gettempdir(), f"ds_config_{hashlib.sha256(text.encode()).hexdigest()[:16]}.json")
-    fd, partial = tempfile.mkstemp(dir=tempfile.gettempdir(), suffix=".json.partial")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(partial, adapted)
+    # A private folder per process (mode 0700: another user on the machine can neither read it
+    # nor collide with it), removed when the process exits.
+    folder = tempfile.mkdtemp(prefix="finetune_ds_")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    adapted = os.path.join(folder, os.path.basename(path))
+    with open(adapted, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
     argv = list(argv)
     argv[index] = adapted if argv[index] == path else f"--deepspeed={adapted}"
     logger.warning("DeepSpeed config %s used as %s: %s", path, adapted, "; ".join(changes))
@@ -74,7 +83,7 @@ def check_world_size(training_args):
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size > 1 and training_args.world_size != world_size:
         hint = " On a machine without GPUs add --use_cpu True (the launchers do)." if not torch.cuda.is_available() else ""
-        raise RuntimeError(
+        raise UsageError(
             f"WORLD_SIZE={world_size} processes were launched, but the Trainer runs {training_args.world_size} "
             f"process(es): each rank would train alone.{hint}"
         )
@@ -115,3 +124,17 @@ def check_engine(trainer, training_args):
     else:
         engine = "a single process"
     logger.info("Training with %s on %d process(es), device %s", engine, training_args.world_size, training_args.device)
+
+
+def finish():
+    """Tear down the process group once every rank is done with it.
+
+    Exiting with a gloo group still alive lets its C++ worker threads be destroyed during
+    interpreter shutdown, which aborts the process ("terminate called without an active
+    exception", exit -6) at random after a run that otherwise succeeded. Called only where all
+    ranks arrive together (the end of training, a coordinated SIGTERM stop): after a failure on
+    one rank, a barrier here would hang the others.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

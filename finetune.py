@@ -14,6 +14,7 @@ loading.py (remote-code loading), dataset.py / native_data.py (records to tensor
 
 import logging
 import os
+import sys
 
 import torch
 import transformers
@@ -25,19 +26,29 @@ import loading
 import lora
 import preflight
 import resilience
-from arguments import compute_dtype, parse_args
-from dataset import load_records, log_sample
+from arguments import check_paths, compute_dtype, parse_args
+from dataset import DataError, PreferenceCollator, load_records, log_sample
+from dpo import PreferenceTrainer, unsupported_reason
 from trainer import CPMTrainer
+from usage import EXIT_USAGE, UsageError
 
 logger = logging.getLogger(__name__)
 
 
 def build_datasets(backend, data_args, training_args, processing, config):
-    """The train and eval datasets of the command line, laid out for the model of ``config``."""
+    """The train and eval datasets of the command line, laid out for the model of ``config``.
+
+    A data file that cannot be read comes back as its DataError in place of a dataset: preflight
+    reports it in its table, like a record's problem.
+    """
 
     def make(path):
+        try:
+            records = load_records(path)
+        except DataError as e:
+            return e
         return backend.make_dataset(
-            load_records(path),
+            records,
             processing,
             config,
             max_length=training_args.model_max_length,
@@ -46,10 +57,11 @@ def build_datasets(backend, data_args, training_args, processing, config):
             max_slice_nums=training_args.max_slice_nums,
             max_num_frames=data_args.max_num_frames,
             stack_frames=data_args.stack_frames,
+            preference=training_args.stage == "dpo",
         )
 
     if data_args.data_path is None:
-        raise ValueError("--data_path is required")
+        raise UsageError("--data_path is required")
     train_dataset = make(data_args.data_path)
     eval_dataset = make(data_args.eval_data_path) if data_args.eval_data_path else None
     return train_dataset, eval_dataset
@@ -70,15 +82,15 @@ def prepare_data(backend, data_args, training_args, processing, config):
     return checked
 
 
-def load_model(backend, model_args, training_args, lora_args, config):
-    """The base model in the training dtype; with --q_lora its LLM in 4 bit, on this rank's device."""
+def load_model(backend, path, training_args, lora_args, config):
+    """The model at ``path`` in the training dtype; with --q_lora its LLM in 4 bit, on this rank's device."""
     dtype = compute_dtype(training_args)
     device_map = None
     if lora_args.q_lora:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         device_map = {"": local_rank if torch.cuda.is_available() else "cpu"}
     return backend.load_model(
-        model_args.model_name_or_path,
+        path,
         config,
         dtype=dtype,
         cache_dir=training_args.cache_dir,
@@ -110,53 +122,100 @@ def adapt_model(backend, model, training_args, lora_args):
     return model
 
 
+def load_reference(backend, model_args, training_args, lora_args, config):
+    """The DPO reference model (of ``backend``: DPO trains remote-code checkpoints only):
+    --dpo_ref_model, else a copy of the starting weights (None with LoRA: the policy with its
+    adapters off is the reference)."""
+    if training_args.dpo_ref_model:
+        path = training_args.dpo_ref_model
+        config = loading.load_config(path, training_args.cache_dir)
+    elif training_args.use_lora:
+        return None
+    else:
+        path = model_args.model_name_or_path
+    logger.info("DPO reference model: %s (frozen)", path)
+    return load_model(backend, path, training_args, lora_args, config)
+
+
 def train(model_args, data_args, training_args, lora_args):
     """Train as the parsed arguments say and save the result; the trainer, or None with --preflight_only."""
+    resume_from = check_paths(model_args, training_args)
     distributed.start(training_args)
     # Before the model exists: LoRA's initial weights are drawn when the adapter is added, and
     # the Trainer seeds only later, when it is created.
     transformers.set_seed(training_args.seed)
     config = loading.load_config(model_args.model_name_or_path, training_args.cache_dir)
     # The one place the kind of checkpoint is decided; --llm_type must agree with its config.
-    backend = backends.backend_for(config, training_args.llm_type)
+    try:
+        backend = backends.backend_for(config, training_args.llm_type)
+    except ValueError as e:  # --llm_type contradicting the checkpoint
+        raise UsageError(str(e)) from e
     logger.info("Checkpoint %s: %s, llm_type %s", model_args.model_name_or_path, type(backend).__name__, backend.llm_type)
+    if training_args.stage == "dpo" and unsupported_reason(config):
+        raise UsageError(f"--stage dpo: {unsupported_reason(config)}")
     if backend.zero3_problem and is_deepspeed_zero3_enabled():
-        raise ValueError(backend.zero3_problem)
+        raise UsageError(backend.zero3_problem)
+    if not backend.takes_video and (data_args.max_num_frames is not None or data_args.stack_frames is not None):
+        raise UsageError(
+            "--max_num_frames and --stack_frames apply to video, which only the native models "
+            f"(model_type {', '.join(backends.NATIVE_MODEL_TYPES)}) take"
+        )
     if training_args.use_lora:
         lora.modules_to_save(backend, training_args, lora_args)  # refuses a list that leaves the tuned vision out
     processing = backend.load_processing(model_args.model_name_or_path, training_args.cache_dir)
     datasets = prepare_data(backend, data_args, training_args, processing, config)
     if data_args.preflight_only:
         return None
-    model = load_model(backend, model_args, training_args, lora_args, config)
+    model = load_model(backend, model_args.model_name_or_path, training_args, lora_args, config)
     model = adapt_model(backend, model, training_args, lora_args)
-    trainer = CPMTrainer(
+    common = dict(
         model=model,
         args=training_args,
         train_dataset=datasets["train"],
         eval_dataset=datasets["eval"],
-        data_collator=backend.collator(processing, training_args.model_max_length),
         processing_class=processing,
         model_source=loading.model_source_dir(model_args.model_name_or_path, training_args.cache_dir),
         callbacks=[resilience.PreemptionCallback()],
     )
+    if training_args.stage == "dpo":
+        trainer = PreferenceTrainer(
+            **common,
+            data_collator=PreferenceCollator(training_args.model_max_length),
+            beta=training_args.dpo_beta,
+            loss_type=training_args.dpo_loss_type,
+            ref_model=load_reference(backend, model_args, training_args, lora_args, config),
+        )
+    else:
+        trainer = CPMTrainer(**common, data_collator=backend.collator(processing, training_args.model_max_length))
     distributed.check_engine(trainer, training_args)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_state()
     trainer.save_model(training_args.output_dir)
     return trainer
 
 
 def main(argv=None):
-    """The command line: parse ``argv`` (default: sys.argv), set up this process's logging, train."""
-    model_args, data_args, training_args, lora_args = parse_args(argv)
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        level=training_args.get_process_log_level(),
-        force=True,
-    )
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
-    return train(model_args, data_args, training_args, lora_args)
+    """The command line: parse ``argv`` (default: sys.argv), set up this process's logging, train.
+
+    A mistake on the command line prints one message (which flag, what, how to fix) and exits 2.
+    """
+    try:
+        model_args, data_args, training_args, lora_args = parse_args(argv)
+        logging.basicConfig(
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            level=training_args.get_process_log_level(),
+            force=True,
+        )
+        transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+        trainer = train(model_args, data_args, training_args, lora_args)
+    except UsageError as e:
+        print(f"finetune.py: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except resilience.Preempted:
+        distributed.finish()  # every rank stopped after the same step
+        raise
+    distributed.finish()
+    return trainer
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@
 # Arguments after the script name go to finetune.py and win over the defaults below:
 #   bash finetune_ds.sh --max_steps 500 --learning_rate 1e-5
 # Without a GPU the script still runs (CPU, gloo, fp32): that is how the demo and tests use it.
+# SIGTERM to the script: every worker finishes its step, saves checkpoint-N, and the script exits 143.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 
@@ -27,24 +28,21 @@ LLM_TYPE=${LLM_TYPE:-}
 MODEL_MAX_Length=${MODEL_MAX_Length:-2048} # 2048 fits 9 slices of an image with room for text
 OUTPUT_DIR=${OUTPUT_DIR:-"output/output_full"}
 DS_CONFIG=${DS_CONFIG:-"$HERE/ds_config_zero3.json"}
-TORCHRUN=${TORCHRUN:-torchrun}
-PYTHON=${PYTHON:-python3}
+PYTHON=${PYTHON:-python3} # the Python that trains: it needs requirements.txt installed
+# torchrun, through a wrapper that exits 143 (not 1 and a traceback) when stopped by SIGTERM.
+TORCHRUN=${TORCHRUN:-"$PYTHON $HERE/torchrun_exit.py"}
 
-# Ask the Python that runs the training whether it sees a GPU; a failure here stops the script.
-DEVICE=$("$PYTHON" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
-if [ "$DEVICE" = cuda ]; then
-    DEVICE_ARGS=${DEVICE_ARGS:-"--bf16 true --bf16_full_eval true"}
-else
-    # No GPU: CPU processes over gloo, in fp32 (fp16 is not supported on CPUs).
-    DEVICE_ARGS=${DEVICE_ARGS:-"--use_cpu true --ddp_backend gloo"}
-fi
+# DEVICE_ARGS: bf16 or fp16 on a GPU, CPU processes over gloo without one (see device_args.sh).
+source "$HERE/device_args.sh"
 
 EVAL_ARGS=()
 if [ -n "$EVAL_DATA" ]; then
     EVAL_ARGS=(--eval_data_path "$EVAL_DATA" --do_eval --eval_strategy steps --eval_steps 1000)
 fi
 
-$TORCHRUN --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
+# exec: torchrun takes this shell's place, so a SIGTERM sent to the script reaches it (and through
+# it every worker) instead of leaving the run going without its parent.
+exec $TORCHRUN --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
     "$HERE/finetune.py" \
     --model_name_or_path "$MODEL" \

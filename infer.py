@@ -17,7 +17,7 @@ import os
 import torch
 
 import backends
-from dataset import load_records
+from dataset import BadLine, DataError, load_records, validate_record
 
 logger = logging.getLogger(__name__)
 
@@ -70,14 +70,14 @@ def main(argv=None):
         parser.error("give either --image/--video/--question or --questions")
     logging.basicConfig(level=logging.WARNING)
 
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
-    try:
-        loaded = backends.load_for_inference(args.model, args.adapter, dtype, args.device, args.llm_type)
-    except ValueError as e:  # --llm_type contradicting the checkpoint
-        parser.error(str(e))
-    answerer = Answerer(*loaded, max_slice_nums=args.max_slice_nums)
     if args.questions:
-        records = load_records(args.questions)
+        try:
+            records = load_records(args.questions)
+            for index, record in enumerate(records):
+                if isinstance(record, BadLine) or not isinstance(record, dict):
+                    validate_record(record, index, data_path=args.questions)  # raises, naming the record
+        except DataError as e:
+            parser.error(str(e))
         root = os.path.dirname(os.path.abspath(args.questions))
     else:
         content = args.question if args.image is None else f"<image>\n{args.question}"
@@ -87,7 +87,19 @@ def main(argv=None):
         if args.video:
             records[0]["video"] = os.path.abspath(args.video)
         root = os.getcwd()
-    for record, answer in zip(records, answerer.answer(records, root, args.max_new_tokens), strict=True):
+
+    # The questions are read and checked above, before any weights load.
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    try:
+        loaded = backends.load_for_inference(args.model, args.adapter, dtype, args.device, args.llm_type)
+    except ValueError as e:  # --llm_type contradicting the checkpoint
+        parser.error(str(e))
+    answerer = Answerer(*loaded, max_slice_nums=args.max_slice_nums)
+    try:
+        answers = answerer.answer(records, root, args.max_new_tokens)
+    except DataError as e:
+        parser.error(str(e))
+    for record, answer in zip(records, answers, strict=True):
         question = record["conversations"][0]["content"].replace("\n", " ")
         expected = record["conversations"][1]["content"] if len(record["conversations"]) > 1 else ""
         print(f"[{record.get('id', '')}] Q: {question}")

@@ -6,7 +6,8 @@ model families accept, and the repairs (``remote_code_repairs``) that remote cod
 transformers 4.4x needs to load correctly today (backends.py uses these for remote-code
 checkpoints and loads native ones itself). Saved folders: the copying of remote code into them,
 and ``write_repaired_classes``, which gives every folder this project saves the same repairs, so
-that it loads correctly with plain transformers.
+that it loads correctly with plain transformers. Each loader installs the stand-ins for removed
+transformers names before anything imports the checkpoint's remote code.
 """
 
 import contextlib
@@ -28,10 +29,14 @@ OMNI_INIT_KWARGS = {"init_vision": True, "init_audio": False, "init_tts": False}
 
 
 def load_config(name_or_path, cache_dir=None):
+    # The config's remote code imports the model's (2.6: SigLIP's config lives in the vision file).
+    remote_code_repairs.repair_removed_names(name_or_path, cache_dir)
     return transformers.AutoConfig.from_pretrained(name_or_path, trust_remote_code=True, cache_dir=cache_dir)
 
 
 def load_tokenizer(name_or_path, cache_dir=None):
+    # AutoTokenizer reads the model config too, importing its remote code.
+    remote_code_repairs.repair_removed_names(name_or_path, cache_dir)
     return transformers.AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True, cache_dir=cache_dir)
 
 
@@ -50,6 +55,7 @@ def load_model(name_or_path, config, *, dtype, cache_dir=None, device_map=None, 
     ``post_init()`` and holds the non-persistent buffers as ``__init__`` computes them, which the
     loaded model must match.
     """
+    remote_code_repairs.repair_removed_names(name_or_path, cache_dir)
     init_kwargs = init_kwargs_for(config)
     if init_kwargs:
         # MiniCPM-o's __init__(config) reads the switches from the config; with an explicit
@@ -116,9 +122,9 @@ PUBLISHED_AUTO_MAP = "published_auto_map"
 REPAIRED_MODULE_HEADER = '''"""Written by the MiniCPM-V fine-tuner when it saved this folder: the classes config.json's
 `auto_map` points to. Each is the published class named in `published_auto_map` (whose files
 beside this one are unchanged), with the repairs of remote_code_repairs.py applied where their
-defect is found: typing names a module never imports, a model that never calls post_init(), and
-non-persistent buffers that transformers 5 leaves unfilled after loading. Each repair is logged
-as a warning. Delete this file and restore `published_auto_map` as `auto_map` to load the
+defect is found: typing names a module never imports, transformers names since removed, a model
+that never calls post_init(), and non-persistent buffers that transformers 5 leaves unfilled
+after loading. Each repair is logged as a warning. Delete this file and restore `published_auto_map` as `auto_map` to load the
 published classes unrepaired.
 """
 

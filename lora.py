@@ -18,6 +18,7 @@ from peft import (
 from peft.utils import load_peft_weights
 
 import backends
+from usage import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +39,10 @@ def quantization_config(lora_args, dtype, unquantized_modules):
 
 def modules_to_save(backend, training_args, lora_args):
     """The modules trained in full and saved with the adapter: --lora_modules_to_save, else the
-    backend's default. ValueError if --tune_vision is asked but the list leaves the vision tower out."""
+    backend's default. UsageError if --tune_vision is asked but the list leaves the vision tower out."""
     names = lora_args.modules_to_save() or backend.default_modules_to_save(training_args.tune_vision)
     if training_args.tune_vision and backend.vision_module_name not in names:
-        raise ValueError(
+        raise UsageError(
             f"--tune_vision true, but --lora_modules_to_save leaves out {backend.vision_module_name}, so the vision "
             f"tower would stay frozen: add {backend.vision_module_name} to the list or pass --tune_vision false"
         )
@@ -68,10 +69,16 @@ def apply_lora(model, training_args, lora_args):
             and int(match.group(1)) in lora_args.lora_layers_to_transform
         ]
         if not target_modules:
-            raise ValueError(
+            raise UsageError(
                 f"--lora_target_modules {pattern!r} matches no module in layers "
                 f"{lora_args.lora_layers_to_transform}"
             )
+    elif not any(re.fullmatch(target_modules, name) for name, _ in model.named_modules()):
+        example = next(name for name, _ in model.named_modules() if re.fullmatch(backend.lora_targets, name))
+        raise UsageError(
+            f"--lora_target_modules {target_modules!r} matches no module of the model (the regex must match a "
+            f"whole module name, e.g. {example}); the default is {backend.lora_targets!r}"
+        )
     config = LoraConfig(
         r=lora_args.lora_r,
         lora_alpha=lora_args.lora_alpha,
@@ -118,7 +125,7 @@ def load_adapter_weights(model, path):
         key for key in set(weights) & set(expected) if weights[key].shape != expected[key].shape
     )
     if mismatched:
-        raise ValueError(
+        raise UsageError(
             f"--lora_weight_path {path}: {len(mismatched)} tensors do not fit this LoRA layout, "
             f"e.g. {mismatched[:3]}; pass the LoRA arguments the adapter was trained with"
         )

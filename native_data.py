@@ -187,6 +187,7 @@ class NativeDataset(RecordDataset):
                           t.image_id_start_token, t.image_id_end_token)
             if token
         )
+        self.special_tokens = self.special_tokens_of(t)
         # The ids of every token a visual placeholder is made of: a cut must not fall before any.
         self.media_ids = torch.tensor(
             [t.convert_tokens_to_ids(token) for token in self.reserved_tokens + (t.image_start_token,)]
@@ -296,6 +297,7 @@ class NativeDataset(RecordDataset):
         for key in ("pixel_values", "target_sizes", "pixel_values_videos", "target_sizes_videos"):
             if key in inputs:
                 sample[key] = inputs[key]
+        sample["record"] = {"index": index, "id": record.get("id")}  # names the record if its loss goes bad
         return sample, full_length
 
 
@@ -323,4 +325,5 @@ class NativeCollator:
             if present:
                 batch[pixels] = torch.cat([e[pixels] for e in present], dim=-1)
                 batch[sizes] = torch.cat([e[sizes] for e in present], dim=0)
+        batch["records"] = [e["record"] for e in examples]
         return batch

@@ -31,21 +31,28 @@ logger = logging.getLogger(__name__)
 REPORT_NAME = "preflight_report.json"
 # Stable reason codes (DataError.code) and what each means; the table and report use them.
 REASONS = {
+    "unreadable_file": "the data file cannot be read (missing, a folder, no permission)",
+    "bad_encoding": "the data file is not UTF-8 text (with or without a byte-order mark)",
     "invalid_json": "the data file or a line of it is not valid JSON of the expected shape",
+    "no_records": "the data file holds no records",
     "not_an_object": "the record is not a JSON object",
     "bad_conversations": "'conversations' is missing, not a list, or has fewer than two messages",
     "bad_message": "a message is not an object with role 'user' or 'assistant'",
     "bad_content": "a message has no text 'content'",
     "first_not_user": "the first message does not come from 'user'",
-    "no_assistant_turn": "no assistant message: nothing to learn",
+    "roles_not_alternating": "two messages in a row come from the same role (roles must alternate)",
     "bad_image_field": "'image' is not a path or a dict of <image_NN> -> path",
     "reserved_token": "message text contains one of the tokenizer's image tokens",
+    "special_token": "message text contains a special token of the tokenizer (chat control, bos, eos)",
     "image_tag_count": "<image> appears more often than the record has images",
     "image_in_assistant": "the <image> tag sits in an assistant message",
     "unknown_image_tag": "an image tag in the text has no image in the record",
     "unused_image": "an image of the record is never referenced in the text",
     "repeated_image_tag": "an <image_NN> tag is used more than once",
     "missing_image": "an image file does not exist",
+    "image_is_folder": "an image path is a folder",
+    "symlink_loop": "an image path is a loop of symbolic links",
+    "not_a_file": "an image path is a FIFO, socket or device, not a regular file (never opened)",
     "empty_image": "an image file is empty (0 bytes)",
     "not_an_image": "an image file is not an image PIL can read",
     "truncated_image": "an image file is truncated or corrupt",
@@ -61,6 +68,10 @@ REASONS = {
     "no_video_frames": "a video has no video stream or no frames",
     "too_long": "model_max_length would cut through an image or video placeholder",
     "no_learnable_tokens": "no assistant token is left to learn (after truncation)",
+    "prompt_not_user_last": "a preference record's conversation does not end with a user message",
+    "missing_answer": "a preference record's 'chosen' or 'rejected' answer is missing, not a string, or empty",
+    "identical_answers": "a preference record's 'chosen' and 'rejected' answers are the same",
+    "pair_too_long": "a preference pair does not fit model_max_length with its answer intact",
     "build_failed": "building the sample failed for another reason",
     "invalid_record": "the record is unusable",
 }
@@ -96,12 +107,28 @@ class Problem:
         return cls(split, error.data_path, error.index, error.record_id, error.code, str(error), error.path)
 
     def where(self):
+        if self.index is None:
+            return f"{self.split} file"
         return f"{self.split}#{self.index}" + ("" if self.record_id is None else f" ({self.record_id!r})")
+
+
+def file_problem(split, error):
+    """The ``(problems, stats)`` of a data file that could not be read at all (``error``: its DataError)."""
+    stats = dict(split=split, file=error.data_path, records=0, bad=0, truncated=[], longest_tokens=0,
+                 max_length=None, seconds=0.0)
+    return [Problem.from_error(split, error)], stats, []
 
 
 def check_dataset(dataset, split, *, progress=True):
     """Run ``dataset.check`` over every record; return ``(problems, stats, lengths)``, where
-    ``lengths[i]`` is record i's token count as trained (None for a bad record)."""
+    ``lengths[i]`` is record i's token count as trained (None for a bad record).
+
+    ``dataset`` may also be the DataError raised while reading its file: that is its one problem.
+    """
+    if isinstance(dataset, DataError):
+        return file_problem(split, dataset)
+    if not len(dataset):
+        return file_problem(split, DataError("the file holds no records", data_path=dataset.data_path, code="no_records"))
     problems, truncated, longest = [], [], 0
     lengths = [None] * len(dataset)
     start = time.perf_counter()
@@ -133,7 +160,10 @@ def summary_table(problems, stats):
     """The console summary: one row per reason, with its count and first records."""
     total = sum(s["records"] for s in stats)
     files = "; ".join(f"{s['split']}: {s['bad']} of {s['records']} in {s['file']}" for s in stats)
-    lines = [f"Preflight: {len(problems)} of {total} records are unusable ({files})"]
+    unusable = [p.file for p in problems if p.index is None]
+    lines = [f"Preflight: {len(problems) - len(unusable)} of {total} records are unusable ({files})"]
+    if unusable:
+        lines[0] += f"; unusable data files: {', '.join(unusable)}"
     by_reason = {}
     for problem in problems:
         by_reason.setdefault(problem.reason, []).append(problem)
@@ -166,9 +196,7 @@ def write_report(path, problems, stats, action):
         seconds_per_1000_records=round(1000 * seconds / max(records, 1), 3),
         reasons=dict(Counter(p.reason for p in problems).most_common()),
         files=stats,
-        dropped={s["split"]: sorted(p.index for p in problems if p.split == s["split"]) for s in stats}
-        if action == "skipped"
-        else {},
+        dropped=bad_indices(problems, [s["split"] for s in stats]) if action == "skipped" else {},
         problems=[asdict(p) for p in problems],
     )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -177,15 +205,25 @@ def write_report(path, problems, stats, action):
     return report
 
 
+def bad_indices(problems, splits):
+    """``{split: sorted bad record indices}``, or ``{split: None}`` where the file itself is unusable."""
+    bad = {}
+    for split in splits:
+        found = [p.index for p in problems if p.split == split]
+        bad[split] = None if None in found else sorted(found)
+    return bad
+
+
 def check_all(datasets, output_dir, *, skip_bad, preflight_only, progress=True):
     """Check every dataset (main process); log the table, write the report; return
-    ``({split: [bad indices]}, {split: lengths})``."""
+    ``(bad_indices, {split: lengths})``."""
     problems, stats, lengths = [], [], {}
     for split, dataset in datasets.items():
         found, numbers, lengths[split] = check_dataset(dataset, split, progress=progress)
         problems += found
         stats.append(numbers)
-    action = "passed" if not problems else ("skipped" if skip_bad and not preflight_only else "stopped")
+    skippable = all(p.index is not None for p in problems)  # a whole unusable file cannot be skipped
+    action = "passed" if not problems else ("skipped" if skip_bad and skippable and not preflight_only else "stopped")
     report_path = os.path.join(output_dir, REPORT_NAME)
     report = write_report(report_path, problems, stats, action)
     table = summary_table(problems, stats)
@@ -196,7 +234,7 @@ def check_all(datasets, output_dir, *, skip_bad, preflight_only, progress=True):
     else:
         logger.info("%s\nReport: %s", table, report_path)
     logger.info("Preflight checked %s", timing)
-    return {split: sorted(p.index for p in problems if p.split == split) for split in datasets}, lengths
+    return bad_indices(problems, datasets), lengths
 
 
 def share(checked, is_main):
@@ -215,21 +253,28 @@ def share(checked, is_main):
 def run(datasets, output_dir, *, skip_bad=False, preflight_only=False, is_main=True):
     """Check ``{split: SupervisedDataset or None}`` and return them as training should see them.
 
-    Raises PreflightFailed (exit status 1) on every rank if any record is bad, unless
-    ``skip_bad``: then each dataset comes back as a Subset without exactly the bad records
-    (original indices still name records in later errors). ``preflight_only`` always stops
-    after the check: with status 1 if anything is bad, else PreflightFailed is not raised and
-    the caller should return.
+    A split's value may also be the DataError its file raised when read (``load_records``):
+    it is reported like a bad record, and always stops the run. Raises PreflightFailed (exit
+    status 1) on every rank if any record is bad, unless ``skip_bad``: then each dataset comes
+    back as a Subset without exactly the bad records (original indices still name records in
+    later errors). ``preflight_only`` always stops after the check: with status 1 if anything
+    is bad, else PreflightFailed is not raised and the caller should return.
     """
     present = {split: dataset for split, dataset in datasets.items() if dataset is not None}
     checked = check_all(present, output_dir, skip_bad=skip_bad, preflight_only=preflight_only) if is_main else None
     bad, lengths = share(checked, is_main)
+    report = os.path.join(output_dir, REPORT_NAME)
+    unusable = [split for split, indices in bad.items() if indices is None]
+    if unusable:
+        message = f"Preflight: the {' and '.join(unusable)} data file cannot be used (see {report})"
+        logger.error("%s", message)
+        raise PreflightFailed(message)
     for split, dataset in present.items():
         dataset.lengths = lengths[split]
     count = sum(len(indices) for indices in bad.values())
     if count and (preflight_only or not skip_bad):
         hint = "" if preflight_only else "; fix them, or pass --skip_bad_samples true to train without them"
-        message = f"Preflight: {count} unusable records (see {os.path.join(output_dir, REPORT_NAME)}){hint}"
+        message = f"Preflight: {count} unusable records (see {report}){hint}"
         logger.error("%s", message)
         raise PreflightFailed(message)
     result = dict(datasets)

@@ -1,7 +1,7 @@
 """Narrow repairs for MiniCPM-V remote code written for transformers 4.4x and older torch.
 
 The published `openbmb/MiniCPM-V-2_6` code (and its siblings) breaks on current versions in
-three ways; each repair below first detects its defect and does nothing when it is absent:
+four ways; each repair below first detects its defect and does nothing when it is absent:
 
 1. A module uses a `typing` name (`List`) that it never imports: it relied on
    `from torch.nn.functional import *`, which no longer exports it. Detected by reading the
@@ -16,6 +16,15 @@ three ways; each repair below first detects its defect and does nothing when it 
    not refilled by the model's `_init_weights`; transformers 5 rebuilds such buffers empty
    after loading. Detected by comparing every non-persistent buffer of the loaded model with
    the reference construction's; repaired by copying the reference value in.
+4. The code imports names that transformers has since removed (`_prepare_4d_attention_mask` and
+   its siblings, `is_torch_fx_available`, `LogitsWarper`, `WHISPER_ATTENTION_CLASSES`, ...) or
+   uses removed cache methods (`from_legacy_cache`, `seen_tokens`, ...). Detected by reading
+   every remote-code file a checkpoint names (config, tokenizer and processor `auto_map`, and
+   their relative imports) before any of it is imported; repaired by installing a stand-in that
+   behaves as the removed name did (pinned by golden values recorded from the last release that
+   had it) where the name is missing, and only there. A missing name without a stand-in raises
+   `UnsupportedTransformersError`, naming the checkpoint's family, the name and the supported
+   transformers range.
 
 Every repair is logged at WARNING level, naming what was repaired; a model without defects
 loads untouched and nothing is logged.
@@ -35,14 +44,18 @@ import copy
 import functools
 import importlib
 import importlib.util
+import json
 import logging
 import sys
+import types
 import typing
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import dynamic_module_utils
 from transformers.modeling_utils import local_torch_dtype
+from transformers.utils.hub import cached_file
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +196,11 @@ def supply_missing_typing_names(module_file):
 def repair_imports(module_file):
     """Every repair that must be in place before `module_file` (in transformers' module cache) and
     the files it imports relatively are imported. The single entry point for import-time repairs:
-    the loader and saved folders' `repaired_classes.py` both call it."""
+    the loader and saved folders' `repaired_classes.py` both call it. Returns {file name: typing
+    names supplied}."""
+    module_file = Path(module_file)
+    files = [module_file, *map(Path, dynamic_module_utils.get_relative_import_files(module_file))]
+    supply_removed_names(files, f"remote code in {module_file.parent.name}")  # before anything imports them
     return supply_missing_typing_names(module_file)
 
 
@@ -367,3 +384,418 @@ def _named_like(cls, published, module_name):
     cls.__name__, cls.__qualname__, cls.__module__ = published.__name__, published.__qualname__, module_name
     cls.__doc__ = f"{published.__name__} from {published.__module__}, with remote_code_repairs applied."
     return cls
+# ---- defect 4: names transformers has removed -------------------------------------------------
+
+# The transformers releases this project is tested on; requirements.txt states the same range (a
+# test checks that they agree). An error for a removed name without a stand-in names it.
+SUPPORTED_TRANSFORMERS = ">=5.3.0,<=5.24.0"
+# Cache methods the published generation code calls (not imports): the class they belong on.
+CACHE_METHODS = {
+    "from_legacy_cache": "DynamicCache",
+    "to_legacy_cache": "DynamicCache",
+    "seen_tokens": "Cache",
+    "get_usable_length": "Cache",
+    "get_max_length": "Cache",
+}
+# Modules transformers removed whole; a stand-in module is created only for these.
+REMOVED_MODULES = frozenset({"transformers.modeling_attn_mask_utils"})
+# (module, name) of every stand-in this process installed. transformers can rebuild its top-level
+# module (`direct_transformers_import`), dropping a stand-in set on it; the next load puts it back
+# without logging the same repair twice.
+_installed = set()
+
+
+class UnsupportedTransformersError(ImportError):
+    """Remote code needs a name that this transformers lacks and no stand-in supplies."""
+
+
+def _is_tracing(tensor):
+    return torch.jit.is_tracing() or isinstance(tensor, torch.fx.Proxy) or torch.compiler.is_compiling()
+
+
+def _bias(blocked, dtype):
+    """Additive attention bias: 0 where attending is allowed, the dtype's minimum where blocked."""
+    return torch.zeros(blocked.shape, dtype=dtype, device=blocked.device).masked_fill(blocked, torch.finfo(dtype).min)
+
+
+# The stand-ins below carry the removed names, so that code wrapping them by name (torch.fx.wrap,
+# as MiniCPM-V 2.0 does) sees what it saw before.
+
+
+def _prepare_4d_attention_mask(mask, dtype, tgt_len=None):
+    """[batch, kv] mask (1 attends; anything else is blocked) -> [batch, 1, tgt_len or kv, kv] bias."""
+    batch, kv_length = mask.shape
+    query_length = kv_length if tgt_len is None else tgt_len
+    kept = mask[:, None, None, :].expand(batch, 1, query_length, kv_length).to(dtype)
+    return _bias((1 - kept) != 0, dtype)
+
+
+class AttentionMaskConverter:
+    """Builds additive 4D attention masks: causal (optionally within a sliding window) and/or padding."""
+
+    def __init__(self, is_causal, sliding_window=None):
+        if sliding_window is not None and sliding_window <= 0:
+            raise ValueError(f"sliding_window must be a positive integer, not {sliding_window}")
+        self.is_causal = is_causal
+        self.sliding_window = sliding_window
+
+    @staticmethod
+    def _make_causal_mask(input_ids_shape, dtype, device, past_key_values_length=0, sliding_window=None):
+        batch, query_length = input_ids_shape
+        # Query i sits at absolute position past + i and may see every key up to that position.
+        query_positions = torch.arange(query_length, device=device)[:, None] + past_key_values_length
+        key_positions = torch.arange(query_length + past_key_values_length, device=device)[None, :]
+        blocked = key_positions > query_positions
+        if sliding_window is not None:
+            blocked |= key_positions < query_positions - sliding_window
+        return _bias(blocked, dtype)[None, None].expand(batch, 1, *blocked.shape)
+
+    @staticmethod
+    def _expand_mask(mask, dtype, tgt_len=None):
+        return _prepare_4d_attention_mask(mask, dtype, tgt_len)
+
+    @staticmethod
+    def _unmask_unattended(expanded_mask, min_dtype):
+        """Rows that attend to nothing attend to everything instead (SDPA's memory-efficient kernel
+        returns NaN for fully masked rows)."""
+        if expanded_mask.dtype == torch.bool:
+            raise ValueError("_unmask_unattended expects a float mask, got a BoolTensor")
+        fully_masked = (expanded_mask == min_dtype).all(dim=-1, keepdim=True)
+        return expanded_mask.mul(~fully_masked)
+
+    @staticmethod
+    def _ignore_causal_mask_sdpa(attention_mask, inputs_embeds, past_key_values_length, sliding_window=None,
+                                 is_training=False):
+        """Whether SDPA's own `is_causal` can replace the mask (nothing padded, no cache offset)."""
+        query_length = inputs_embeds.shape[1]
+        kv_length = query_length + past_key_values_length
+        square = query_length == 1 or kv_length == query_length
+        within_window = sliding_window is None or kv_length < sliding_window
+        tracing = _is_tracing(inputs_embeds)
+        if attention_mask is None:
+            return bool((is_training or not tracing) and square and within_window)
+        if not within_window or attention_mask.dim() == 4:
+            return False
+        return bool(not tracing and square and torch.all(attention_mask == 1))
+
+    def to_causal_4d(self, batch_size, query_length, key_value_length, dtype, device="cpu"):
+        if not self.is_causal:
+            raise ValueError("to_causal_4d needs a causal AttentionMaskConverter")
+        if query_length == 1 and self.sliding_window is None:
+            return None
+        return self._make_causal_mask((batch_size, query_length), dtype, device,
+                                      key_value_length - query_length, self.sliding_window)
+
+    def to_4d(self, attention_mask_2d, query_length, dtype, key_value_length=None):
+        causal = None
+        if self.is_causal and (query_length > 1 or self.sliding_window is not None):
+            if key_value_length is None:
+                raise ValueError("a causal AttentionMaskConverter needs key_value_length")
+            causal = self._make_causal_mask((attention_mask_2d.shape[0], query_length), dtype,
+                                            attention_mask_2d.device, key_value_length - query_length,
+                                            self.sliding_window)
+        elif self.sliding_window is not None:
+            raise NotImplementedError("a sliding window needs a causal AttentionMaskConverter")
+        padding = self._expand_mask(attention_mask_2d, dtype, query_length).to(attention_mask_2d.device)
+        if causal is None:
+            return padding
+        return causal.masked_fill(padding.bool(), torch.finfo(dtype).min)
+
+
+def _causal_mask(attention_mask, input_shape, inputs_embeds, past_key_values_length, sliding_window):
+    """The causal mask, with a 2D `attention_mask`'s padding folded in (both helpers below)."""
+    converter = AttentionMaskConverter(is_causal=True, sliding_window=sliding_window)
+    query_length = input_shape[-1]
+    kv_length = query_length + past_key_values_length
+    if attention_mask is not None and attention_mask.dim() == 2:
+        return converter.to_4d(attention_mask, query_length, inputs_embeds.dtype, key_value_length=kv_length)
+    return converter.to_causal_4d(input_shape[0], query_length, kv_length, inputs_embeds.dtype, inputs_embeds.device)
+
+
+def _prepare_4d_causal_attention_mask(attention_mask, input_shape, inputs_embeds, past_key_values_length,
+                                      sliding_window=None):
+    if attention_mask is not None and attention_mask.dim() == 4:  # 1 attends, 0 is blocked
+        expected = (input_shape[0], 1, input_shape[-1], input_shape[-1] + past_key_values_length)
+        if tuple(attention_mask.shape) != expected:
+            raise ValueError(f"Incorrect 4D attention_mask shape: {tuple(attention_mask.shape)}; expected: {expected}.")
+        inverted = 1.0 - attention_mask  # a bias in the mask's own dtype
+        return torch.zeros_like(inverted).masked_fill(inverted != 0, torch.finfo(inputs_embeds.dtype).min)
+    return _causal_mask(attention_mask, input_shape, inputs_embeds, past_key_values_length, sliding_window)
+
+
+def _prepare_4d_causal_attention_mask_for_sdpa(attention_mask, input_shape, inputs_embeds, past_key_values_length,
+                                               sliding_window=None):
+    """As `_prepare_4d_causal_attention_mask`, but None where SDPA's `is_causal` does the job, and a
+    4D mask is taken as the bias itself."""
+    if AttentionMaskConverter._ignore_causal_mask_sdpa(attention_mask, inputs_embeds, past_key_values_length,
+                                                       sliding_window):
+        return None
+    if attention_mask is not None and attention_mask.dim() == 4:
+        mask = attention_mask
+    else:
+        mask = _causal_mask(attention_mask, input_shape, inputs_embeds, past_key_values_length, sliding_window)
+    if attention_mask is not None and not _is_tracing(inputs_embeds) and mask.device.type in ("cuda", "xpu"):
+        mask = AttentionMaskConverter._unmask_unattended(mask, torch.finfo(inputs_embeds.dtype).min)
+    return mask
+
+
+def _prepare_4d_causal_attention_mask_with_cache_position(attention_mask, sequence_length, target_length, dtype,
+                                                          device, min_dtype, cache_position, batch_size,
+                                                          is_training=False, token_type_ids=None, **kwargs):
+    """PaliGemma's mask: the prefix (token_type_ids == 0) is seen whole while training, the rest
+    causally; at inference every query sees the whole prompt. A 4D mask is returned as given."""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask
+    keys = torch.arange(target_length, device=device)[None, :]
+    if sequence_length == 1:
+        blocked = torch.ones(sequence_length, target_length, dtype=torch.bool, device=device)
+    elif is_training:
+        blocked = keys > torch.arange(sequence_length, device=device)[:, None]
+    else:
+        blocked = (keys >= sequence_length).expand(sequence_length, target_length)
+    blocked = blocked & (torch.arange(target_length, device=cache_position.device) > cache_position.reshape(-1, 1)).to(device)
+    blocked = blocked[None, None].expand(batch_size, 1, -1, -1).clone()
+    if attention_mask is not None:
+        length = attention_mask.shape[-1]
+        padded = (attention_mask[:, None, None, :] == 0).to(blocked.device)
+        blocked[..., :length] |= padded
+        if is_training:
+            blocked[..., :length] &= (token_type_ids[:, None, None, :] != 0).to(blocked.device)
+    return torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(blocked, min_dtype)
+
+
+def is_torch_fx_available():
+    return True  # torch.fx ships with every torch this project runs on
+
+
+class LogitsWarper:
+    """Abstract base of logits warpers (transformers folded them into LogitsProcessor)."""
+
+    def __call__(self, input_ids, scores):
+        raise NotImplementedError(f"{self.__class__} is an abstract class. Only classes inheriting this class can be called.")
+
+
+def _whisper_attention_classes():
+    """Every implementation name maps to WhisperAttention, which now dispatches on the config."""
+    from transformers.models.whisper.modeling_whisper import WhisperAttention
+
+    return {"eager": WhisperAttention, "flash_attention_2": WhisperAttention, "sdpa": WhisperAttention}
+
+
+def _cache_limit(cache, layer_idx):
+    """The cache's maximum length, or None for one that grows without bound."""
+    if hasattr(cache, "get_max_cache_shape"):  # transformers 5.0 to 5.21
+        limit = cache.get_max_cache_shape(layer_idx)
+    else:  # later: each layer knows its own (and get_max_length may be this module's stand-in)
+        limit = cache.layers[layer_idx].get_max_length() if layer_idx < len(cache.layers) else -1
+    return None if limit is None or limit < 0 else limit
+
+
+def _seen_tokens(cache):
+    return cache.get_seq_length()
+
+
+def _get_usable_length(cache, new_seq_length, layer_idx=0):
+    """How much of the cache the next `new_seq_length` tokens can attend to."""
+    limit = _cache_limit(cache, layer_idx)
+    previous = cache.get_seq_length(layer_idx)
+    if limit is not None and previous + new_seq_length > limit:
+        return limit - new_seq_length
+    return previous
+
+
+def _get_max_length(cache):
+    return _cache_limit(cache, 0)
+
+
+def _from_legacy_cache(cls, past_key_values=None):
+    """A cache holding a tuple of per-layer (key, value) pairs."""
+    cache = cls()
+    for layer_idx, (key, value, *_) in enumerate(past_key_values or ()):
+        cache.update(key, value, layer_idx)
+    return cache
+
+
+def _to_legacy_cache(cache):
+    return tuple((layer.keys, layer.values) for layer in cache.layers)
+
+
+# (module, name) -> a function returning the stand-in. "Class.attribute" names a class attribute.
+STAND_INS = {
+    ("transformers.modeling_attn_mask_utils", "AttentionMaskConverter"): lambda: AttentionMaskConverter,
+    ("transformers.modeling_attn_mask_utils", "_prepare_4d_attention_mask"): lambda: _prepare_4d_attention_mask,
+    ("transformers.modeling_attn_mask_utils", "_prepare_4d_causal_attention_mask"):
+        lambda: _prepare_4d_causal_attention_mask,
+    ("transformers.modeling_attn_mask_utils", "_prepare_4d_causal_attention_mask_for_sdpa"):
+        lambda: _prepare_4d_causal_attention_mask_for_sdpa,
+    ("transformers.models.paligemma.modeling_paligemma", "_prepare_4d_causal_attention_mask_with_cache_position"):
+        lambda: _prepare_4d_causal_attention_mask_with_cache_position,
+    ("transformers.utils.import_utils", "is_torch_fx_available"): lambda: is_torch_fx_available,
+    ("transformers", "LogitsWarper"): lambda: LogitsWarper,
+    ("transformers.models.whisper.modeling_whisper", "WHISPER_ATTENTION_CLASSES"): _whisper_attention_classes,
+    ("transformers.cache_utils", "Cache.seen_tokens"): lambda: property(_seen_tokens),
+    ("transformers.cache_utils", "Cache.get_usable_length"): lambda: _get_usable_length,
+    ("transformers.cache_utils", "Cache.get_max_length"): lambda: _get_max_length,
+    ("transformers.cache_utils", "DynamicCache.from_legacy_cache"): lambda: classmethod(_from_legacy_cache),
+    ("transformers.cache_utils", "DynamicCache.to_legacy_cache"): lambda: _to_legacy_cache,
+}
+
+
+def transformers_references(source):
+    """Every transformers name `source` needs: [(module, name, guarded)].
+
+    `from transformers... import name` at any depth (inside functions too), `transformers.name` after
+    `import transformers`, and the removed cache methods it calls (`CACHE_METHODS`). `guarded`: the
+    import sits in a `try` whose handler catches ImportError, so the code copes without it.
+    """
+    tree = ast.parse(source)
+    references = []
+    imports_package = any(
+        isinstance(node, ast.Import) and any(alias.name == "transformers" and alias.asname is None for alias in node.names)
+        for node in ast.walk(tree)
+    )
+
+    def catches_import_error(handler):
+        names = {"ImportError", "ModuleNotFoundError", "Exception", "BaseException"}
+        caught = handler.type
+        if caught is None:
+            return True
+        options = caught.elts if isinstance(caught, ast.Tuple) else [caught]
+        return any(isinstance(option, ast.Name) and option.id in names for option in options)
+
+    def visit(node, guarded):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and (
+            node.module == "transformers" or node.module.startswith("transformers.")
+        ):
+            references.extend((node.module, alias.name, guarded) for alias in node.names if alias.name != "*")
+        elif (imports_package and isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+              and node.value.id == "transformers"):
+            references.append(("transformers", node.attr, guarded))
+        elif isinstance(node, ast.Attribute) and node.attr in CACHE_METHODS:
+            references.append(("transformers.cache_utils", f"{CACHE_METHODS[node.attr]}.{node.attr}", guarded))
+        if isinstance(node, ast.Try) and any(catches_import_error(handler) for handler in node.handlers):
+            for child in node.body:
+                visit(child, True)
+            for child in (*node.handlers, *node.orelse, *node.finalbody):
+                visit(child, guarded)
+            return
+        for child in ast.iter_child_nodes(node):
+            visit(child, guarded)
+
+    visit(tree, False)
+    return references
+
+
+def resolves(module_name, name):
+    """Whether `module_name` imports and has `name` ("Class.attribute" walks into the class)."""
+    try:
+        target = importlib.import_module(module_name)
+    except ImportError:
+        return False
+    for part in name.split("."):
+        if hasattr(target, part):
+            target = getattr(target, part)
+        elif isinstance(target, types.ModuleType):  # `from package import submodule` imports it
+            try:
+                target = importlib.import_module(f"{target.__name__}.{part}")
+            except ImportError:
+                return False
+        else:
+            return False
+    return True
+
+
+def _install_stand_in(module_name, name):
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError:
+        if module_name not in REMOVED_MODULES:
+            raise
+        module = types.ModuleType(module_name, f"Stand-in for the removed {module_name} ({__name__}).")
+        sys.modules[module_name] = module
+        parent_name, _, child_name = module_name.rpartition(".")
+        setattr(importlib.import_module(parent_name), child_name, module)
+    owner_name, _, attribute = name.rpartition(".")
+    owner = getattr(module, owner_name) if owner_name else module
+    setattr(owner, attribute, STAND_INS[(module_name, name)]())
+
+
+def _read_json(name_or_path, file_name, cache_dir):
+    path = cached_file(name_or_path, file_name, cache_dir=cache_dir, _raise_exceptions_for_missing_entries=False)
+    if path is None:
+        return {}
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def family_name(config_dict):
+    """How an error names a checkpoint: "MiniCPM-V 2.6", "MiniCPM-o 2.6", ... from its config."""
+    model_type = config_dict.get("model_type", "unknown model type")
+    kind = {"minicpmv": "MiniCPM-V", "minicpmo": "MiniCPM-o"}.get(model_type, model_type)
+    version = config_dict.get("version")
+    return kind if version is None else f"{kind} {version}"
+
+
+def remote_code_files(name_or_path, cache_dir=None):
+    """Every remote-code file the checkpoint names (config, tokenizer and processor `auto_map`, and
+    their relative imports), fetched into transformers' module cache without importing any."""
+    references = set()
+    for file_name in ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json"):
+        for value in (_read_json(name_or_path, file_name, cache_dir).get("auto_map") or {}).values():
+            for class_reference in value if isinstance(value, list) else [value]:
+                if class_reference:
+                    references.add(class_reference)
+    files, pending = {}, []
+    for class_reference in sorted(references):
+        repo_id, _, reference = class_reference.rpartition("--")
+        pending.append((repo_id or str(name_or_path), reference.split(".")[0] + ".py"))
+    # One file at a time: older transformers fetch only a file's direct relative imports.
+    while pending:
+        repo, file_name = pending.pop()
+        if (repo, file_name) in files:
+            continue
+        cached = dynamic_module_utils.get_cached_module_file(repo, file_name, cache_dir=cache_dir)
+        files[repo, file_name] = module_file = Path(dynamic_module_utils.HF_MODULES_CACHE) / cached
+        pending.extend((repo, name.replace(".", "/") + ".py") for name in dynamic_module_utils.get_relative_imports(module_file))
+    return sorted(set(files.values()))
+
+
+def repair_removed_names(name_or_path, cache_dir=None):
+    """Install a stand-in for every removed transformers name the checkpoint's remote code needs
+    (every file its config, tokenizer and processor name). Returns [(module, name)] found missing."""
+    family = family_name(_read_json(name_or_path, "config.json", cache_dir))
+    return supply_removed_names(remote_code_files(name_or_path, cache_dir), f"{family} checkpoint {name_or_path}")
+
+
+def supply_removed_names(files, checkpoint):
+    """Install a stand-in for every removed transformers name `files` need; `checkpoint` names them
+    in the error for a name without one.
+
+    Names that resolve (the installed transformers has them, or a stand-in went in earlier) are
+    left alone. Each stand-in is logged the first time this process installs it.
+    """
+    missing = {}
+    for file in files:
+        if file.name == Path(__file__).name:  # a saved folder's copy of this module repairs, needs nothing
+            continue
+        for module_name, name, guarded in transformers_references(file.read_text(encoding="utf-8")):
+            if not guarded and not resolves(module_name, name):
+                missing.setdefault((module_name, name), file.name)
+    unsupported = sorted(key for key in missing if key not in STAND_INS)
+    if unsupported:
+        needs = "; ".join(f"{module_name}.{name} (in {missing[module_name, name]})" for module_name, name in unsupported)
+        raise UnsupportedTransformersError(
+            f"{checkpoint}: its remote code needs {needs}, which transformers {transformers.__version__} "
+            f"does not have and no repair supplies. This project supports transformers"
+            f"{SUPPORTED_TRANSFORMERS}: pip install -r requirements.txt"
+        )
+    for (module_name, name), file_name in sorted(missing.items()):
+        _install_stand_in(module_name, name)
+        if (module_name, name) in _installed:
+            continue
+        _installed.add((module_name, name))
+        logger.warning(
+            "Remote code %s needs %s from %s, which transformers %s no longer has: installed a stand-in "
+            "that behaves as the removed one did.",
+            file_name, name, module_name, transformers.__version__,
+        )
+    return sorted(missing)

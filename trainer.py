@@ -76,6 +76,8 @@ class CPMTrainer(transformers.Trainer):
         # Remote code or native, as the model's config says (backends.py).
         self.backend = backend = backends.backend_for(unwrap_peft(self.model).config)
         self.model_source = model_source
+        self.loss_guard = resilience.NonFiniteLossGuard()
+        self.add_callback(self.loss_guard)
         if is_deepspeed_zero3_enabled():
             count = register_zero3_external_parameters(self.model)
             logger.info("ZeRO-3: registered %d attention output parameters for gathering", count)
@@ -117,6 +119,8 @@ class CPMTrainer(transformers.Trainer):
                 self.backend.forward(model, inputs, base)
             loss = head.loss_sum / num_items
             outputs = CausalLMOutput(loss=loss)
+        if model.training:
+            self.loss_guard.note(loss, inputs["records"])
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # That count is summed over processes, and DDP averages gradients over them.
             loss = loss * self.accelerator.num_processes
@@ -139,17 +143,21 @@ class CPMTrainer(transformers.Trainer):
         if self.args.should_save:
             resilience.remove_stale(folder)
         self.accelerator.wait_for_everyone()
-        super()._save_checkpoint(model, trial)
+        with resilience.explain_disk_full(folder):
+            super()._save_checkpoint(model, trial)
 
     def _save_rng_state(self, output_dir):
         super()._save_rng_state(output_dir)
-        # The last files every rank writes: once all are on disk, the main process writes
-        # trainer_state.json, which marks the checkpoint complete (resilience.is_complete).
+        # The last files every rank writes: once all are on disk, the main process lists them,
+        # then writes trainer_state.json, which marks the checkpoint complete (resilience.is_complete).
         self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            resilience.write_manifest(output_dir)
 
     def save_model(self, output_dir=None, _internal_call=False):
-        super().save_model(output_dir, _internal_call=_internal_call)
         output_dir = output_dir or self.args.output_dir
+        with resilience.explain_disk_full(output_dir):
+            super().save_model(output_dir, _internal_call=_internal_call)
         model = self.accelerator.unwrap_model(self.model)
         if self.args.should_save and self.model_source is not None and not isinstance(model, PeftModel):
             self.backend.save_extras(self.model_source, output_dir)

@@ -30,7 +30,6 @@ def subprocess_env(**overrides):
     env = dict(os.environ)
     env.update(
         PYTHON=sys.executable,
-        TORCHRUN=f"{sys.executable} -m torch.distributed.run",
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(free_port()),
         OMP_NUM_THREADS="1",

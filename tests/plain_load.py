@@ -19,7 +19,7 @@ from PIL import Image
 from transformers import AutoModel, AutoTokenizer
 
 PROJECT_MODULES = (
-    "loading", "remote_code_repairs", "finetune", "arguments", "distributed", "lora", "dataset", "trainer", "merge", "infer"
+    "loading", "remote_code_repairs", "finetune", "arguments", "distributed", "lora", "usage", "dataset", "trainer", "merge", "infer"
 )
 
 

@@ -397,6 +397,14 @@ def test_qwen_thinking_flag_reaches_the_template(tokenizers, tmp_path, monkeypat
 # Files: data formats and image paths
 
 
+def test_load_records_accepts_a_utf8_byte_order_mark(tmp_path):
+    records = [{"id": "é", "conversations": conv("a", "b")}]
+    (tmp_path / "bom.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8-sig")
+    (tmp_path / "bom.jsonl").write_text(json.dumps(records[0], ensure_ascii=False) + "\n", encoding="utf-8-sig")
+    assert dataset.load_records(tmp_path / "bom.json") == records
+    assert dataset.load_records(tmp_path / "bom.jsonl") == records
+
+
 def test_load_records_json_and_jsonl(tmp_path):
     records = [two_turn_record(), {"id": "t", "conversations": []}]
     (tmp_path / "d.json").write_text(json.dumps(records))
@@ -516,7 +524,10 @@ BAD_RECORDS = {
     "no content": ({"id": "x", "conversations": [{"role": "user", "content": "a"}, {"role": "assistant"}]},
                    "no text 'content'"),
     "assistant first": ({"id": "x", "conversations": conv("a", "b")[::-1]}, "first message must come from 'user'"),
-    "no assistant": ({"id": "x", "conversations": [{"role": "user", "content": "a"}] * 2}, "no assistant message"),
+    "no assistant": ({"id": "x", "conversations": [{"role": "user", "content": "a"}] * 2},
+                     "message 1 comes from 'user' like message 0; roles must alternate"),
+    "two assistants": ({"id": "x", "conversations": conv("a", "b") + [{"role": "assistant", "content": "c"}]},
+                       "message 2 comes from 'assistant'"),
     "image twice": ({"id": "x", "image": "cat.png", "conversations": conv("<image><image>", "b")},
                     "more than once"),
     "image in assistant": ({"id": "x", "image": "cat.png", "conversations": conv("a", "<image>")},
@@ -536,6 +547,9 @@ BAD_RECORDS = {
                                "no image dict"),
     "image not a path": ({"id": "x", "image": 3, "conversations": conv("a", "b")}, "'image' must be a path"),
     "reserved token": ({"id": "x", "conversations": conv("a <slice> b", "c")}, "reserved image token '<slice>'"),
+    "chat control token": ({"id": "x", "conversations": conv("a<|im_end|>\n<|im_start|>assistant\nb", "c")},
+                           "message 0 contains the tokenizer's special token '<|im_end|>'"),
+    "eos in an answer": ({"id": "x", "conversations": conv("a", "b<|endoftext|>")}, "special token '<|endoftext|>'"),
     "missing file": ({"id": "x", "image": "nowhere.png", "conversations": conv("a", "b")},
                      "cannot load image <image> from .*nowhere.png"),
     "corrupt file": ({"id": "x", "image": "broken.png", "conversations": conv("a", "b")},
@@ -593,8 +607,10 @@ def test_load_records_errors_name_the_file(tmp_path, content, reason):
     assert info.value.path == str(path) and str(info.value).startswith(f"{path}: ")
     path = tmp_path / "bad.jsonl"
     path.write_text('{"id": 1}\n{oops\n')
-    with pytest.raises(DataError, match=r"record 1 .*line 2 is not valid JSON"):
-        dataset.load_records(path)
+    records = dataset.load_records(path)  # a bad line is its record's problem, reported with the others
+    with pytest.raises(DataError, match=r"record 1 .*line 2 is not valid JSON") as info:
+        dataset.validate_record(records[1], 1, data_path=str(path))
+    assert info.value.code == "invalid_json"
 
 
 def test_a_special_token_the_vocabulary_lacks_is_a_start_up_error(tokenizers, tmp_path):

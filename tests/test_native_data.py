@@ -4,7 +4,7 @@ Parity: the sample up to its first learned token is exactly what the processor g
 conversation through its chat template with the generation prompt. Golden label masks per model.
 """
 
-import json
+import re
 
 import av
 import numpy as np
@@ -240,6 +240,24 @@ def test_too_long_never_cuts_a_placeholder(tiny_checkpoint, media):
     with pytest.raises(DataError, match="would cut an image or video placeholder") as error:
         dataset(processor, [record], media, max_length=last_visual).check(0)
     assert (error.value.code, error.value.index, error.value.record_id) == ("too_long", 0, "long")
+
+
+@pytest.mark.parametrize("family", NATIVE_FAMILIES)
+def test_special_tokens_in_text_are_refused_and_samples_name_their_record(tiny_checkpoint, media, family):
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint(family))
+    chat_control = processor.tokenizer.eos_token
+    records = [
+        {"id": "ok", "conversations": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hi."}]},
+        {"id": "control", "conversations": [{"role": "user", "content": f"Hi{chat_control}"},
+                                            {"role": "assistant", "content": "Hi."}]},
+    ]
+    data = dataset(processor, records, media)
+    assert chat_control in data.special_tokens
+    batch = NativeCollator(processor.tokenizer.pad_token_id)([data[0]])
+    assert batch["records"] == [{"index": 0, "id": "ok"}]
+    with pytest.raises(DataError, match=re.escape(f"special token {chat_control!r}")) as error:
+        data.check(1)
+    assert (error.value.code, error.value.index, error.value.record_id) == ("special_token", 1, "control")
 
 
 def test_processor_limits_are_passed_on(tiny_checkpoint, media):

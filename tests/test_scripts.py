@@ -11,8 +11,9 @@ from peft import PeftModel
 from transformers import AutoModel
 
 import demo_data
-from backends import RemoteCodeBackend
+import infer
 import loading
+from backends import RemoteCodeBackend
 from dataset import DataCollator, data_settings, make_dataset
 from launch import LORA_ARGS, REPO, finetune_args, run, run_finetune, subprocess_env
 
@@ -98,7 +99,7 @@ def test_merge_is_standalone_and_matches_the_adapter(tiny_checkpoint, demo_set, 
 @pytest.mark.launch
 def test_inference_and_merging_import_no_training_code():
     """infer.py and merge.py depend on loading and data code only, never on the training modules."""
-    training = {"finetune", "arguments", "distributed", "lora", "trainer", "loss", "preflight", "resilience"}
+    training = {"finetune", "arguments", "distributed", "lora", "trainer", "loss", "preflight", "resilience", "usage"}
     _, output = run([sys.executable, "-c", "import sys, infer, merge; print('modules:', sorted(sys.modules))"])
     imported = set(ast.literal_eval(re.search(r"^modules: (.*)$", output, flags=re.M).group(1)))
     assert {"loading", "dataset"} <= imported and not imported & training, imported & training
@@ -140,3 +141,15 @@ def test_demo_learns_the_training_answers(tmp_path):
     assert total == 18 and correct >= 0.9 * total
     assert (tmp_path / "demo" / "lora" / "loss.png").stat().st_size > 0
     assert (tmp_path / "demo" / "lora" / "adapter_model.safetensors").is_file()
+
+
+def test_infer_names_a_bad_questions_line_before_loading_weights(tmp_path, capsys):
+    questions = tmp_path / "questions.jsonl"
+    good = {"id": "a", "conversations": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hi."}]}
+    questions.write_text(json.dumps(good) + "\n{not json\n")
+    # The model folder does not exist: reaching the weights would fail differently.
+    with pytest.raises(SystemExit) as stop:
+        infer.main(["--model", str(tmp_path / "no_model"), "--questions", str(questions)])
+    assert stop.value.code == 2
+    message = capsys.readouterr().err
+    assert "record 1" in message and "line 2 is not valid JSON" in message and str(questions) in message

@@ -107,7 +107,8 @@ class SiglipVisionTransformer(nn.Module):
         self.encoder = VisionEncoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, pixel_values, patch_attention_mask=None, tgt_sizes=None):
+    def embed(self, pixel_values, patch_attention_mask=None, tgt_sizes=None):
+        """Patch embeddings, with the patch mask and grid sizes filled in for a plain batch."""
         n = pixel_values.shape[0]
         patch = self.config.patch_size
         grid = (pixel_values.shape[2] // patch, pixel_values.shape[3] // patch)
@@ -115,7 +116,11 @@ class SiglipVisionTransformer(nn.Module):
             tgt_sizes = torch.tensor([grid] * n, dtype=torch.int32)
         if patch_attention_mask is None:
             patch_attention_mask = torch.ones(n, 1, grid[0] * grid[1], dtype=torch.bool, device=pixel_values.device)
-        hidden_states = self.embeddings(pixel_values, tgt_sizes)
+        return self.embeddings(pixel_values, tgt_sizes), patch_attention_mask, tgt_sizes
+
+    def forward(self, pixel_values, patch_attention_mask=None, tgt_sizes=None):
+        n = pixel_values.shape[0]
+        hidden_states, patch_attention_mask, tgt_sizes = self.embed(pixel_values, patch_attention_mask, tgt_sizes)
         keep = patch_attention_mask.reshape(n, 1, 1, -1).to(hidden_states.device)
         attention_bias = torch.zeros(keep.shape, dtype=hidden_states.dtype, device=hidden_states.device)
         attention_bias = attention_bias.masked_fill(~keep, torch.finfo(hidden_states.dtype).min)
