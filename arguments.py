@@ -17,8 +17,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 import distributed
 import resilience
-from dataset import LLM_TYPES
-from lora import DEFAULT_LORA_TARGETS
+from backends import ALL_LLM_TYPES
 from loss import DPO_LOSS_TYPES
 from usage import UsageError
 
@@ -49,6 +48,21 @@ class DataArguments:
         default=False,
         metadata={"help": "Only check the data (no weights load): report problems, exit 1 if there are any."},
     )
+    max_num_frames: int = field(
+        default=None,
+        metadata={"help": "Video (native models): the most frames sampled from a clip (default: the checkpoint's "
+                  "video processor's max_num_frames)."},
+    )
+    stack_frames: int = field(
+        default=None,
+        metadata={"help": "Video (native models): frames per second of video, stacked into each sampled second "
+                  "(1: one frame a second; default: the video processor's stack_frames)."},
+    )
+
+    def __post_init__(self):
+        for name in ("max_num_frames", "stack_frames"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UsageError(f"--{name} must be at least 1")
 
 
 @dataclass
@@ -58,9 +72,17 @@ class TrainingArguments(transformers.TrainingArguments):
     model_max_length: int = field(
         default=2048, metadata={"help": "Maximum sequence length; samples are right-padded and truncated to it."}
     )
-    tune_vision: bool = field(default=True, metadata={"help": "Train the vision encoder (vpm)."})
-    tune_llm: bool = field(default=True, metadata={"help": "Train the language model (llm) in full."})
-    llm_type: str = field(default="minicpm", metadata={"help": f"Chat template: one of {', '.join(LLM_TYPES)}."})
+    tune_vision: bool = field(
+        default=True, metadata={"help": "Train the vision tower (vpm; native models: vision_tower with its vit_merger)."}
+    )
+    tune_llm: bool = field(
+        default=True, metadata={"help": "Train the language model (llm; native models: language_model and lm_head) in full."}
+    )
+    llm_type: str = field(
+        default=None,
+        metadata={"help": f"Chat layout: one of {', '.join(ALL_LLM_TYPES)}; default and only accepted value: what "
+                  "the checkpoint's config says (see the README's list of models)."},
+    )
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on the LLM instead of its weights."})
     max_slice_nums: int = field(default=9, metadata={"help": "Most slices a high-resolution image is cut into."})
     group_by_length: bool = field(
@@ -94,8 +116,8 @@ class TrainingArguments(transformers.TrainingArguments):
     )
 
     def __post_init__(self):
-        if self.llm_type not in LLM_TYPES:
-            raise UsageError(f"--llm_type {self.llm_type!r} is not one of {', '.join(LLM_TYPES)}")
+        if self.llm_type is not None and self.llm_type not in ALL_LLM_TYPES:
+            raise UsageError(f"--llm_type {self.llm_type!r} is not one of {', '.join(ALL_LLM_TYPES)}")
         if self.use_lora and self.tune_llm:
             raise UsageError(
                 "cannot tune the LLM and apply LoRA at once: pass --tune_llm false together with --use_lora true"
@@ -136,7 +158,9 @@ class LoraArguments:
     lora_alpha: int = field(default=64, metadata={"help": "LoRA scaling alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
     lora_target_modules: str = field(
-        default=DEFAULT_LORA_TARGETS, metadata={"help": "Regex (full match) of the module names that get LoRA."}
+        default=None,
+        metadata={"help": "Regex (full match) of the module names that get LoRA (default: the attention projections "
+                  "of the language model; see backends.py)."},
     )
     lora_weight_path: str = field(default="", metadata={"help": "An existing adapter folder to start training from."})
     lora_bias: str = field(default="none", metadata={"help": "Which biases train: none, all or lora_only."})
@@ -144,7 +168,8 @@ class LoraArguments:
     lora_modules_to_save: str = field(
         default="",
         metadata={"help": "Comma-separated modules trained in full and saved with the adapter "
-                  "(default: embed_tokens,resampler, plus vpm with --tune_vision)."},
+                  "(default: embed_tokens,resampler, plus vpm with --tune_vision; native models: "
+                  "embed_tokens,model.merger, plus vision_tower)."},
     )
     lora_layer_replication: str = field(
         default=None,
@@ -173,10 +198,9 @@ class LoraArguments:
                 "model.model...layers; MiniCPM-V keeps its LLM at model.llm, so its layers cannot be replicated"
             )
 
-    def modules_to_save(self, tune_vision):
-        if self.lora_modules_to_save.strip():
-            return [name.strip() for name in self.lora_modules_to_save.split(",") if name.strip()]
-        return ["embed_tokens", "resampler"] + (["vpm"] if tune_vision else [])
+    def modules_to_save(self):
+        """The names given with --lora_modules_to_save (empty: none given, the backend's default applies)."""
+        return [name.strip() for name in self.lora_modules_to_save.split(",") if name.strip()]
 
 
 def validate(training_args, lora_args):
@@ -185,11 +209,6 @@ def validate(training_args, lora_args):
         given = [f"--{f.name}" for f in dataclasses.fields(lora_args) if getattr(lora_args, f.name) != f.default]
         if given:
             raise UsageError(f"{', '.join(given)} given without --use_lora true, where LoRA settings do nothing")
-    elif training_args.tune_vision and "vpm" not in lora_args.modules_to_save(tune_vision=True):
-        raise UsageError(
-            "--tune_vision true, but --lora_modules_to_save leaves out vpm, so the vision tower would stay "
-            "frozen: add vpm to the list or pass --tune_vision false"
-        )
     if training_args.stage == "dpo" and lora_args.lora_weight_path and not training_args.dpo_ref_model:
         raise UsageError(
             "--stage dpo with --lora_weight_path: the reference would be the base model without that adapter, "

@@ -495,10 +495,20 @@ def render_qwen(messages, tokenizer):
     think block the template writes into a turn whose message had none.
     """
     assistants = [m["content"] for m in messages if m["role"] == "assistant"]
-    thinking = bool(THINK_BLOCK.search(assistants[-1]))
     text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=False, enable_thinking=thinking
+        messages, tokenize=False, add_generation_prompt=False, enable_thinking=wants_thinking(assistants)
     )
+    return text, chatml_assistant_spans(text, assistants)
+
+
+def wants_thinking(assistants):
+    """``enable_thinking`` for a Qwen3-style template: whether the last answer holds a think block."""
+    return bool(THINK_BLOCK.search(assistants[-1]))
+
+
+def chatml_assistant_spans(text, assistants):
+    """The learned character spans of a rendered ChatML conversation (see render_qwen);
+    ``assistants`` are the assistant messages' texts, in order."""
     header, end = "<|im_start|>assistant\n", "<|im_end|>"
     spans = []
     position = 0
@@ -514,18 +524,23 @@ def render_qwen(messages, tokenizer):
             raise ValueError("an assistant turn in the chat template output has no <|im_end|>")
         position = stop + len(end)
         spans.append((start, position))
-    return text, spans
+    return spans
 
 
 def tokenize_with_spans(tokenizer, text, spans):
     """Ids of ``text`` and a context flag per token (1: not learned): learned tokens start in a span."""
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = torch.tensor(encoding["input_ids"], dtype=torch.long)
-    token_starts = torch.tensor([start for start, _ in encoding["offset_mapping"]], dtype=torch.long)
-    context = torch.ones(len(ids), dtype=torch.int8)
+    return ids, context_flags(encoding["offset_mapping"], spans)
+
+
+def context_flags(offset_mapping, spans):
+    """Per token (by its character offsets), 0 if it starts inside a learned span, else 1."""
+    token_starts = torch.tensor([start for start, _ in offset_mapping], dtype=torch.long)
+    context = torch.ones(len(token_starts), dtype=torch.int8)
     for start, stop in spans:
         context[(token_starts >= start) & (token_starts < stop)] = 0
-    return ids, context
+    return context
 
 
 def tokenize_minicpm(messages, tokenizer):
@@ -574,7 +589,75 @@ def shifted_labels(ids, context, end_of_turn_id):
 # Dataset and collator
 
 
-class SupervisedDataset(Dataset):
+class RecordDataset(Dataset):
+    """What a dataset of records is, whichever model it feeds: the records, the folder their
+    relative paths resolve against, the checks of validate_record, and errors naming the record.
+
+    A subclass sets ``reserved_tokens`` and ``special_tokens`` (see validate_record; the latter
+    from ``special_tokens_of``) and defines ``_build(record, index, *args)``;
+    ``_checked_build(index, *args)`` validates and builds record ``index`` (or ``record``, one
+    made from it, such as a preference pair's answer).
+    """
+
+    def __init__(self, records, *, max_length, image_root, data_path):
+        self.records = records
+        self.max_length = max_length
+        self.data_path = None if data_path is None else os.fspath(data_path)
+        if image_root is None:
+            image_root = os.path.dirname(os.path.abspath(self.data_path)) if self.data_path else os.getcwd()
+        self.image_root = os.fspath(image_root)
+        # Each record's token count as trained (after truncation), once preflight has checked it:
+        # what length grouping and packing need, without building every sample to learn it.
+        self.lengths = None
+
+    def __len__(self):
+        return len(self.records)
+
+    def validate(self, record, index):
+        validate_record(
+            record,
+            index,
+            data_path=self.data_path,
+            reserved_tokens=self.reserved_tokens,
+            special_tokens=self.special_tokens,
+        )
+
+    def special_tokens_of(self, tokenizer):
+        """The tokenizer's special tokens that message text must not hold: all of them but the
+        image tag, the reserved tokens (refused with their own reason) and CONTENT_MARKUP."""
+        special = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+        special |= set(tokenizer.all_special_tokens)
+        return tuple(sorted(special - {SINGLE_IMAGE_TAG, *self.reserved_tokens} - CONTENT_MARKUP))
+
+    def _checked_build(self, index, *args, record=None):
+        record = self.records[index] if record is None else record
+        self.validate(record, index)
+        try:
+            return self._build(record, index, *args)
+        except DataError:
+            raise
+        except Exception as e:  # any other failure still names the record; the cause stays chained
+            raise self._error(index, record, f"{type(e).__name__}: {e}", code="build_failed") from e
+
+    def _error(self, index, record, reason, path=None, code="invalid_record"):
+        return DataError(
+            reason, index=index, record_id=record.get("id"), path=path, data_path=self.data_path, code=code
+        )
+
+    def _full_path(self, path):
+        return path if os.path.isabs(path) else os.path.join(self.image_root, path)
+
+    def _load_image(self, index, record, tag, path):
+        full_path = self._full_path(path)
+        try:
+            return open_rgb(full_path)
+        except ImageProblem as e:
+            raise self._error(
+                index, record, f"cannot load image {tag} from {full_path}: {e}", path=full_path, code=e.code
+            ) from e
+
+
+class SupervisedDataset(RecordDataset):
     """Records -> model inputs. See the module docstring and docs/CONTRACTS.md."""
 
     # Over-long samples are cut at max_length (with a warning); a preference pair must not be.
@@ -598,7 +681,7 @@ class SupervisedDataset(Dataset):
     ):
         if llm_type not in LLM_TYPES:
             raise ValueError(f"llm_type must be one of {LLM_TYPES}, got {llm_type!r}")
-        self.records = records
+        super().__init__(records, max_length=max_length, image_root=image_root, data_path=data_path)
         self.tokenizer = tokenizer
         self.transform = transform
         self.slice_config = (
@@ -611,15 +694,7 @@ class SupervisedDataset(Dataset):
         self.patch_size = patch_size
         self.query_num = query_num
         self.batch_vision = batch_vision
-        self.max_length = max_length
         self.use_image_id = use_image_id
-        self.data_path = None if data_path is None else os.fspath(data_path)
-        if image_root is None:
-            image_root = os.path.dirname(os.path.abspath(self.data_path)) if self.data_path else os.getcwd()
-        self.image_root = os.fspath(image_root)
-        # Each record's token count as trained (after truncation), once preflight has checked it:
-        # what length grouping and packing need, without building every sample to learn it.
-        self.lengths = None
 
         # Every special token the layout uses, checked against the vocabulary before any record is built.
         sliced = slice_config is not None
@@ -638,53 +713,26 @@ class SupervisedDataset(Dataset):
         self.image_end_extra = ids[SLICE_END] if sliced and not self.new_schema else None
         self.im_id_start_id = ids[IMAGE_ID_START] if use_image_id else None
         self.reserved_tokens = (IMAGE_END, SLICE_START, SLICE_END, IMAGE_ID_START, IMAGE_ID_END, unk)
-        special = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
-        special |= set(tokenizer.all_special_tokens)
-        self.special_tokens = tuple(sorted(special - {SINGLE_IMAGE_TAG, *self.reserved_tokens} - CONTENT_MARKUP))
-
-    def __len__(self):
-        return len(self.records)
+        self.special_tokens = self.special_tokens_of(tokenizer)
 
     def __getitem__(self, index):
-        return self._checked_build(index, pixels=True)
+        return self._checked_build(index, True)
+
+    def validate(self, record, index):
+        super().validate(record, index)
+        if "video" in record:
+            raise self._error(
+                index, record, "the record has a 'video', but this model (remote code) takes no video; "
+                "video needs a native MiniCPM-V (4.6, 4.7, MiniCPM-OCR)", code="video_unsupported",
+            )
 
     def check(self, index):
         """Build record ``index`` exactly as training does, minus the image tensors.
 
-        Raises DataError if the record is unusable; else returns ``{"tokens", "truncated"}``.
+        Raises DataError if the record is unusable; else returns ``{"tokens", "truncated", "length"}``.
         Every image is opened and decoded once. This is what preflight.py runs over a dataset.
         """
-        return self._checked_build(index, pixels=False)
-
-    def _checked_build(self, index, pixels, record=None):
-        record = self.records[index] if record is None else record
-        validate_record(
-            record,
-            index,
-            data_path=self.data_path,
-            reserved_tokens=self.reserved_tokens,
-            special_tokens=self.special_tokens,
-        )
-        try:
-            return self._build(record, index, pixels)
-        except DataError:
-            raise
-        except Exception as e:  # any other failure still names the record; the cause stays chained
-            raise self._error(index, record, f"{type(e).__name__}: {e}", code="build_failed") from e
-
-    def _error(self, index, record, reason, path=None, code="invalid_record"):
-        return DataError(
-            reason, index=index, record_id=record.get("id"), path=path, data_path=self.data_path, code=code
-        )
-
-    def _load_image(self, index, record, tag, path):
-        full_path = path if os.path.isabs(path) else os.path.join(self.image_root, path)
-        try:
-            return open_rgb(full_path)
-        except ImageProblem as e:
-            raise self._error(
-                index, record, f"cannot load image {tag} from {full_path}: {e}", path=full_path, code=e.code
-            ) from e
+        return self._checked_build(index, False)
 
     def _build(self, record, index, pixels=True):
         paths = record_images(record)

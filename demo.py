@@ -1,8 +1,9 @@
 """The whole job on a laptop: from a JSON file to a fine-tuned model that answers.
 
-    make demo        # or: python demo.py [--out demo_out] [--steps 240]
+    make demo        # or: python demo.py [--family minicpmv4_6] [--out demo_out] [--steps 240]
 
-1. builds a tiny, randomly initialised MiniCPM-V 2.6 (tiny_models/) in OUT/model;
+1. builds a tiny, randomly initialised MiniCPM-V (2.6 by default; --family takes any of
+   tiny_models' families, the native 4.6, 4.7 and MiniCPM-OCR included) in OUT/model;
 2. writes a small dataset of coloured shapes, one two-image record and one text-only record;
 3. runs finetune_lora.sh (torchrun, 2 CPU processes over gloo, DeepSpeed ZeRO-2);
 4. plots the loss curve to OUT/lora/loss.png;
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 import demo_data
-from tiny_models.build import build_checkpoint
+from tiny_models.build import ALL_FAMILIES, build_checkpoint
 
 HERE = Path(__file__).resolve().parent
 PASS_RATE = 0.9
@@ -33,7 +34,6 @@ def train(model_dir, data, output_dir, steps, processes, seed):
         MODEL=str(model_dir),
         DATA=str(data),
         EVAL_DATA="",
-        LLM_TYPE="qwen",
         OUTPUT_DIR=str(output_dir),
         MASTER_PORT=os.environ.get("MASTER_PORT", "29533"),
         PYTHON=sys.executable,
@@ -50,7 +50,7 @@ def train(model_dir, data, output_dir, steps, processes, seed):
     subprocess.run(["bash", str(HERE / "finetune_lora.sh"), *args], env=env, check=True)
 
 
-def plot_losses(output_dir):
+def plot_losses(output_dir, family):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,7 +61,7 @@ def plot_losses(output_dir):
     losses = [h["loss"] for h in history if "loss" in h]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, losses, marker=".")
-    ax.set(xlabel="step", ylabel="training loss", title="Tiny MiniCPM-V 2.6, LoRA on coloured shapes")
+    ax.set(xlabel="step", ylabel="training loss", title=f"Tiny {family}, LoRA on coloured shapes")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = output_dir / "loss.png"
@@ -70,11 +70,10 @@ def plot_losses(output_dir):
 
 
 def ask(model_dir, adapter, data):
+    import backends
     import infer
-    import loading
 
-    model, tokenizer, config = loading.load_for_inference(model_dir, adapter)
-    answerer = infer.Answerer(model, tokenizer, config, llm_type="qwen", max_slice_nums=2)
+    answerer = infer.Answerer(*backends.load_for_inference(model_dir, adapter), max_slice_nums=2)
     records = json.loads(Path(data).read_text())
     answers = answerer.answer(records, Path(data).parent, max_new_tokens=16)
     rows = []
@@ -87,6 +86,7 @@ def ask(model_dir, adapter, data):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", default="minicpmv2_6", choices=ALL_FAMILIES, help="the tiny model to fine-tune")
     parser.add_argument("--out", type=Path, default=HERE / "demo_out", help="working folder (replaced)")
     parser.add_argument("--steps", type=int, default=900, help="training steps")
     parser.add_argument("--processes", type=int, default=2, help="torchrun processes")
@@ -95,14 +95,14 @@ def main(argv=None):
 
     start = time.time()
     shutil.rmtree(args.out, ignore_errors=True)
-    print(f"[1/4] Building a tiny MiniCPM-V 2.6 in {args.out / 'model'}", flush=True)
-    model_dir = build_checkpoint("minicpmv2_6", args.out / "model", seed=args.seed)
+    print(f"[1/4] Building a tiny {args.family} in {args.out / 'model'}", flush=True)
+    model_dir = build_checkpoint(args.family, args.out / "model", seed=args.seed)
     data = demo_data.generate(args.out / "data", seed=args.seed)
     print(f"[2/4] Wrote {len(json.loads(data.read_text()))} records to {data}", flush=True)
     output_dir = args.out / "lora"
     print(f"[3/4] finetune_lora.sh: {args.processes} processes, {args.steps} steps", flush=True)
     train(model_dir, data, output_dir, args.steps, args.processes, args.seed)
-    plot, losses = plot_losses(output_dir)
+    plot, losses = plot_losses(output_dir, args.family)
     print(f"      loss {losses[0]:.3f} -> {losses[-1]:.3f}; curve in {plot}", flush=True)
     print(f"[4/4] Asking the fine-tuned model (base + adapter in {output_dir})", flush=True)
     rows = ask(model_dir, output_dir, data)

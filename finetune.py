@@ -1,4 +1,4 @@
-"""Fine-tune a MiniCPM-V model (2.0, Llama3-V 2.5, 2.6, o-2.6, 4.x) on JSON conversations.
+"""Fine-tune a MiniCPM-V model (2.0, Llama3-V 2.5, 2.6, o-2.6, 4.x, and the native 4.6, 4.7, OCR) on JSON conversations.
 
 Launch through the scripts, which hold the reference flags:
     bash finetune_lora.sh     # LoRA, DeepSpeed ZeRO-2
@@ -6,9 +6,10 @@ Launch through the scripts, which hold the reference flags:
 or directly: ``torchrun --nproc_per_node N finetune.py --model_name_or_path ... --data_path ...``.
 
 This file parses and wires; each stage lives in the module of its concern: arguments.py (the
-command line and its checks), distributed.py (start-up and engine checks), loading.py (model,
-config, tokenizer), dataset.py (records to tensors), preflight.py (the data check), lora.py
-(LoRA/QLoRA), trainer.py (CPMTrainer).
+command line and its checks), distributed.py (start-up and engine checks), backends.py (the kind
+of checkpoint, remote-code or native, chosen once from its config: loading, data, forward),
+loading.py (remote-code loading), dataset.py / native_data.py (records to tensors), preflight.py
+(the data check), lora.py (LoRA/QLoRA), trainer.py (CPMTrainer).
 """
 
 import logging
@@ -17,14 +18,16 @@ import sys
 
 import torch
 import transformers
+from transformers.integrations import is_deepspeed_zero3_enabled
 
+import backends
 import distributed
 import loading
 import lora
 import preflight
 import resilience
 from arguments import check_paths, compute_dtype, parse_args
-from dataset import DataCollator, DataError, PreferenceCollator, data_settings, load_records, log_sample, make_dataset
+from dataset import DataError, PreferenceCollator, load_records, log_sample
 from dpo import PreferenceTrainer, unsupported_reason
 from trainer import CPMTrainer
 from usage import EXIT_USAGE, UsageError
@@ -32,27 +35,28 @@ from usage import EXIT_USAGE, UsageError
 logger = logging.getLogger(__name__)
 
 
-def build_datasets(data_args, training_args, tokenizer, config):
+def build_datasets(backend, data_args, training_args, processing, config):
     """The train and eval datasets of the command line, laid out for the model of ``config``.
 
     A data file that cannot be read comes back as its DataError in place of a dataset: preflight
     reports it in its table, like a record's problem.
     """
-    settings = data_settings(config, training_args.max_slice_nums)
 
     def make(path):
         try:
             records = load_records(path)
         except DataError as e:
             return e
-        return make_dataset(
+        return backend.make_dataset(
             records,
-            tokenizer,
-            settings,
-            llm_type=training_args.llm_type,
+            processing,
+            config,
             max_length=training_args.model_max_length,
             image_root=data_args.image_folder or os.path.dirname(os.path.abspath(path)),
             data_path=path,
+            max_slice_nums=training_args.max_slice_nums,
+            max_num_frames=data_args.max_num_frames,
+            stack_frames=data_args.stack_frames,
             preference=training_args.stage == "dpo",
         )
 
@@ -63,9 +67,9 @@ def build_datasets(data_args, training_args, tokenizer, config):
     return train_dataset, eval_dataset
 
 
-def prepare_data(data_args, training_args, tokenizer, config):
+def prepare_data(backend, data_args, training_args, processing, config):
     """Build the datasets and check every record (preflight): ``{"train", "eval"}`` as training sees them."""
-    train_dataset, eval_dataset = build_datasets(data_args, training_args, tokenizer, config)
+    train_dataset, eval_dataset = build_datasets(backend, data_args, training_args, processing, config)
     checked = preflight.run(
         {"train": train_dataset, "eval": eval_dataset},
         training_args.output_dir,
@@ -74,24 +78,24 @@ def prepare_data(data_args, training_args, tokenizer, config):
         is_main=training_args.process_index == 0,
     )
     if training_args.should_log and not data_args.preflight_only:
-        log_sample(checked["train"], tokenizer)
+        log_sample(checked["train"], backend.tokenizer(processing))
     return checked
 
 
-def load_model(path, training_args, lora_args, config):
+def load_model(backend, path, training_args, lora_args, config):
     """The model at ``path`` in the training dtype; with --q_lora its LLM in 4 bit, on this rank's device."""
     dtype = compute_dtype(training_args)
     device_map = None
     if lora_args.q_lora:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         device_map = {"": local_rank if torch.cuda.is_available() else "cpu"}
-    return loading.load_model(
+    return backend.load_model(
         path,
         config,
         dtype=dtype,
         cache_dir=training_args.cache_dir,
         device_map=device_map,
-        quantization_config=lora.quantization_config(lora_args, dtype),
+        quantization_config=lora.quantization_config(lora_args, dtype, backend.unquantized_modules),
     )
 
 
@@ -104,12 +108,13 @@ def count_parameters(model):
     return total, trainable
 
 
-def adapt_model(model, training_args, lora_args):
+def adapt_model(backend, model, training_args, lora_args):
     """Freeze the parts that are not tuned and add LoRA if asked: the model the Trainer trains."""
-    if not training_args.tune_vision:
-        model.vpm.requires_grad_(False)
-    if not training_args.tune_llm:
-        model.llm.requires_grad_(False)
+    frozen = ([] if training_args.tune_vision else backend.vision(model)) + (
+        [] if training_args.tune_llm else backend.language_model(model)
+    )
+    for part in frozen:
+        part.requires_grad_(False)
     if training_args.use_lora:
         model = lora.apply_lora(model, training_args, lora_args)
     total, trainable = count_parameters(model)
@@ -117,9 +122,10 @@ def adapt_model(model, training_args, lora_args):
     return model
 
 
-def load_reference(model_args, training_args, lora_args, config):
-    """The DPO reference model: --dpo_ref_model, else a copy of the starting weights (None with
-    LoRA: the policy with its adapters off is the reference)."""
+def load_reference(backend, model_args, training_args, lora_args, config):
+    """The DPO reference model (of ``backend``: DPO trains remote-code checkpoints only):
+    --dpo_ref_model, else a copy of the starting weights (None with LoRA: the policy with its
+    adapters off is the reference)."""
     if training_args.dpo_ref_model:
         path = training_args.dpo_ref_model
         config = loading.load_config(path, training_args.cache_dir)
@@ -128,7 +134,7 @@ def load_reference(model_args, training_args, lora_args, config):
     else:
         path = model_args.model_name_or_path
     logger.info("DPO reference model: %s (frozen)", path)
-    return load_model(path, training_args, lora_args, config)
+    return load_model(backend, path, training_args, lora_args, config)
 
 
 def train(model_args, data_args, training_args, lora_args):
@@ -139,21 +145,35 @@ def train(model_args, data_args, training_args, lora_args):
     # the Trainer seeds only later, when it is created.
     transformers.set_seed(training_args.seed)
     config = loading.load_config(model_args.model_name_or_path, training_args.cache_dir)
+    # The one place the kind of checkpoint is decided; --llm_type must agree with its config.
+    try:
+        backend = backends.backend_for(config, training_args.llm_type)
+    except ValueError as e:  # --llm_type contradicting the checkpoint
+        raise UsageError(str(e)) from e
+    logger.info("Checkpoint %s: %s, llm_type %s", model_args.model_name_or_path, type(backend).__name__, backend.llm_type)
     if training_args.stage == "dpo" and unsupported_reason(config):
         raise UsageError(f"--stage dpo: {unsupported_reason(config)}")
-    tokenizer = loading.load_tokenizer(model_args.model_name_or_path, training_args.cache_dir)
-    datasets = prepare_data(data_args, training_args, tokenizer, config)
+    if backend.zero3_problem and is_deepspeed_zero3_enabled():
+        raise UsageError(backend.zero3_problem)
+    if not backend.takes_video and (data_args.max_num_frames is not None or data_args.stack_frames is not None):
+        raise UsageError(
+            "--max_num_frames and --stack_frames apply to video, which only the native models "
+            f"(model_type {', '.join(backends.NATIVE_MODEL_TYPES)}) take"
+        )
+    if training_args.use_lora:
+        lora.modules_to_save(backend, training_args, lora_args)  # refuses a list that leaves the tuned vision out
+    processing = backend.load_processing(model_args.model_name_or_path, training_args.cache_dir)
+    datasets = prepare_data(backend, data_args, training_args, processing, config)
     if data_args.preflight_only:
         return None
-    model = adapt_model(
-        load_model(model_args.model_name_or_path, training_args, lora_args, config), training_args, lora_args
-    )
+    model = load_model(backend, model_args.model_name_or_path, training_args, lora_args, config)
+    model = adapt_model(backend, model, training_args, lora_args)
     common = dict(
         model=model,
         args=training_args,
         train_dataset=datasets["train"],
         eval_dataset=datasets["eval"],
-        processing_class=tokenizer,
+        processing_class=processing,
         model_source=loading.model_source_dir(model_args.model_name_or_path, training_args.cache_dir),
         callbacks=[resilience.PreemptionCallback()],
     )
@@ -163,10 +183,10 @@ def train(model_args, data_args, training_args, lora_args):
             data_collator=PreferenceCollator(training_args.model_max_length),
             beta=training_args.dpo_beta,
             loss_type=training_args.dpo_loss_type,
-            ref_model=load_reference(model_args, training_args, lora_args, config),
+            ref_model=load_reference(backend, model_args, training_args, lora_args, config),
         )
     else:
-        trainer = CPMTrainer(**common, data_collator=DataCollator(training_args.model_max_length))
+        trainer = CPMTrainer(**common, data_collator=backend.collator(processing, training_args.model_max_length))
     distributed.check_engine(trainer, training_args)
     trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_state()

@@ -4,7 +4,7 @@
 #   bash finetune_lora.sh
 #
 # Edit DATA / EVAL_DATA below, or override any variable from the environment:
-#   MODEL=openbmb/MiniCPM-V-2_6 LLM_TYPE=qwen DATA=train.json EVAL_DATA=eval.json bash finetune_lora.sh
+#   MODEL=openbmb/MiniCPM-V-2_6 DATA=train.json EVAL_DATA=eval.json bash finetune_lora.sh
 # Arguments after the script name go to finetune.py and win over the defaults below:
 #   bash finetune_lora.sh --max_steps 500 --learning_rate 1e-5
 # Without a GPU the script still runs (CPU, gloo, fp32): that is how the demo and tests use it.
@@ -22,8 +22,9 @@ MODEL=${MODEL:-"openbmb/MiniCPM-V-2_6"} # or openbmb/MiniCPM-V-2, openbmb/MiniCP
 # The data: a .json list (or .jsonl) of {"id", "image", "conversations"} records.
 DATA=${DATA:-"path/to/training_data.json"}
 EVAL_DATA=${EVAL_DATA-"path/to/eval_data.json"} # set EVAL_DATA= (empty) to train without evaluation
-# minicpm for MiniCPM-V 2.0, llama3 for MiniCPM-Llama3-V 2.5, qwen for MiniCPM-V 2.6, MiniCPM-o 2.6 and 4.x
-LLM_TYPE=${LLM_TYPE:-"qwen"}
+# The chat layout follows from the checkpoint's config (minicpm for MiniCPM-V 2.0, llama3 for 2.5,
+# qwen for 2.6, o-2.6 and 4.x up to 4.5, native for 4.6, 4.7 and MiniCPM-OCR); LLM_TYPE, if set, must agree.
+LLM_TYPE=${LLM_TYPE:-}
 MODEL_MAX_Length=${MODEL_MAX_Length:-2048} # 2048 fits 9 slices of an image with room for text
 OUTPUT_DIR=${OUTPUT_DIR:-"output/output_lora"}
 DS_CONFIG=${DS_CONFIG:-"$HERE/ds_config_zero2.json"}
@@ -45,7 +46,7 @@ exec $TORCHRUN --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank 
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
     "$HERE/finetune.py" \
     --model_name_or_path "$MODEL" \
-    --llm_type "$LLM_TYPE" \
+    ${LLM_TYPE:+--llm_type "$LLM_TYPE"} \
     --data_path "$DATA" \
     "${EVAL_ARGS[@]}" \
     --remove_unused_columns false \
@@ -56,7 +57,6 @@ exec $TORCHRUN --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank 
     --tune_vision true \
     --tune_llm false \
     --use_lora true \
-    --lora_target_modules 'llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)' \
     --model_max_length "$MODEL_MAX_Length" \
     --max_slice_nums 9 \
     --max_steps 10000 \

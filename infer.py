@@ -1,11 +1,12 @@
-"""Ask a MiniCPM-V model, optionally with a LoRA adapter, about images.
+"""Ask a MiniCPM-V model, optionally with a LoRA adapter, about images (and videos: native models).
 
-    python infer.py --model BASE [--adapter DIR] --llm_type qwen --image cat.jpg --question "What is this?"
-    python infer.py --model BASE [--adapter DIR] --llm_type qwen --questions data.json
+    python infer.py --model BASE [--adapter DIR] --image cat.jpg --question "What is this?"
+    python infer.py --model BASE [--adapter DIR] --questions data.json
 
 ``--questions`` takes a file in the training format: each record's first user message is
 asked and its first assistant message is printed as the expected answer. Prompts are laid out
-by dataset.py exactly as in training (placeholders, slices, image ids, chat template), so a
+by the training dataset exactly as in training (remote code: dataset.py's placeholders, slices,
+image ids and chat layout; native models: the checkpoint's processor and chat template), so a
 fine-tuned model sees at inference what it saw in training.
 """
 
@@ -15,8 +16,8 @@ import os
 
 import torch
 
-import loading
-from dataset import IGNORE_INDEX, LLM_TYPES, BadLine, DataError, data_settings, load_records, make_dataset, validate_record
+import backends
+from dataset import BadLine, DataError, load_records, validate_record
 
 logger = logging.getLogger(__name__)
 
@@ -28,47 +29,35 @@ def first_exchange(record):
     return {**record, "conversations": [conversations[0], {"role": "assistant", "content": answer}]}
 
 
-def prompt_inputs(sample, device="cpu"):
-    """Cut a training sample just before the first learned token: the prompt the model answers."""
-    learned = (sample["labels"] != IGNORE_INDEX).nonzero()
-    cut = int(learned[0]) + 1  # labels are shifted: labels[i] is the token at i + 1
-    bounds = sample["image_bound"]
-    return dict(
-        input_ids=sample["input_ids"][:cut].unsqueeze(0).to(device),
-        pixel_values=[[image.to(device) for image in sample["pixel_values"]]],
-        tgt_sizes=[sample["tgt_sizes"].to(device)],
-        image_bound=[bounds[bounds[:, 1] <= cut] if len(bounds) else bounds],
-    )
-
-
 class Answerer:
-    def __init__(self, model, tokenizer, config, *, llm_type, max_slice_nums=9, max_length=4096):
-        self.model, self.tokenizer = model, tokenizer
-        self.settings = data_settings(config, max_slice_nums)
-        self.llm_type, self.max_length = llm_type, max_length
+    """Answers records' first questions with a model of ``backend`` (see backends.load_for_inference)."""
+
+    def __init__(self, model, processing, config, backend, *, max_slice_nums=9, max_length=4096):
+        self.model, self.processing, self.config, self.backend = model, processing, config, backend
+        self.max_slice_nums, self.max_length = max_slice_nums, max_length
 
     def answer(self, records, image_root, max_new_tokens=64):
         """Generated answers to the first question of each record, in order."""
-        dataset = make_dataset(
-            [first_exchange(record) for record in records], self.tokenizer, self.settings,
-            llm_type=self.llm_type, max_length=self.max_length, image_root=image_root,
+        dataset = self.backend.make_dataset(
+            [first_exchange(record) for record in records], self.processing, self.config,
+            max_length=self.max_length, image_root=image_root, max_slice_nums=self.max_slice_nums,
         )
-        answers = []
-        for i in range(len(dataset)):
-            inputs = prompt_inputs(dataset[i], self.model.device)
-            text = self.model.generate(
-                **inputs, tokenizer=self.tokenizer, max_new_tokens=max_new_tokens, decode_text=True
+        return [
+            self.backend.generate(
+                self.model, self.processing, self.backend.prompt_inputs(dataset[i], self.model.device), max_new_tokens
             )
-            answers.append(text[0].strip())
-        return answers
+            for i in range(len(dataset))
+        ]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="base model: hub id or folder")
     parser.add_argument("--adapter", help="LoRA adapter folder saved by finetune_lora.sh")
-    parser.add_argument("--llm_type", default="qwen", choices=LLM_TYPES, help="chat template, as in training")
+    parser.add_argument("--llm_type", choices=backends.ALL_LLM_TYPES,
+                        help="chat layout (default: the checkpoint's; any other is refused)")
     parser.add_argument("--image", help="one image to ask about")
+    parser.add_argument("--video", help="one video to ask about (native models)")
     parser.add_argument("--question", help="the question about --image")
     parser.add_argument("--questions", help="a .json/.jsonl file of records in the training format")
     parser.add_argument("--max_slice_nums", type=int, default=9)
@@ -78,7 +67,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if bool(args.questions) == bool(args.question):
-        parser.error("give either --image/--question or --questions")
+        parser.error("give either --image/--video/--question or --questions")
     logging.basicConfig(level=logging.WARNING)
 
     if args.questions:
@@ -95,12 +84,17 @@ def main(argv=None):
         records = [{"id": "question", "conversations": [{"role": "user", "content": content}]}]
         if args.image:
             records[0]["image"] = os.path.abspath(args.image)
+        if args.video:
+            records[0]["video"] = os.path.abspath(args.video)
         root = os.getcwd()
 
     # The questions are read and checked above, before any weights load.
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
-    model, tokenizer, config = loading.load_for_inference(args.model, args.adapter, dtype, args.device)
-    answerer = Answerer(model, tokenizer, config, llm_type=args.llm_type, max_slice_nums=args.max_slice_nums)
+    try:
+        loaded = backends.load_for_inference(args.model, args.adapter, dtype, args.device, args.llm_type)
+    except ValueError as e:  # --llm_type contradicting the checkpoint
+        parser.error(str(e))
+    answerer = Answerer(*loaded, max_slice_nums=args.max_slice_nums)
     try:
         answers = answerer.answer(records, root, args.max_new_tokens)
     except DataError as e:

@@ -2,12 +2,12 @@
 
 One place for what ``finetune.py``, ``infer.py`` and ``merge.py`` share: the ``AutoModel`` /
 ``AutoTokenizer`` calls with ``trust_remote_code=True``, the keyword arguments only some
-model families accept, the repairs (``remote_code_repairs``) that remote code written for
-transformers 4.4x needs to load correctly today, and a base model with its LoRA adapter for
-inference. Saved folders: the copying of remote code into them, and ``write_repaired_classes``,
-which gives every folder this project saves the same repairs, so that it loads correctly with
-plain transformers. Each loader installs the stand-ins for removed transformers names before
-anything imports the checkpoint's remote code.
+model families accept, and the repairs (``remote_code_repairs``) that remote code written for
+transformers 4.4x needs to load correctly today (backends.py uses these for remote-code
+checkpoints and loads native ones itself). Saved folders: the copying of remote code into them,
+and ``write_repaired_classes``, which gives every folder this project saves the same repairs, so
+that it loads correctly with plain transformers. Each loader installs the stand-ins for removed
+transformers names before anything imports the checkpoint's remote code.
 """
 
 import contextlib
@@ -17,9 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 import transformers
-from peft import PeftModel
 
 import remote_code_repairs
 
@@ -88,17 +86,6 @@ def load_model(name_or_path, config, *, dtype, cache_dir=None, device_map=None, 
     if reference is not None:
         remote_code_repairs.restore_non_persistent_buffers(model, reference)
     return model
-
-
-def load_for_inference(model_path, adapter=None, dtype=torch.float32, device="cpu"):
-    """The model (with the adapter applied, if any) in eval mode on ``device``, its tokenizer and config."""
-    config = load_config(model_path)
-    # The adapter folder carries the tokenizer the run trained with.
-    tokenizer = load_tokenizer(adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else model_path)
-    model = load_model(model_path, config, dtype=dtype)
-    if adapter:
-        model = PeftModel.from_pretrained(model, adapter)
-    return model.to(device).eval(), tokenizer, config
 
 
 # Files besides the weights that make a checkpoint folder self-contained: the model's remote

@@ -1,9 +1,12 @@
-"""LoRA and QLoRA on the LLM of a MiniCPM-V model: the adapter layout, 4-bit loading, a starting adapter."""
+"""LoRA and QLoRA on the LLM of a MiniCPM-V model: the adapter layout, 4-bit loading, a starting adapter.
+
+Which modules get LoRA by default, which are saved in full with the adapter and which stay out of
+4-bit quantization depend on the kind of checkpoint: its backend (backends.py) says.
+"""
 
 import logging
 import re
 
-import torch
 import transformers
 from peft import (
     LoraConfig,
@@ -14,15 +17,14 @@ from peft import (
 )
 from peft.utils import load_peft_weights
 
+import backends
 from usage import UsageError
 
 logger = logging.getLogger(__name__)
 
-# The LLM's attention projections (the vision tower has self_attn.q_proj too: the llm. prefix keeps it out).
-DEFAULT_LORA_TARGETS = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj)"
 
-
-def quantization_config(lora_args, dtype):
+def quantization_config(lora_args, dtype, unquantized_modules):
+    """4-bit loading for --q_lora (None without it); ``unquantized_modules`` stay in ``dtype``."""
     if not lora_args.q_lora:
         return None
     return transformers.BitsAndBytesConfig(
@@ -30,15 +32,31 @@ def quantization_config(lora_args, dtype):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=dtype,
-        # Only the LLM is quantized: the vision tower, resampler and output head stay in `dtype`.
-        llm_int8_skip_modules=["vpm", "resampler", "lm_head"],
+        # Only the LLM is quantized: the vision tower, resampler / merger and output head stay in `dtype`.
+        llm_int8_skip_modules=unquantized_modules,
     )
 
 
+def modules_to_save(backend, training_args, lora_args):
+    """The modules trained in full and saved with the adapter: --lora_modules_to_save, else the
+    backend's default. UsageError if --tune_vision is asked but the list leaves the vision tower out."""
+    names = lora_args.modules_to_save() or backend.default_modules_to_save(training_args.tune_vision)
+    if training_args.tune_vision and backend.vision_module_name not in names:
+        raise UsageError(
+            f"--tune_vision true, but --lora_modules_to_save leaves out {backend.vision_module_name}, so the vision "
+            f"tower would stay frozen: add {backend.vision_module_name} to the list or pass --tune_vision false"
+        )
+    return names
+
+
 def apply_lora(model, training_args, lora_args):
-    """Freeze the LLM and wrap the model in LoRA adapters as ``lora_args`` lay them out (a PeftModel)."""
-    model.llm.requires_grad_(False)
-    target_modules = lora_args.lora_target_modules
+    """Freeze the LLM and wrap the model in LoRA adapters as ``lora_args`` lay them out (a PeftModel);
+    the defaults are those of the model's backend (backends.py, from its config)."""
+    backend = backends.backend_for(model.config)
+    for part in backend.language_model(model):
+        part.requires_grad_(False)
+    pattern = lora_args.lora_target_modules or backend.lora_targets
+    target_modules = pattern
     if lora_args.lora_layers_to_transform is not None:
         # peft selects layers only for module-name suffixes, not for a regex, and suffixes such as
         # self_attn.q_proj would catch the vision tower's layers too: select the modules here.
@@ -46,20 +64,20 @@ def apply_lora(model, training_args, lora_args):
         target_modules = [
             name
             for name, _ in model.named_modules()
-            if re.fullmatch(lora_args.lora_target_modules, name)
+            if re.fullmatch(pattern, name)
             and (match := layer_index.match(name))
             and int(match.group(1)) in lora_args.lora_layers_to_transform
         ]
         if not target_modules:
             raise UsageError(
-                f"--lora_target_modules {lora_args.lora_target_modules!r} matches no module in layers "
+                f"--lora_target_modules {pattern!r} matches no module in layers "
                 f"{lora_args.lora_layers_to_transform}"
             )
     elif not any(re.fullmatch(target_modules, name) for name, _ in model.named_modules()):
-        example = next(name for name, module in model.llm.named_modules() if isinstance(module, torch.nn.Linear))
+        example = next(name for name, _ in model.named_modules() if re.fullmatch(backend.lora_targets, name))
         raise UsageError(
             f"--lora_target_modules {target_modules!r} matches no module of the model (the regex must match a "
-            f"whole module name, e.g. llm.{example}); the default is {DEFAULT_LORA_TARGETS!r}"
+            f"whole module name, e.g. {example}); the default is {backend.lora_targets!r}"
         )
     config = LoraConfig(
         r=lora_args.lora_r,
@@ -67,7 +85,7 @@ def apply_lora(model, training_args, lora_args):
         target_modules=target_modules,
         lora_dropout=lora_args.lora_dropout,
         bias=lora_args.lora_bias,
-        modules_to_save=lora_args.modules_to_save(training_args.tune_vision),
+        modules_to_save=modules_to_save(backend, training_args, lora_args),
     )
     if not hasattr(model, "get_input_embeddings"):
         # peft and gradient checkpointing reach the token embeddings through this method.
@@ -81,11 +99,22 @@ def apply_lora(model, training_args, lora_args):
         logger.info("QLoRA: %d linear layers in 4 bit (nf4), e.g. %s", len(quantized), quantized[0])
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training_args.gradient_checkpointing)
     model = get_peft_model(model, config)
+    log_lora_modules(model)
     if lora_args.lora_weight_path:
         load_adapter_weights(model, lora_args.lora_weight_path)
     if training_args.gradient_checkpointing:
         model.enable_input_require_grads()
     return model
+
+
+def log_lora_modules(model):
+    """Log which modules got LoRA, layer numbers folded (``...layers.*.self_attn.q_proj x 2``)."""
+    names = [name for name, module in model.named_modules() if hasattr(module, "lora_A")]
+    kinds = {}
+    for name in names:
+        kind = re.sub(r"\.\d+\.", ".*.", name.removeprefix("base_model.model."))
+        kinds[kind] = kinds.get(kind, 0) + 1
+    logger.info("LoRA on %d modules: %s", len(names), ", ".join(f"{kind} x {count}" for kind, count in kinds.items()))
 
 
 def load_adapter_weights(model, path):

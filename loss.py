@@ -121,8 +121,6 @@ class LabelledLossHead(torch.nn.Module):
 
 def full_logits_reason(llm):
     """Why the loss must come from full logits with this LLM, or None when the lean path applies."""
-    if llm is None:
-        return "the model has no .llm language model"
     if not isinstance(llm.get_output_embeddings(), torch.nn.Module):
         return f"{type(llm).__name__} has no output head module"
     if getattr(llm.config, "pretraining_tp", 1) > 1:
@@ -136,7 +134,8 @@ def loss_on_labelled(llm, labels, per_row=False):
     """While active, the LLM's forward returns, as its logits, the summed labelled loss
     (also at ``.loss_sum`` of the yielded stand-in; with ``per_row``, each row's sum at ``.row_sums``)."""
     head = llm.get_output_embeddings()
-    stand_in = LabelledLossHead(head, labels, llm.config.vocab_size, per_row=per_row)
+    # A native model's config holds the vocabulary size in its text config.
+    stand_in = LabelledLossHead(head, labels, llm.config.get_text_config().vocab_size, per_row=per_row)
     llm.set_output_embeddings(stand_in)
     try:
         yield stand_in

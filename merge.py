@@ -2,11 +2,13 @@
 
     python merge.py --model BASE --adapter output/output_lora --out merged/ [--dtype bfloat16]
 
-The folder holds the merged weights (modules_to_save included), the config, the model's
-remote code and processor files, the tokenizer the adapter was trained with, and the repairs
-that published remote code needs on current transformers (``loading.write_repaired_classes``),
-so that plain ``AutoModel.from_pretrained(out, trust_remote_code=True)`` loads it on its own,
-without this project, and gives the logits this project's loader gives.
+The folder holds the merged weights (modules_to_save included), the config and the tokenizer (native
+models: the processor) the adapter was trained with. For remote-code models also the model's remote
+code and processor files, and the repairs that published remote code needs on current transformers
+(``loading.write_repaired_classes``), so that plain ``AutoModel.from_pretrained(out,
+trust_remote_code=True)`` loads it on its own, without this project, and gives the logits this
+project's loader gives; a native model's folder loads with ``AutoModelForImageTextToText`` and
+``AutoProcessor``.
 """
 
 import argparse
@@ -15,20 +17,20 @@ from pathlib import Path
 
 import torch
 
+import backends
 import loading
 
 logger = logging.getLogger(__name__)
 
 
 def merge(model_path, adapter, out_dir, dtype=torch.float32):
-    model, tokenizer, _ = loading.load_for_inference(model_path, adapter, dtype)
+    model, processing, _, backend = backends.load_for_inference(model_path, adapter, dtype)
     merged = model.merge_and_unload()
     out_dir = Path(out_dir)
     merged.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    copied = loading.copy_remote_code(loading.model_source_dir(model_path), out_dir)
-    logger.info("Merged %s into %s (remote code: %s)", adapter, out_dir, ", ".join(copied) or "already present")
-    loading.write_repaired_classes(out_dir)
+    processing.save_pretrained(out_dir)
+    backend.save_extras(loading.model_source_dir(model_path), out_dir)
+    logger.info("Merged %s into %s", adapter, out_dir)
     return out_dir
 
 

@@ -1,15 +1,18 @@
 """CPMTrainer: the two hooks where MiniCPM-V differs from a plain causal LM.
 
-1. Loss. MiniCPM-V's ``forward(data=...)`` takes the whole batch dict (ids, images, image
-   bounds) and ignores ``labels``, so the loss is computed here. ``dataset.py`` stores labels
-   already shifted by one (``labels[i]`` is the token that must follow position ``i``), so
-   the cross-entropy compares logits and labels position by position, with no extra shift.
-   The output head runs on the labelled positions only (``loss.py``); full logits are made
-   only where metrics need them or the model cannot take that path.
-2. Saving. A full fine-tune must be loadable on its own with ``trust_remote_code=True``, so
-   the model's remote-code files (and processor files) travel with every saved folder (final
-   model and checkpoints), with the repairs that published remote code needs on current
-   transformers (``loading.write_repaired_classes``).
+1. Loss. The remote-code MiniCPM-V's ``forward(data=...)`` takes the whole batch dict (ids,
+   images, image bounds) and ignores ``labels``, so the loss is computed here, and for the native
+   models the same way (one token-weighted loss for every family). The backend (backends.py)
+   calls the model and aligns the labels with the positions that predict them (``dataset.py``
+   stores them shifted already; native labels are shifted here), so the cross-entropy compares
+   outputs and labels position by position. The output head runs on the labelled positions only
+   (``loss.py``); full logits are made only where metrics need them or the model cannot take
+   that path.
+2. Saving. A full fine-tune must be loadable on its own: for remote-code models the model's
+   remote-code files (and processor files) travel with every saved folder (final model and
+   checkpoints), with the repairs that published remote code needs on current transformers
+   (``loading.write_repaired_classes``); native models need only their processor, which the
+   Trainer saves as the processing class.
 3. Checkpoints. A crash during a save must not leave an unusable "latest" checkpoint, and
    ``--resume_from_checkpoint`` must pick a complete one (see ``resilience.py``).
 
@@ -27,7 +30,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.modeling_outputs import CausalLMOutput
 
-import loading
+import backends
 import resilience
 from loss import full_logits_reason, labelled_count, loss_on_labelled, token_loss
 
@@ -53,11 +56,9 @@ def register_zero3_external_parameters(model):
     return registered
 
 
-def language_model(model):
-    """The MiniCPM-V model's LLM, through a peft wrapper (the caller unwraps DDP / DeepSpeed)."""
-    if isinstance(model, PeftModel):
-        model = model.get_base_model()
-    return getattr(model, "llm", None)
+def unwrap_peft(model):
+    """The model under a peft wrapper (the caller unwraps DDP / DeepSpeed)."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 def record_lengths(dataset):
@@ -72,13 +73,15 @@ class CPMTrainer(transformers.Trainer):
     def __init__(self, *args, model_source=None, **kwargs):
         """``model_source``: folder of the base model, whose remote code full saves copy."""
         super().__init__(*args, **kwargs)
+        # Remote code or native, as the model's config says (backends.py).
+        self.backend = backend = backends.backend_for(unwrap_peft(self.model).config)
         self.model_source = model_source
         self.loss_guard = resilience.NonFiniteLossGuard()
         self.add_callback(self.loss_guard)
         if is_deepspeed_zero3_enabled():
             count = register_zero3_external_parameters(self.model)
             logger.info("ZeRO-3: registered %d attention output parameters for gathering", count)
-        self.full_logits_reason = full_logits_reason(language_model(self.model))
+        self.full_logits_reason = full_logits_reason(backend.loss_module(unwrap_peft(self.model)))
         if self.full_logits_reason:
             logger.warning("Loss from full logits over every position: %s", self.full_logits_reason)
 
@@ -99,20 +102,21 @@ class CPMTrainer(transformers.Trainer):
         return super()._get_train_sampler(train_dataset)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs["labels"]
+        labels = self.backend.loss_labels(inputs["labels"])
         # The Trainer counts the learned tokens of the whole accumulated batch (it does for models
         # whose forward takes **kwargs, as MiniCPM-V's does), so every token weighs the same
         # however the batch was split. Without that count, this micro-batch's own count is used
         # and the Trainer divides by the accumulation steps.
         num_items = labelled_count(labels) if num_items_in_batch is None else num_items_in_batch
+        base = unwrap_peft(self.accelerator.unwrap_model(model))
         # A PeftModel forwards keyword arguments to the base model inside its LoRA hooks.
         if self.full_logits_reason or (return_outputs and self.compute_metrics is not None):
             # Logits leave compute_loss only for compute_metrics (see prediction_step).
-            outputs = model(data=inputs, use_cache=False)
+            outputs = self.backend.forward(model, inputs, base)
             loss = self.token_loss(outputs.logits, labels, num_items)
         else:
-            with loss_on_labelled(language_model(self.accelerator.unwrap_model(model)), labels) as head:
-                model(data=inputs, use_cache=False)
+            with loss_on_labelled(self.backend.loss_module(base), labels) as head:
+                self.backend.forward(model, inputs, base)
             loss = head.loss_sum / num_items
             outputs = CausalLMOutput(loss=loss)
         if model.training:
@@ -156,7 +160,4 @@ class CPMTrainer(transformers.Trainer):
             super().save_model(output_dir, _internal_call=_internal_call)
         model = self.accelerator.unwrap_model(self.model)
         if self.args.should_save and self.model_source is not None and not isinstance(model, PeftModel):
-            copied = loading.copy_remote_code(self.model_source, output_dir)
-            if copied:
-                logger.info("Copied remote code into %s: %s", output_dir, ", ".join(copied))
-            loading.write_repaired_classes(output_dir)
+            self.backend.save_extras(self.model_source, output_dir)

@@ -8,7 +8,8 @@ from tiny_models.build import build_checkpoint
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
-    """A factory: `tiny_checkpoint("minicpmv2_6") -> Path` of a checkpoint folder (seed 0).
+    """A factory: `tiny_checkpoint("minicpmv2_6") -> Path` of a checkpoint folder (seed 0); any name of
+    `tiny_models.build.ALL_FAMILIES`, remote-code or native (`"minicpmv4_6"`, ...).
 
     Each family is built once per session; treat the folder as read-only (copy it to change it).
     """

@@ -52,11 +52,12 @@ def run(cmd, *, env=None, timeout=420, expect_ok=True, cwd=None):
     return result.returncode, output
 
 
-def finetune_args(model, data, output_dir, *extra, llm_type="qwen", use_cpu=True):
-    """The flags every run of finetune.py names (model, data, template, output folder, CPU processes), then ``extra``."""
+def finetune_args(model, data, output_dir, *extra, llm_type=None, use_cpu=True):
+    """The flags every run of finetune.py names (model, data, output folder, CPU processes; the template
+    if given: by default the checkpoint's), then ``extra``."""
     return [
-        "--model_name_or_path", model, "--data_path", data, "--llm_type", llm_type, "--output_dir", output_dir,
-        *(["--use_cpu", "true"] if use_cpu else []), *extra,
+        "--model_name_or_path", model, "--data_path", data, *(["--llm_type", llm_type] if llm_type else []),
+        "--output_dir", output_dir, *(["--use_cpu", "true"] if use_cpu else []), *extra,
     ]
 
 
@@ -94,6 +95,14 @@ def train_losses(output_dir):
     return [(h["step"], h["loss"]) for h in trainer_state(output_dir)["log_history"] if "loss" in h]
 
 
+def assert_falls(losses):
+    """The ``(step, loss)`` series is finite and its last three average under 80% of its first three."""
+    values = [loss for _, loss in losses]
+    assert all(torch.isfinite(torch.tensor(values))), values
+    head, tail = sum(values[:3]) / 3, sum(values[-3:]) / 3
+    assert tail < 0.8 * head, f"loss did not fall: {values}"
+
+
 def eval_losses(output_dir):
     return [(h["step"], h["eval_loss"]) for h in trainer_state(output_dir)["log_history"] if "eval_loss" in h]
 
@@ -110,17 +119,18 @@ def load_state_dict(folder):
 def dataset_as_trained(model_dir, data_path, *argv):
     """The dataset finetune.train() builds from ``--data_path`` with these arguments, and its collator."""
     import arguments
+    import backends
     import finetune
     import loading
-    from dataset import DataCollator
 
     _, data_args, training_args, _ = arguments.parse_args(
         [str(arg) for arg in finetune_args(model_dir, data_path, "unused", *FAST_ARGS, *argv)]
     )
-    dataset, _ = finetune.build_datasets(
-        data_args, training_args, loading.load_tokenizer(model_dir), loading.load_config(model_dir)
-    )
-    return dataset, DataCollator(training_args.model_max_length)
+    config = loading.load_config(model_dir)
+    backend = backends.backend_for(config, training_args.llm_type)
+    processing = backend.load_processing(model_dir)
+    dataset, _ = finetune.build_datasets(backend, data_args, training_args, processing, config)
+    return dataset, backend.collator(processing, training_args.model_max_length)
 
 
 def eval_loss(model, dataset, collator):
@@ -129,14 +139,17 @@ def eval_loss(model, dataset, collator):
     That is the Trainer's eval_loss when the whole eval set is one evaluation step (one sample
     per process): with ``average_tokens_across_devices`` it weighs every token alike.
     """
+    import backends
     from trainer import CPMTrainer
 
+    backend = backends.backend_for(model.config)  # remote code or native, as its config says
     total, count = 0.0, 0
     model.eval()
     with torch.no_grad():
         for i in range(len(dataset)):
             batch = collator([dataset[i]])
-            logits = model(data=batch, use_cache=False).logits
-            total += CPMTrainer.token_loss(logits, batch["labels"], num_items=1).item()
-            count += int(batch["labels"].ne(-100).sum())
+            labels = backend.loss_labels(batch["labels"])
+            logits = backend.forward(model, batch).logits
+            total += CPMTrainer.token_loss(logits, labels, num_items=1).item()
+            count += int(labels.ne(-100).sum())
     return total / count

@@ -14,6 +14,7 @@ import torch
 from peft import PeftModel
 
 import arguments
+import backends
 import dpo
 import finetune
 import loading
@@ -63,16 +64,17 @@ def preference_trainer(model_dir, data, output_dir, *extra, llm_type="qwen"):
     """The PreferenceTrainer finetune.train builds, without training; and a batch of every pair."""
     model_args, data_args, training_args, lora_args = parse_dpo(model_dir, data, output_dir, *extra, llm_type=llm_type)
     config = loading.load_config(model_dir)
-    tokenizer = loading.load_tokenizer(model_dir)
-    dataset, _ = finetune.build_datasets(data_args, training_args, tokenizer, config)
+    backend = backends.backend_for(config, training_args.llm_type)
+    tokenizer = backend.load_processing(model_dir)
+    dataset, _ = finetune.build_datasets(backend, data_args, training_args, tokenizer, config)
     model = finetune.adapt_model(
-        finetune.load_model(model_dir, training_args, lora_args, config), training_args, lora_args
+        backend, finetune.load_model(backend, model_dir, training_args, lora_args, config), training_args, lora_args
     )
     trainer = dpo.PreferenceTrainer(
         model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
         data_collator=PreferenceCollator(training_args.model_max_length),
         beta=training_args.dpo_beta, loss_type=training_args.dpo_loss_type,
-        ref_model=finetune.load_reference(model_args, training_args, lora_args, config),
+        ref_model=finetune.load_reference(backend, model_args, training_args, lora_args, config),
     )
     batch = trainer.data_collator([dataset[i] for i in range(len(dataset))])
     return trainer, batch, dataset

@@ -13,6 +13,7 @@ from peft import PeftModel
 from transformers import AutoModel
 
 import arguments
+import backends
 import finetune
 import loading
 import lora
@@ -20,6 +21,7 @@ from launch import (
     FAST_ARGS,
     LORA_ARGS,
     REPO,
+    assert_falls,
     dataset_as_trained,
     eval_loss,
     eval_losses,
@@ -33,10 +35,10 @@ from launch import (
     train_losses,
     trainer_state,
 )
-from tiny_models.build import LLM_TYPE
+from tiny_models.build import LLM_TYPE, NATIVE_FAMILIES
 
 
-def lora_args(model, data, output_dir, llm_type="qwen", use_cpu=True):
+def lora_args(model, data, output_dir, llm_type=None, use_cpu=True):
     return finetune_args(
         model, data, output_dir, *LORA_ARGS, "--logging_steps", "1", "--learning_rate", "1e-3",
         llm_type=llm_type, use_cpu=use_cpu,
@@ -46,13 +48,6 @@ def lora_args(model, data, output_dir, llm_type="qwen", use_cpu=True):
 def parse(*argv, output_dir="unused"):
     """finetune.py's arguments, parsed and checked, for a CPU run."""
     return arguments.parse_args(["--output_dir", str(output_dir), "--use_cpu", "true", *map(str, argv)])
-
-
-def assert_falls(losses):
-    values = [loss for _, loss in losses]
-    assert all(torch.isfinite(torch.tensor(values))), values
-    head, tail = sum(values[:3]) / 3, sum(values[-3:]) / 3
-    assert tail < 0.8 * head, f"loss did not fall: {values}"
 
 
 def test_train_takes_parsed_arguments_and_trains_only_the_adapter(tiny_checkpoint, shapes, tmp_path):
@@ -218,8 +213,7 @@ def test_torchrun_on_cpu_without_use_cpu_is_refused(tiny_checkpoint, shapes, tmp
         # Settings that would be ignored.
         (["--lora_weight_path", "adapter"], "--lora_weight_path given without --use_lora true"),
         (["--q_lora", "true", "--lora_r", "8"], "--lora_r, --q_lora given without --use_lora true"),
-        (["--use_lora", "true", "--tune_llm", "false", "--lora_modules_to_save", "resampler"],
-         "--lora_modules_to_save leaves out vpm"),
+        (["--max_num_frames", "0"], "--max_num_frames must be at least 1"),
         (["--stage", "ppo"], "--stage 'ppo' is not one of sft, dpo"),
         (["--dpo_beta", "0.5", "--dpo_ref_model", "sft"], "--dpo_beta, --dpo_ref_model given without --stage dpo"),
         (["--stage", "dpo", "--dpo_beta", "0"], "--dpo_beta must be positive"),
@@ -231,6 +225,38 @@ def test_torchrun_on_cpu_without_use_cpu_is_refused(tiny_checkpoint, shapes, tmp
 def test_contradictory_or_ignored_arguments_are_refused_at_parse_time(argv, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         parse(*argv)
+
+
+@pytest.mark.parametrize(
+    "family, argv, message",
+    [
+        ("minicpmv2_6", ["--llm_type", "minicpm"],
+         "--llm_type minicpm contradicts the checkpoint: its config (model_type 'minicpmv', version 2.6) says qwen"),
+        ("minicpmv2_0", ["--llm_type", "qwen"], "version None) says minicpm"),
+        ("minicpmv2_5", ["--llm_type", "native"], "version '2.5') says llama3"),
+        ("minicpmv4_6", ["--llm_type", "qwen"], "(model_type 'minicpmv4_6', version None) says native"),
+        ("minicpmv2_6", [*LORA_ARGS, "--lora_modules_to_save", "resampler"], "--lora_modules_to_save leaves out vpm"),
+        ("minicpmv4_7", [*LORA_ARGS, "--lora_modules_to_save", "merger"], "--lora_modules_to_save leaves out vision_tower"),
+        ("minicpmv2_6", ["--max_num_frames", "8"], "--max_num_frames and --stack_frames apply to video"),
+        ("minicpmv4_6", ["--stage", "dpo"], "--stage dpo: minicpmv4_6 is a natively supported checkpoint"),
+    ],
+)
+def test_settings_that_contradict_the_checkpoint_are_refused_before_weights_load(
+    tiny_checkpoint, shapes, tmp_path, monkeypatch, family, argv, message
+):
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(finetune, "load_model", no_weights)
+    with pytest.raises(finetune.UsageError, match=re.escape(message)):
+        finetune.train(*parse("--model_name_or_path", tiny_checkpoint(family), "--data_path", shapes, *argv,
+                              output_dir=tmp_path))
+
+
+@pytest.mark.parametrize("family", [*LLM_TYPE, *NATIVE_FAMILIES])
+def test_llm_type_defaults_to_the_checkpoints(tiny_checkpoint, family):
+    expected = LLM_TYPE.get(family, backends.NATIVE_LLM_TYPE)
+    assert backends.backend_for(loading.load_config(tiny_checkpoint(family))).llm_type == expected
 
 
 @pytest.mark.launch
@@ -363,6 +389,9 @@ COMMAND_LINE_MISTAKES = {
     "deepspeed json": (["--deepspeed", "{bad_json}"], r"--deepspeed \S+broken\.json: not a valid JSON DeepSpeed config"),
     "lora targets": (LORA_ARGS + ["--lora_target_modules", r"llm\..*\.qproj"],
                      r"--lora_target_modules 'llm\\\\\.\.\*\\\\\.qproj' matches no module of the model .*e\.g\. llm\.model"),
+    "llm_type contradicting the checkpoint": (["--llm_type", "minicpm"],
+                                              "--llm_type minicpm contradicts the checkpoint"),
+    "frame flags for a remote-code model": (["--max_num_frames", "8"], "--max_num_frames and --stack_frames apply to video"),
 }
 
 

@@ -11,6 +11,7 @@ import arguments
 import loading
 import lora
 import loss
+from backends import RemoteCodeBackend
 from launch import dataset_as_trained
 from tiny_models.build import LLM_TYPE
 from trainer import CPMTrainer
@@ -103,7 +104,7 @@ def test_qlora(tiny_checkpoint, shapes, tmp_path, small_chunks):
     )
     config = loading.load_config(model_dir)
     model = loading.load_model(model_dir, config, dtype=torch.float32,
-                               quantization_config=lora.quantization_config(lora_args, torch.float32))
+                               quantization_config=lora.quantization_config(lora_args, torch.float32, RemoteCodeBackend.unquantized_modules))
     model = lora.apply_lora(model, training_args, lora_args)
     for name, param in model.named_parameters():
         if "lora_B" in name:

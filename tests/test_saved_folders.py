@@ -22,7 +22,7 @@ from transformers import TrainingArguments
 import demo_data
 import loading
 import merge
-from lora import DEFAULT_LORA_TARGETS
+from backends import REMOTE_CODE_LORA_TARGETS as DEFAULT_LORA_TARGETS
 from launch import LORA_ARGS, REPO, finetune_args, run, run_finetune, subprocess_env
 from test_loading import DEFECTS, batch, defective_checkpoint, load, logits  # noqa: F401 (a fixture)
 from trainer import CPMTrainer

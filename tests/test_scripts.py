@@ -13,6 +13,7 @@ from transformers import AutoModel
 import demo_data
 import infer
 import loading
+from backends import RemoteCodeBackend
 from dataset import DataCollator, data_settings, make_dataset
 from launch import LORA_ARGS, REPO, finetune_args, run, run_finetune, subprocess_env
 
@@ -66,7 +67,7 @@ def test_prompt_ends_where_the_answer_starts(tiny_checkpoint, demo_set):
     model_dir = tiny_checkpoint("minicpmv2_6")
     _, dataset = samples(model_dir, demo_set, [])
     tokenizer = loading.load_tokenizer(model_dir)
-    prompt = infer.prompt_inputs(dataset[0])
+    prompt = RemoteCodeBackend("qwen").prompt_inputs(dataset[0], "cpu")
     text = tokenizer.decode(prompt["input_ids"][0])
     assert text.endswith("<|im_start|>assistant\n")
     assert "a red square" not in text and text.count("<image>") == 1

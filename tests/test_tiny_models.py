@@ -13,9 +13,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from PIL import Image
 from transformers import AutoConfig, AutoModel, AutoProcessor, AutoTokenizer, PreTrainedTokenizerFast
 
-from infer import prompt_inputs
 from launch import dataset_as_trained
-from lora import DEFAULT_LORA_TARGETS
+from backends import REMOTE_CODE_LORA_TARGETS as DEFAULT_LORA_TARGETS
+from backends import RemoteCodeBackend
 from tiny_models.build import (
     FAMILIES,
     LLM_TYPE,
@@ -297,7 +297,7 @@ def test_default_lora_regex_matches_llm_attention_only(tiny_checkpoint):
         model, _ = load(tiny_checkpoint(family))
         matched = {name for name, _ in model.named_modules() if re.fullmatch(DEFAULT_LORA_TARGETS, name)}
         expected = {f"llm.model.layers.{i}.self_attn.{p}" for i in range(model.config.num_hidden_layers)
-                    for p in ("q_proj", "k_proj", "v_proj")}
+                    for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
         assert matched == expected
         assert any(name.startswith("vpm.") and name.endswith("self_attn.q_proj") for name, _ in model.named_modules())
 
@@ -354,7 +354,7 @@ def test_bf16_lora_with_gradient_checkpointing_backpropagates(tiny_checkpoint, f
     loss.backward()
     # lora_B starts at zero, so lora_A gets no gradient on the first step; lora_B must.
     grads = [p.grad for name, p in peft_model.named_parameters() if "lora_B" in name]
-    assert len(grads) == 3 * model.config.num_hidden_layers
+    assert len(grads) == 4 * model.config.num_hidden_layers  # q, k, v, o
     assert all(g is not None and torch.isfinite(g.float()).all() and g.abs().sum() > 0 for g in grads)
 
 
@@ -439,7 +439,7 @@ def test_processor_lays_out_a_prompt_as_training_does(tiny_checkpoint, tmp_path)
         {"role": "user", "content": "<image>\nWhat is this?"}, {"role": "assistant", "content": "Noise."}]}
     (tmp_path / "data.json").write_text(json.dumps([record]))
     dataset, _ = dataset_as_trained(folder, tmp_path / "data.json", "--max_slice_nums", "3")
-    trained = prompt_inputs(dataset[0])
+    trained = RemoteCodeBackend("qwen").prompt_inputs(dataset[0], "cpu")
 
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     prompt = processor.tokenizer.apply_chat_template(

@@ -1,12 +1,18 @@
-"""Write a tiny, randomly initialised MiniCPM-V checkpoint that loads with trust_remote_code.
+"""Write a tiny, randomly initialised MiniCPM-V checkpoint.
 
     python -m tiny_models.build minicpmv2_6 /tmp/tiny-2_6 [--seed 0]
 
-The folder holds config.json (auto_map to the remote code), the remote code itself, safetensors
-weights, a byte-level BPE tokenizer with the family's special tokens and chat template,
-generation_config.json, and for the 2.6-style families (2.6, o-2.6, 4.5) a processor
-(preprocessor_config.json, AutoProcessor) that their chat() uses. Everything is built offline in well under a second per family and is
-deterministic given the seed.
+Remote-code families (FAMILIES): the folder holds config.json (auto_map to the remote code), the
+remote code itself, safetensors weights, a byte-level BPE tokenizer with the family's special
+tokens and chat template, generation_config.json, and for the 2.6-style families (2.6, o-2.6, 4.5) a processor
+(preprocessor_config.json, AutoProcessor) that their chat() uses; it loads with trust_remote_code.
+
+Native families (NATIVE_FAMILIES: 4.6, 4.7, MiniCPM-OCR, whose code ships in transformers): the
+model is transformers' own class built from its own config classes, saved with its processor
+(image and video processor, tokenizer carrying the processor's special tokens, chat template), so
+that AutoModelForImageTextToText and AutoProcessor load the folder.
+
+Everything is built offline in about a second per family and is deterministic given the seed.
 """
 
 import argparse
@@ -17,6 +23,7 @@ import shutil
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+import transformers
 from transformers import GenerationConfig
 
 from .corpus import corpus_lines
@@ -35,6 +42,16 @@ LLM_TYPE = {
     "minicpmo2_6": "qwen",
     "minicpmv4_5": "qwen",
 }
+
+# Native in transformers: family -> (config, processor, image processor, video processor) classes.
+NATIVE_CLASSES = {
+    "minicpmv4_6": ("MiniCPMV4_6Config", "MiniCPMV4_6Processor", "MiniCPMV4_6ImageProcessor", "MiniCPMV4_6VideoProcessor"),
+    # 4.7 uses 4.6's image and video processors (transformers' auto mappings say so too).
+    "minicpmv4_7": ("MiniCPMV4_7Config", "MiniCPMV4_7Processor", "MiniCPMV4_6ImageProcessor", "MiniCPMV4_6VideoProcessor"),
+    "minicpm_ocr": ("MiniCPMOcrConfig", "MiniCPMOcrProcessor", "MiniCPMOcrImageProcessor", "MiniCPMOcrVideoProcessor"),
+}
+NATIVE_FAMILIES = tuple(NATIVE_CLASSES)
+ALL_FAMILIES = FAMILIES + NATIVE_FAMILIES
 
 REMOTE_CODE = pathlib.Path(__file__).parent / "remote_code"
 SHARED_FILES = (
@@ -82,34 +99,38 @@ QWEN_CHAT_TEMPLATE = (
 
 # Qwen3-style: the assistant turns after the last user message carry a think block (an empty one
 # when the message has none); earlier turns lose theirs; enable_thinking=False closes the block
-# of the generation prompt.
-QWEN3_CHAT_TEMPLATE = (
-    "{%- set ns = namespace(last_query=-1) -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}{%- set ns.last_query = loop.index0 -%}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{%- set content = message['content'] -%}"
-    "{%- set reasoning = '' -%}"
-    "{%- if '</think>' in content -%}"
-    "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\n') -%}"
-    "{%- set content = content.split('</think>')[-1].lstrip('\n') -%}"
-    "{%- endif -%}"
-    "{%- if loop.index0 > ns.last_query -%}"
-    "{{- '<|im_start|>assistant\n<think>\n' + reasoning + '\n</think>\n\n' + content + '<|im_end|>\n' -}}"
-    "{%- else -%}"
-    "{{- '<|im_start|>assistant\n' + content + '<|im_end|>\n' -}}"
-    "{%- endif -%}"
-    "{%- else -%}"
-    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<|im_start|>assistant\n' -}}"
-    "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\n\n</think>\n\n' -}}{%- endif -%}"
-    "{%- endif -%}"
-)
+# of the generation prompt. `content` is the Jinja expression of a message's text.
+def qwen3_chat_template(content="message['content']"):
+    return (
+        "{%- set ns = namespace(last_query=-1) -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'user' -%}{%- set ns.last_query = loop.index0 -%}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- for message in messages -%}"
+        "{%- set content = " + content + " -%}"
+        "{%- if message['role'] == 'assistant' -%}"
+        "{%- set reasoning = '' -%}"
+        "{%- if '</think>' in content -%}"
+        "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\n') -%}"
+        "{%- set content = content.split('</think>')[-1].lstrip('\n') -%}"
+        "{%- endif -%}"
+        "{%- if loop.index0 > ns.last_query -%}"
+        "{{- '<|im_start|>assistant\n<think>\n' + reasoning + '\n</think>\n\n' + content + '<|im_end|>\n' -}}"
+        "{%- else -%}"
+        "{{- '<|im_start|>assistant\n' + content + '<|im_end|>\n' -}}"
+        "{%- endif -%}"
+        "{%- else -%}"
+        "{{- '<|im_start|>' + message['role'] + '\n' + content + '<|im_end|>\n' -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}"
+        "{{- '<|im_start|>assistant\n' -}}"
+        "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\n\n</think>\n\n' -}}{%- endif -%}"
+        "{%- endif -%}"
+    )
+
+
+QWEN3_CHAT_TEMPLATE = qwen3_chat_template()
 
 LLAMA3_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -300,10 +321,12 @@ def model_entry(family):
 
 def build_checkpoint(family, out_dir, seed=0):
     """Build `family` into `out_dir` (created if needed) and return its path."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if family not in ALL_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(ALL_FAMILIES)}")
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if family in NATIVE_CLASSES:
+        return build_native_checkpoint(family, out_dir, seed)
 
     tokenizer, spec = build_tokenizer(family)
     config = build_config(family, tokenizer, spec["terminators"])
@@ -380,9 +403,144 @@ def write_preprocessor_config(config, out_dir):
     (out_dir / "preprocessor_config.json").write_text(json.dumps(fields, indent=2) + "\n")
 
 
+# --------------------------------------------------------------------------------------------
+# Native families (4.6, 4.7, MiniCPM-OCR): transformers' own classes, saved with their processor.
+
+# The processor reads these names off the tokenizer (tokenizer.image_token, ...); the published
+# tokenizers carry them as named extra special tokens.
+NATIVE_MEDIA_TOKENS = {
+    "image_token": "<|image_pad|>",
+    "video_token": "<|video_pad|>",
+    "image_start_token": "<image>",
+    "image_end_token": "</image>",
+    "slice_start_token": "<slice>",
+    "slice_end_token": "</slice>",
+    "image_id_start_token": "<image_id>",
+    "image_id_end_token": "</image_id>",
+}
+NATIVE_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<unk>"] + list(
+    NATIVE_MEDIA_TOKENS.values()
+)
+NATIVE_TERMINATORS = ["<|im_end|>", "<|endoftext|>"]
+
+# Qwen3-style ChatML (as QWEN3_CHAT_TEMPLATE) over multimodal content: a message's content is a
+# string or a list of parts; an image part writes the image token, a video part the video token,
+# which the processor expands into the full placeholder.
+NATIVE_CHAT_TEMPLATE = (
+    "{%- macro render(content) -%}"
+    "{%- if content is string -%}{{- content -}}"
+    "{%- else -%}{%- for part in content -%}"
+    "{%- if part['type'] == 'image' -%}{{- '" + NATIVE_MEDIA_TOKENS["image_token"] + "' -}}"
+    "{%- elif part['type'] == 'video' -%}{{- '" + NATIVE_MEDIA_TOKENS["video_token"] + "' -}}"
+    "{%- else -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+) + qwen3_chat_template(content="render(message['content'])")
+
+
+def build_native_tokenizer():
+    return transformers.TokenizersBackend(
+        tokenizer_object=train_bpe(NATIVE_SPECIAL_TOKENS, None),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<unk>",
+        extra_special_tokens=dict(NATIVE_MEDIA_TOKENS),
+    )
+
+
+def build_native_config(family, tokenizer):
+    """A tiny config of the family's own class: a 2-layer Qwen3.5 LM (one linear-attention and one
+    full-attention layer, the two kinds the real models mix) and a 2-layer vision tower whose
+    window-attention merger follows layer 0."""
+    config_class = getattr(transformers, NATIVE_CLASSES[family][0])
+    text_config = {
+        "model_type": "qwen3_5_text",
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "layer_types": ["linear_attention", "full_attention"],
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "linear_conv_kernel_dim": 2,
+        "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16,
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+        "max_position_embeddings": 4096,
+        # Qwen3.5 rotates a quarter of each head (8 of 32 dims); M-RoPE splits those 4 frequencies.
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.25,
+            "mrope_section": [2, 1, 1],
+        },
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    vision_config = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": SCALE_RESOLUTION,
+        "patch_size": PATCH_SIZE,
+    }
+    fields = dict(
+        text_config=text_config,
+        vision_config=vision_config,
+        insert_layer_id=0,
+        image_token_id=tokenizer.image_token_id,
+        video_token_id=tokenizer.video_token_id,
+    )
+    if family == "minicpmv4_7":
+        # Canvas M-RoPE pins positions to these tokens; the real config stores their ids.
+        (newline_id,) = tokenizer.encode("\n", add_special_tokens=False)
+        fields.update(
+            image_start_id=tokenizer.image_start_token_id,
+            image_end_id=tokenizer.image_end_token_id,
+            slice_start_id=tokenizer.slice_start_token_id,
+            slice_end_id=tokenizer.slice_end_token_id,
+            newline_id=newline_id,
+        )
+    if family != "minicpm_ocr":
+        fields["image_size"] = SCALE_RESOLUTION
+    return config_class(**fields)
+
+
+def build_native_processor(family, tokenizer):
+    _, processor_name, image_processor_name, video_processor_name = NATIVE_CLASSES[family]
+    resolution = {"scale_resolution": SCALE_RESOLUTION, "patch_size": PATCH_SIZE}
+    return getattr(transformers, processor_name)(
+        image_processor=getattr(transformers, image_processor_name)(**resolution),
+        video_processor=getattr(transformers, video_processor_name)(**resolution),
+        tokenizer=tokenizer,
+        chat_template=NATIVE_CHAT_TEMPLATE,
+    )
+
+
+def build_native_checkpoint(family, out_dir, seed):
+    tokenizer = build_native_tokenizer()
+    config = build_native_config(family, tokenizer)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForImageTextToText.from_config(config)
+    with torch.no_grad():
+        # As for the remote-code families: a trained head's scale (OCR ties it to the embeddings).
+        model.get_output_embeddings().weight.normal_(0.0, OUTPUT_HEAD_STD)
+    model.generation_config = GenerationConfig(
+        eos_token_id=[tokenizer.convert_tokens_to_ids(token) for token in NATIVE_TERMINATORS],
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+    )
+    model.save_pretrained(out_dir)
+    build_native_processor(family, tokenizer).save_pretrained(out_dir)
+    return out_dir
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("family", choices=FAMILIES)
+    parser.add_argument("family", choices=ALL_FAMILIES)
     parser.add_argument("out_dir", type=pathlib.Path)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

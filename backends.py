@@ -1,0 +1,282 @@
+"""The two kinds of MiniCPM-V checkpoint, chosen once from the checkpoint's config.
+
+- Remote code (2.0, Llama3-V 2.5, 2.6, o-2.6, 4.x up to 4.5): the model's own Python files, loaded with
+  ``trust_remote_code``; the tokenizer; records laid out by ``dataset.py`` in one of three chat
+  layouts (``llm_type``); ``forward(data=batch)``; labels stored shifted by one.
+- Native (4.6, 4.7, MiniCPM-OCR): classes that ship in transformers, loaded with
+  ``AutoModelForImageTextToText`` and ``AutoProcessor``; records laid out by the processor itself
+  (``native_data.py``); ``forward(**batch)``; standard causal-LM labels (the model shifts).
+
+Everything that differs between the two lives here, as two classes with the same methods;
+``backend_for(config, llm_type)`` picks one. finetune.py, trainer.py, infer.py and merge.py call
+its methods and never ask which kind they hold.
+"""
+
+import logging
+from pathlib import Path
+
+import torch
+import transformers
+from peft import PeftModel
+
+import loading
+from dataset import IGNORE_INDEX, LLM_TYPES, DataCollator, data_settings, make_dataset
+from native_data import NativeCollator, NativeDataset
+
+logger = logging.getLogger(__name__)
+
+# model_type of the checkpoints whose code ships in transformers.
+NATIVE_MODEL_TYPES = ("minicpmv4_6", "minicpmv4_7", "minicpm_ocr")
+# Their llm_type: the chat template is the checkpoint's own (its processor's), not one of LLM_TYPES.
+NATIVE_LLM_TYPE = "native"
+ALL_LLM_TYPES = LLM_TYPES + (NATIVE_LLM_TYPE,)
+
+# Remote code: the LLM's attention projections, as the reference launcher set them (the vision tower
+# has self_attn.q_proj too: the llm. prefix keeps it out).
+REMOTE_CODE_LORA_TARGETS = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+# Native: the projections of both attention kinds of the Qwen3.5 language model, linear attention
+# (Gated DeltaNet) and full attention; the vision tower's are left out by the prefix.
+NATIVE_LORA_TARGETS = (
+    r"model\.language_model\.layers\.\d+\."
+    r"(linear_attn\.(in_proj_qkv|in_proj_z|in_proj_a|in_proj_b|out_proj)|self_attn\.(q_proj|k_proj|v_proj|o_proj))"
+)
+
+
+def llm_type_of(config):
+    """The chat layout a checkpoint's config implies: its ``version`` for remote code (none: 2.0)."""
+    if config.model_type in NATIVE_MODEL_TYPES:
+        return NATIVE_LLM_TYPE
+    version = getattr(config, "version", None)
+    if version is None or float(version) == 2.0:
+        return "minicpm"
+    if float(version) == 2.5:
+        return "llama3"
+    return "qwen"  # 2.6, o-2.6 and 4.x
+
+
+def backend_for(config, llm_type=None):
+    """The backend of the checkpoint whose config this is; ``llm_type`` (from the command line)
+    must agree with the config, or be None (then the config's is used)."""
+    expected = llm_type_of(config)
+    if llm_type is not None and llm_type != expected:
+        version = getattr(config, "version", None)
+        raise ValueError(
+            f"--llm_type {llm_type} contradicts the checkpoint: its config (model_type {config.model_type!r}, "
+            f"version {version!r}) says {expected}; omit --llm_type or pass --llm_type {expected}"
+        )
+    return NativeBackend() if expected == NATIVE_LLM_TYPE else RemoteCodeBackend(expected)
+
+
+def load_for_inference(model_path, adapter=None, dtype=torch.float32, device="cpu", llm_type=None):
+    """``(model, processing, config, backend)``: the model (with the adapter applied, if any) in eval
+    mode on ``device``, its tokenizer or processor, its config and backend (``llm_type`` as in
+    backend_for)."""
+    config = loading.load_config(model_path)
+    backend = backend_for(config, llm_type)
+    # The adapter folder carries the tokenizer (and processor) the run trained with.
+    trained_with = adapter and (Path(adapter) / "tokenizer_config.json").exists()
+    processing = backend.load_processing(adapter if trained_with else model_path)
+    model = backend.load_model(model_path, config, dtype=dtype)
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.to(device).eval(), processing, config, backend
+
+
+class RemoteCodeBackend:
+    """Checkpoints with their own model code (see the module docstring)."""
+
+    zero3_problem = None
+    takes_video = False
+    lora_targets = REMOTE_CODE_LORA_TARGETS
+    # Kept out of 4-bit quantization with --q_lora: all but the LLM's layers.
+    unquantized_modules = ["vpm", "resampler", "lm_head"]
+    vision_module_name = "vpm"
+
+    def __init__(self, llm_type):
+        self.llm_type = llm_type
+
+    def load_processing(self, path, cache_dir=None):
+        """What turns records into ids (and what the Trainer saves with the model): the tokenizer."""
+        return loading.load_tokenizer(path, cache_dir)
+
+    def load_model(self, path, config, **kwargs):
+        return loading.load_model(path, config, **kwargs)
+
+    def make_dataset(self, records, processing, config, *, max_length, image_root, data_path=None, max_slice_nums,
+                     max_num_frames=None, stack_frames=None, preference=False):
+        """The dataset of ``records`` (a record with a video is refused: these models take none, and
+        the frame settings are unused); with ``preference``, of preference records (DPO)."""
+        settings = data_settings(config, max_slice_nums)
+        return make_dataset(records, processing, settings, llm_type=self.llm_type, max_length=max_length,
+                            image_root=image_root, data_path=data_path, preference=preference)
+
+    def collator(self, processing, max_length):
+        return DataCollator(max_length)
+
+    def vision(self, model):
+        """What --tune_vision trains: the vision tower (the resampler always trains)."""
+        return [model.vpm]
+
+    def language_model(self, model):
+        """What --tune_llm trains, output head included."""
+        return [model.llm]
+
+    def loss_module(self, model):
+        """The module whose output head the loss swaps (loss.py): the LLM."""
+        return model.llm
+
+    def tokenizer(self, processing):
+        return processing
+
+    def default_modules_to_save(self, tune_vision):
+        return ["embed_tokens", "resampler"] + (["vpm"] if tune_vision else [])
+
+    def forward(self, model, batch, base=None):
+        """The model's output for a batch of this backend's collator. ``model`` may be wrapped (peft,
+        DDP, DeepSpeed); ``base`` is the model under the wrappers (not needed here).
+        In training, the remote code itself runs a dummy image through the vision tower and
+        resampler of a batch without images (see NativeBackend.forward)."""
+        return model(data=batch, use_cache=False)
+
+    def loss_labels(self, labels):
+        """Labels aligned with the positions whose output predicts them: stored that way already."""
+        return labels
+
+
+    def save_extras(self, source_dir, output_dir):
+        """Make a full save load on its own: the remote code with its repairs."""
+        copied = loading.copy_remote_code(source_dir, output_dir)
+        if copied:
+            logger.info("Copied remote code into %s: %s", output_dir, ", ".join(copied))
+        loading.write_repaired_classes(output_dir)
+
+    def prompt_inputs(self, sample, device):
+        """A training sample cut just before its first learned token: the prompt the model answers."""
+        learned = (sample["labels"] != IGNORE_INDEX).nonzero()
+        cut = int(learned[0]) + 1  # labels are shifted: labels[i] is the token at i + 1
+        bounds = sample["image_bound"]
+        return dict(
+            input_ids=sample["input_ids"][:cut].unsqueeze(0).to(device),
+            pixel_values=[[image.to(device) for image in sample["pixel_values"]]],
+            tgt_sizes=[sample["tgt_sizes"].to(device)],
+            image_bound=[bounds[bounds[:, 1] <= cut] if len(bounds) else bounds],
+        )
+
+    def generate(self, model, processing, inputs, max_new_tokens):
+        text = model.generate(**inputs, tokenizer=processing, max_new_tokens=max_new_tokens, decode_text=True)
+        return text[0].strip()
+
+
+class NativeBackend:
+    """Checkpoints whose classes ship in transformers (see the module docstring)."""
+
+    # Measured on the tiny checkpoints (2 CPU processes): the merger runs its MLPs once per image
+    # or slice, so ZeRO-3 gathers parameters a different number of times on each process
+    # (a collective mismatch); made a leaf module, the recorded module order still differed
+    # between processes from the second step on. Until that is solved, refused at start-up.
+    zero3_problem = (
+        "DeepSpeed ZeRO-3 is not supported for the native MiniCPM-V models (4.6, 4.7, MiniCPM-OCR) yet: "
+        "their merger runs once per image or slice, so the processes' parameter gathering diverges; "
+        "use ZeRO-2 (DS_CONFIG=ds_config_zero2.json with finetune_ds.sh, or --deepspeed ds_config_zero2.json)"
+    )
+    llm_type = NATIVE_LLM_TYPE
+    takes_video = True
+    lora_targets = NATIVE_LORA_TARGETS
+    unquantized_modules = ["vision_tower", "merger", "lm_head"]
+    vision_module_name = "vision_tower"
+
+    def load_processing(self, path, cache_dir=None):
+        """The checkpoint's processor (image and video processor, tokenizer, chat template)."""
+        return transformers.AutoProcessor.from_pretrained(path, cache_dir=cache_dir)
+
+    def load_model(self, path, config, *, dtype, cache_dir=None, device_map=None, quantization_config=None):
+        kwargs = {} if quantization_config is None else {"quantization_config": quantization_config}
+        return transformers.AutoModelForImageTextToText.from_pretrained(
+            path, config=config, dtype=dtype, cache_dir=cache_dir, device_map=device_map, **kwargs
+        )
+
+    def make_dataset(self, records, processing, config, *, max_length, image_root, data_path=None, max_slice_nums,
+                     max_num_frames=None, stack_frames=None, preference=False):
+        if preference:
+            # finetune.py refuses --stage dpo for these first (dpo.unsupported_reason says why).
+            raise ValueError("preference records need a remote-code checkpoint")
+        return NativeDataset(records, processing, max_length=max_length, image_root=image_root, data_path=data_path,
+                             max_slice_nums=max_slice_nums, max_num_frames=max_num_frames, stack_frames=stack_frames)
+
+    def collator(self, processing, max_length):
+        return NativeCollator(processing.tokenizer.pad_token_id)
+
+    def vision(self, model):
+        """What --tune_vision trains: the vision tower with its window-attention merger (vit_merger).
+        The merger into the language model trains always, as the remote-code models' resampler."""
+        return [model.model.vision_tower]
+
+    def language_model(self, model):
+        """What --tune_llm trains: the language model and the output head (at the model's top)."""
+        return [model.model.language_model, model.lm_head]
+
+    def loss_module(self, model):
+        """The module whose output head the loss swaps (loss.py): the model itself, whose forward
+        applies lm_head to the language model's output."""
+        return model
+
+    def tokenizer(self, processing):
+        return processing.tokenizer
+
+    def default_modules_to_save(self, tune_vision):
+        # peft matches these as name suffixes: "merger" alone would catch the vision tower's vit_merger.
+        return ["embed_tokens", "model.merger"] + (["vision_tower"] if tune_vision else [])
+
+    def forward(self, model, batch, base=None):
+        """The model's output for a batch of this backend's collator (labels left out: the trainer
+        computes the loss). ``model`` may be wrapped (peft, DDP, DeepSpeed); ``base`` is the model
+        under the wrappers (default: ``model``).
+
+        A batch without images or video still runs the vision tower and merger, on a dummy image,
+        right after the token embeddings (zero added to them), as the remote-code models do: every
+        process must run the same modules in the same order (ZeRO-3 gathers parameters module by
+        module) and give every trainable parameter a gradient (DeepSpeed and DDP reduce gradients
+        bucket by bucket), whatever its share of the batch holds.
+        """
+        # The model takes neither the labels nor the records' names (the loss guard's).
+        inputs = {key: value for key, value in batch.items() if key not in ("labels", "records")}
+        if "pixel_values" in batch or "pixel_values_videos" in batch:
+            return model(**inputs, use_cache=False)
+        base = model if base is None else base
+
+        def add_dummy_vision(module, args, embeddings):
+            inner = base.model
+            side = 4  # patches a side: the window merger and the merger each halve it
+            patch = inner.config.vision_config.patch_size
+            pixels = torch.zeros(1, 3, patch, patch * side * side, dtype=inner.vision_tower.dtype, device=embeddings.device)
+            sizes = torch.tensor([[side, side]], device=embeddings.device)
+            features = inner.get_image_features(pixels, sizes).pooler_output
+            return embeddings + 0.0 * sum(feature.sum() for feature in features).to(embeddings.dtype)
+
+        hook = base.get_input_embeddings().register_forward_hook(add_dummy_vision)
+        try:
+            return model(**inputs, use_cache=False)
+        finally:
+            hook.remove()
+
+    def loss_labels(self, labels):
+        """The model's own loss shifts: here the label of position i is the token at i + 1."""
+        return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+    def save_extras(self, source_dir, output_dir):
+        """Nothing: the Trainer saves the processor (its processing class) with the model."""
+
+    def prompt_inputs(self, sample, device):
+        """A training sample cut just before its first learned token: the prompt the model answers
+        (labels are not shifted: the first learned position is the first answer token)."""
+        cut = int((sample["labels"] != IGNORE_INDEX).nonzero()[0])
+        tokens = ("input_ids", "attention_mask", "mm_token_type_ids")
+        return {
+            key: (value[:cut].unsqueeze(0) if key in tokens else value).to(device)
+            for key, value in sample.items()
+            if key not in ("labels", "record")
+        }
+
+    def generate(self, model, processing, inputs, max_new_tokens):
+        ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        return processing.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
