@@ -132,6 +132,10 @@ class PreferenceTrainer(CPMTrainer):
             "rewards/margins": chosen - rejected,
             "rewards/accuracies": (chosen > rejected).float(),
         }
+        if model.training:
+            # The NaN/inf stop of SFT (resilience.NonFiniteLossGuard); the first B of the 2B rows'
+            # records name the B pairs.
+            self.loss_guard.note(loss, inputs["records"][: len(inputs["records"]) // 2])
         stored = self.stored_metrics["train" if model.training else "eval"]
         for name in METRICS:
             stored[name].append(self.accelerator.gather(values[name]).mean().item())

@@ -211,8 +211,10 @@ def main(argv=None):
     except UsageError as e:
         print(f"finetune.py: error: {e}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    except resilience.Preempted:
-        distributed.finish()  # every rank stopped after the same step
+    except (resilience.Preempted, resilience.NonFiniteLoss, preflight.PreflightFailed):
+        # Stops that every rank reaches together (after an all-reduce or the shared preflight
+        # verdict): the group can be torn down as after a finished run.
+        distributed.finish()
         raise
     distributed.finish()
     return trainer

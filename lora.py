@@ -74,7 +74,9 @@ def apply_lora(model, training_args, lora_args):
                 f"{lora_args.lora_layers_to_transform}"
             )
     elif not any(re.fullmatch(target_modules, name) for name, _ in model.named_modules()):
-        example = next(name for name, _ in model.named_modules() if re.fullmatch(backend.lora_targets, name))
+        example = next(
+            (name for name, _ in model.named_modules() if re.fullmatch(backend.lora_targets, name)), "(none matches)"
+        )
         raise UsageError(
             f"--lora_target_modules {target_modules!r} matches no module of the model (the regex must match a "
             f"whole module name, e.g. {example}); the default is {backend.lora_targets!r}"

@@ -149,6 +149,20 @@ def test_full_fine_tune_starts_at_ln2_against_a_frozen_copy(tiny_checkpoint, pre
     assert trainer.compute_loss(trainer.model, batch).item() == torch.tensor(math.log(2)).item()
 
 
+def test_a_loss_turning_nan_stops_the_run_naming_the_pairs(tiny_checkpoint, preferences, tmp_path):
+    trainer, batch, dataset = preference_trainer(tiny_checkpoint("minicpmv2_6"), preferences, tmp_path, *LORA_ARGS)
+    model = trainer.model.train()
+    with torch.no_grad():
+        next(p for name, p in model.named_parameters() if "lora_B" in name).fill_(float("nan"))
+    assert torch.isnan(trainer.compute_loss(model, batch))
+    with pytest.raises(resilience.NonFiniteLoss) as stop:
+        trainer.loss_guard.on_step_end(trainer.args, trainer.state, trainer.control)
+    named = re.findall(r"#(\d+) \(id '([^']*)'\)", str(stop.value))
+    records = json.loads(preferences.read_text())
+    assert [int(index) for index, _ in named] == list(range(len(dataset)))
+    assert all(records[int(index)]["id"] == record_id for index, record_id in named)
+
+
 def test_seeded_run_raises_the_margin_and_held_out_accuracy(tiny_checkpoint, shapes, tmp_path):
     records = json.loads(shapes.read_text())
     train = write_preferences(shapes, tmp_path / "train.json", records[:6])
