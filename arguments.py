@@ -234,18 +234,31 @@ def parse_args(argv=None):
 
 
 def looks_local(name_or_path):
-    """Whether a --model_name_or_path is meant as a folder rather than a hub id ("org/name")."""
-    return name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
+    """Whether a model or adapter name is meant as a folder here rather than a hub id ("org/name"):
+    a path that starts like one, has more than one "/", or whose parent folder exists here
+    (``output/merged`` next to an ``output`` folder)."""
+    return (
+        name_or_path.startswith(("/", ".", "~"))
+        or name_or_path.count("/") > 1
+        or ("/" in name_or_path and os.path.isdir(os.path.dirname(os.path.expanduser(name_or_path))))
+    )
 
 
-def check_paths(model_args, training_args):
+# The flags that name a model or adapter folder, and what that folder must hold.
+FOLDER_FLAGS = {
+    "model_name_or_path": "the folder that holds the model's config.json, or a hub id such as openbmb/MiniCPM-V-2_6",
+    "dpo_ref_model": "the folder of the reference model (its config.json), or a hub id",
+    "lora_weight_path": "the adapter folder a LoRA run saved (adapter_config.json)",
+}
+
+
+def check_paths(model_args, training_args, lora_args):
     """The folders the run needs, checked before anything loads; returns the checkpoint to resume from."""
-    model = model_args.model_name_or_path
-    if looks_local(model) and not os.path.isdir(os.path.expanduser(model)):
-        raise UsageError(
-            f"--model_name_or_path {model}: no such folder; pass the folder that holds the model's config.json, "
-            "or a hub id such as openbmb/MiniCPM-V-2_6"
-        )
+    for args in (model_args, training_args, lora_args):
+        for flag, hint in FOLDER_FLAGS.items():
+            value = getattr(args, flag, None)
+            if value and looks_local(value) and not os.path.isdir(os.path.expanduser(value)):
+                raise UsageError(f"--{flag} {value}: no such folder; pass {hint}")
     try:
         return resilience.resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     except ValueError as e:

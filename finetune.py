@@ -139,7 +139,7 @@ def load_reference(backend, model_args, training_args, lora_args, config):
 
 def train(model_args, data_args, training_args, lora_args):
     """Train as the parsed arguments say and save the result; the trainer, or None with --preflight_only."""
-    resume_from = check_paths(model_args, training_args)
+    resume_from = check_paths(model_args, training_args, lora_args)
     distributed.start(training_args)
     # Before the model exists: LoRA's initial weights are drawn when the adapter is added, and
     # the Trainer seeds only later, when it is created.

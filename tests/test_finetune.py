@@ -411,6 +411,21 @@ def test_command_line_mistake_prints_one_message_and_exits_2(case, tiny_checkpoi
     assert re.search(f"finetune.py: error: {message}", error), error[-2000:]
 
 
+@pytest.mark.parametrize("flag", sorted(arguments.FOLDER_FLAGS))
+def test_a_missing_relative_folder_is_named_before_weights_load(flag, tiny_checkpoint, shapes, tmp_path, capsys,
+                                                                monkeypatch):
+    # "output/merged" has one "/" like a hub id; its parent folder exists here, so it is a path.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "output").mkdir()
+    monkeypatch.setattr(finetune.loading, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    needs = {"model_name_or_path": [], "dpo_ref_model": ["--stage", "dpo"], "lora_weight_path": LORA_ARGS}[flag]
+    base = finetune_args(tiny_checkpoint("minicpmv2_6"), shapes, tmp_path / "out", "--max_steps", "1", "--report_to", "none")
+    with pytest.raises(SystemExit) as exit:
+        finetune.main([str(arg) for arg in base] + needs + [f"--{flag}", "output/merged"])
+    assert exit.value.code == finetune.EXIT_USAGE
+    assert f"finetune.py: error: --{flag} output/merged: no such folder" in capsys.readouterr().err
+
+
 @pytest.mark.launch
 def test_command_line_mistake_through_the_launcher_has_no_traceback(tiny_checkpoint, shapes, tmp_path):
     code, output = run_script("finetune_lora.sh", ["--lora_dropout", "1.5"], expect_ok=False, GPUS_PER_NODE=1,
