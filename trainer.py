@@ -148,8 +148,13 @@ class CPMTrainer(transformers.Trainer):
 
     def _save_rng_state(self, output_dir):
         super()._save_rng_state(output_dir)
-        # The last files every rank writes: once all are on disk, the main process lists them,
-        # then writes trainer_state.json, which marks the checkpoint complete (resilience.is_complete).
+        # The last files every rank writes to a checkpoint.
+        self._files_written(output_dir)
+
+    def _files_written(self, output_dir):
+        """Once every rank's files of a checkpoint are on disk, the main process lists them; then
+        the Trainer writes trainer_state.json, which marks the checkpoint complete
+        (resilience.is_complete)."""
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             resilience.write_manifest(output_dir)
@@ -161,3 +166,7 @@ class CPMTrainer(transformers.Trainer):
         model = self.accelerator.unwrap_model(self.model)
         if self.args.should_save and self.model_source is not None and not isinstance(model, PeftModel):
             self.backend.save_extras(self.model_source, output_dir)
+        if _internal_call and self.args.save_only_model:
+            # A model-only checkpoint: no optimizer or RNG files follow (the Trainer skips
+            # _save_rng_state), so its files are all written now.
+            self._files_written(output_dir)

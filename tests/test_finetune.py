@@ -17,6 +17,7 @@ import backends
 import finetune
 import loading
 import lora
+import resilience
 from launch import (
     FAST_ARGS,
     LORA_ARGS,
@@ -64,6 +65,17 @@ def test_train_takes_parsed_arguments_and_trains_only_the_adapter(tiny_checkpoin
     frozen = [key for key in before if key.startswith(("vpm.", "llm.")) and key in after]
     assert any(key.startswith("vpm.") for key in frozen) and any(key.startswith("llm.") for key in frozen)
     assert [key for key in frozen if not torch.equal(before[key], after[key])] == []
+
+
+def test_model_only_checkpoints_count_as_complete(tiny_checkpoint, shapes, tmp_path):
+    # --save_only_model writes no optimizer or RNG files, after which the completeness record
+    # used to be written: every such checkpoint looked cut short and could not be resumed from.
+    finetune.train(*arguments.parse_args([str(arg) for arg in finetune_args(
+        tiny_checkpoint("minicpmv2_6"), shapes, tmp_path, *FAST_ARGS, *LORA_ARGS, "--tune_vision", "false",
+        "--max_steps", "2", "--save_steps", "1", "--save_only_model", "true",
+    )]))
+    assert [step for step, _ in resilience.complete_checkpoints(tmp_path)] == [1, 2]
+    assert not list(tmp_path.glob("checkpoint-*/optimizer.pt"))
 
 
 @pytest.mark.launch
