@@ -279,8 +279,9 @@ FILE_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket", st
               stat.S_IFBLK: "a block device"}
 
 
-def regular_file_size(path):
-    """The size of ``path``, or ImageProblem if it is not a regular file.
+def regular_file_size(path, media="image", problem=ImageProblem):
+    """The size of ``path``, or ``problem`` (ImageProblem; native_data's VideoProblem for videos)
+    if it is not a regular file.
 
     Checked before opening: opening a FIFO blocks until something writes to it, and a folder
     or a symlink loop would otherwise surface as a misleading decode error.
@@ -289,13 +290,13 @@ def regular_file_size(path):
         info = os.stat(path)
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise ImageProblem("symlink_loop", "the path is a loop of symbolic links that never reaches a file") from e
-        raise ImageProblem("missing_image", f"no such file ({e.strerror})") from e
+            raise problem("symlink_loop", "the path is a loop of symbolic links that never reaches a file") from e
+        raise problem(f"missing_{media}", f"no such file ({e.strerror})") from e
     if stat.S_ISDIR(info.st_mode):
-        raise ImageProblem("image_is_folder", "the path is a folder, not an image file")
+        raise problem(f"{media}_is_folder", f"the path is a folder, not {'an' if media == 'image' else 'a'} {media} file")
     if not stat.S_ISREG(info.st_mode):
         kind = FILE_KINDS.get(stat.S_IFMT(info.st_mode), "a special file")
-        raise ImageProblem("not_a_file", f"the path is {kind}, not a regular image file; it was not opened")
+        raise problem("not_a_file", f"the path is {kind}, not a regular {media} file; it was not opened")
     return info.st_size
 
 

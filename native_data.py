@@ -20,7 +20,6 @@ Videos are decoded with PyAV; which frames is the video processor's own ``sample
 
 import functools
 import logging
-import os
 import re
 
 import av
@@ -38,6 +37,7 @@ from dataset import (
     chatml_assistant_spans,
     context_flags,
     record_images,
+    regular_file_size,
     wants_thinking,
 )
 
@@ -106,11 +106,10 @@ def record_messages(conversations, *, image_untagged, video_untagged):
 def decode_video(path, sample_indices):
     """Decode the frames ``sample_indices(metadata)`` picks, as RGB ``[T, H, W, 3]``, with PyAV.
 
-    Raises VideoProblem: missing, empty, not a video, no frames, or frames that do not decode.
+    Raises VideoProblem: missing, a folder, a symlink loop, a FIFO or device (never opened: that
+    would block), empty, not a video, no frames, or frames that do not decode.
     """
-    if not os.path.exists(path):
-        raise VideoProblem("missing_video", "no such file")
-    if os.path.getsize(path) == 0:
+    if regular_file_size(path, "video", VideoProblem) == 0:
         raise VideoProblem("empty_video", "the file is empty (0 bytes)")
     try:
         with av.open(path) as container:

@@ -4,6 +4,7 @@ Parity: the sample up to its first learned token is exactly what the processor g
 conversation through its chat template with the generation prompt. Golden label masks per model.
 """
 
+import os
 import re
 
 import av
@@ -207,7 +208,13 @@ def test_bad_videos_are_named_by_preflight(tiny_checkpoint, media, tmp_path):
         video_record("frameless.mp4"),
         {"id": "tag", "conversations": [{"role": "user", "content": "<video> What?"}, {"role": "assistant", "content": "Hm."}]},
         video_record("good.mp4", content="<video> and <video>"),
+        video_record("clips"),
+        video_record("pipe.mp4"),
+        video_record("loop.mp4"),
     ]
+    (tmp_path / "clips").mkdir()
+    os.mkfifo(tmp_path / "pipe.mp4")  # opening it would block preflight forever
+    (tmp_path / "loop.mp4").symlink_to(tmp_path / "loop.mp4")
     data = NativeDataset(records, processor, max_length=2048, data_path=tmp_path / "data.json")
     problems, stats, lengths = preflight.check_dataset(data, "train", progress=False)
     found = {(p.index, p.record_id, p.reason) for p in problems}
@@ -218,11 +225,14 @@ def test_bad_videos_are_named_by_preflight(tiny_checkpoint, media, tmp_path):
         (4, "rec-frameless.mp4", "no_video_frames"),
         (5, "tag", "unknown_video_tag"),
         (6, "rec-good.mp4", "video_tag_count"),
+        (7, "rec-clips", "video_is_folder"),
+        (8, "rec-pipe.mp4", "not_a_file"),
+        (9, "rec-loop.mp4", "symlink_loop"),
     }
     assert all(p.reason in preflight.REASONS for p in problems)
     assert all(p.path == str(tmp_path / "noise.mp4") for p in problems if p.reason == "unreadable_video")
-    assert stats["bad"] == 6
-    assert lengths[0] == len(data[0]["input_ids"]) and lengths[1:] == [None] * 6
+    assert stats["bad"] == 9
+    assert lengths[0] == len(data[0]["input_ids"]) and lengths[1:] == [None] * 9
 
 
 def test_too_long_never_cuts_a_placeholder(tiny_checkpoint, media):
