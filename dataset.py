@@ -986,7 +986,6 @@ class PreferenceCollator(DataCollator):
         return batch
 
 
-
 # --------------------------------------------------------------------------------------------
 # Packing: whole samples side by side in one training row (--packing)
 
@@ -1093,6 +1092,7 @@ class PackedDataset(Dataset):
     def fill(self):
         """The share of the rows' ``max_length`` tokens that are real (the rest is padding)."""
         return sum(self.lengths) / (len(self.rows) * self.max_length)
+
 
 # --------------------------------------------------------------------------------------------
 # The dataset as training and inference build it from a model config
