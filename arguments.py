@@ -90,6 +90,12 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "Batch samples of similar length together (less padding), using the lengths "
                   "preflight measured; the same as --train_sampling_strategy group_by_length."},
     )
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Fill each training row up to model_max_length with whole samples, each attending only "
+                  "to itself (less padding; evaluation stays unpacked). Not for MiniCPM-V 2.0, the native "
+                  "models (4.6, 4.7, OCR) or --stage dpo: see the README."},
+    )
     stage: str = field(
         default="sft",
         metadata={"help": f"Training stage: {' or '.join(STAGES)} (preference tuning on records with "
@@ -125,6 +131,10 @@ class TrainingArguments(transformers.TrainingArguments):
         if self.stage not in STAGES:
             raise UsageError(f"--stage {self.stage!r} is not one of {', '.join(STAGES)}")
         if self.stage == "dpo":
+            if self.packing:
+                raise UsageError(
+                    "--packing applies to --stage sft: DPO scores each answer of a pair as a row of its own"
+                )
             if self.dpo_beta <= 0:
                 raise UsageError(f"--dpo_beta must be positive, not {self.dpo_beta}")
             if self.dpo_loss_type not in DPO_LOSS_TYPES:

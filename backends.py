@@ -42,6 +42,30 @@ NATIVE_LORA_TARGETS = (
 )
 
 
+# The attention implementations with which the LLM keeps packed samples apart from position ids
+# alone (masking_utils builds the block-diagonal mask; tests/test_packing.py checks both). Flash
+# attention finds packed samples from position ids only in a batch of one row.
+PACKING_ATTENTION = ("sdpa", "eager")
+# Why MiniCPM-V 2.0 cannot pack (its published modeling_minicpm.py).
+MINICPM_PACKING_PROBLEM = (
+    "--packing is not supported for MiniCPM-V 2.0: its MiniCPM language model builds one causal mask over the "
+    "whole row and ignores where position ids restart, so packed samples would attend to each other; "
+    "train without --packing (--group_by_length true also cuts padding)"
+)
+
+
+def packing_attention_problem(llm):
+    """Why packed samples would see each other in this loaded LLM, or None (see PACKING_ATTENTION)."""
+    attention = llm.config._attn_implementation
+    if attention in PACKING_ATTENTION:
+        return None
+    return (
+        f"--packing keeps samples apart through the mask transformers builds from restarting position ids, with "
+        f"attention {' or '.join(PACKING_ATTENTION)}; this model's language model uses {attention!r}: set "
+        "attn_implementation to sdpa in its config.json, or train without --packing"
+    )
+
+
 def llm_type_of(config):
     """The chat layout a checkpoint's config implies: its ``version`` for remote code (none: 2.0)."""
     if config.model_type in NATIVE_MODEL_TYPES:
@@ -94,6 +118,9 @@ class RemoteCodeBackend:
 
     def __init__(self, llm_type):
         self.llm_type = llm_type
+        # The other families' LLMs are transformers' own Llama, Qwen2 and Qwen3 classes, to which the
+        # published forward(data) passes position ids and no attention mask: they pack exactly.
+        self.packing_problem = MINICPM_PACKING_PROBLEM if llm_type == "minicpm" else None
 
     def load_processing(self, path, cache_dir=None):
         """What turns records into ids (and what the Trainer saves with the model): the tokenizer."""
@@ -178,6 +205,13 @@ class NativeBackend:
         "DeepSpeed ZeRO-3 is not supported for the native MiniCPM-V models (4.6, 4.7, MiniCPM-OCR) yet: "
         "their merger runs once per image or slice, so the processes' parameter gathering diverges; "
         "use ZeRO-2 (DS_CONFIG=ds_config_zero2.json with finetune_ds.sh, or --deepspeed ds_config_zero2.json)"
+    )
+    packing_problem = (
+        "--packing is not supported for the native MiniCPM-V models (4.6, 4.7, MiniCPM-OCR): the linear-attention "
+        "(Gated DeltaNet) layers of their Qwen3.5 language model carry their state along the whole row, and "
+        "transformers gives them no sample boundaries from position ids (4.7 also computes its M-RoPE positions "
+        "over the whole row), so packed samples would see each other; train without --packing "
+        "(--group_by_length true also cuts padding)"
     )
     llm_type = NATIVE_LLM_TYPE
     takes_video = True

@@ -14,6 +14,7 @@ which the tokenizer splits on before anything else, so the ids equal those of th
 (a test checks this for every family) at a fraction of the tokenizing cost.
 """
 
+import bisect
 import errno
 import json
 import logging
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.nn.utils.rnn import pad_sequence
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from torchvision import transforms
 
 logger = logging.getLogger(__name__)
@@ -967,7 +968,8 @@ class DataCollator:
             "pixel_values": [e["pixel_values"] for e in examples],
             "image_bound": [e["image_bound"] for e in examples],
             "tgt_sizes": [e["tgt_sizes"] for e in examples],
-            "records": [e["record"] for e in examples],
+            # A packed row (pack_samples) names all the records it holds.
+            "records": [record for e in examples for record in (e["records"] if "records" in e else [e["record"]])],
         }
 
 
@@ -983,6 +985,114 @@ class PreferenceCollator(DataCollator):
         batch["pixel_values"] = batch["pixel_values"][: len(examples)]
         batch["tgt_sizes"] = batch["tgt_sizes"][: len(examples)]
         return batch
+
+
+# --------------------------------------------------------------------------------------------
+# Packing: whole samples side by side in one training row (--packing)
+
+
+def record_lengths(dataset):
+    """Token count of each sample of a dataset (or a Subset of one) as preflight measured it, without
+    building any; None if preflight has not run over it. A PackedDataset gives its rows' lengths."""
+    if isinstance(dataset, Subset):
+        lengths = record_lengths(dataset.dataset)
+        return None if lengths is None else [lengths[i] for i in dataset.indices]
+    return getattr(dataset, "lengths", None)
+
+
+def pack_lengths(lengths, capacity):
+    """Rows of sample indices whose lengths sum to at most ``capacity`` each, every index in one row.
+
+    Best-fit decreasing: longest first, each sample goes into the fullest row it still fits in, so
+    rows come out nearly full. Deterministic (ties go to the lower index and the older row): the
+    same lengths always give the same rows, which a resumed run relies on.
+    """
+    too_long = [index for index, length in enumerate(lengths) if length > capacity]
+    if too_long:
+        raise ValueError(
+            f"samples {too_long[:5]} are longer than the row length {capacity}; build them with that max_length"
+        )
+    rows = []
+    room = []  # (tokens still free, row number) of the rows not yet full, in increasing order
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        length = lengths[index]
+        at = bisect.bisect_left(room, (length, -1))
+        if at == len(room):
+            rows.append([index])
+            free, number = capacity - length, len(rows) - 1
+        else:
+            free, number = room.pop(at)
+            rows[number].append(index)
+            free -= length
+        if free:
+            bisect.insort(room, (free, number))
+    return [sorted(row) for row in rows]
+
+
+def pack_samples(samples):
+    """One training row holding ``samples`` (of SupervisedDataset) side by side, for DataCollator.
+
+    Ids, labels and attention masks are concatenated; position ids restart at 0 with each sample;
+    image bounds move by the tokens before their sample; images and their sizes follow in order;
+    ``records`` names every sample's record. The remote-code models give their LLM position ids and
+    no attention mask, and transformers (masking_utils' packed-sequence detection) then keeps each
+    position's attention inside its run of increasing position ids: every sample sees only itself,
+    with the positions it has alone, so its logits are those of its own row. Labels are stored
+    shifted (``labels[i]`` is the token at ``i + 1``), so a sample's last position has none: no
+    sample learns the next one's first token.
+    """
+    offsets = [0]
+    for n, sample in enumerate(samples):
+        if sample["labels"][-1] != IGNORE_INDEX:
+            raise ValueError(
+                f"sample {n} has a label at its last position: packed, it would learn the next sample's first "
+                "token; pack samples whose labels are stored shifted (shifted_labels)"
+            )
+        offsets.append(offsets[-1] + len(sample["input_ids"]))
+
+    def joined(key):
+        return torch.cat([sample[key] for sample in samples])
+
+    return dict(
+        records=[sample["record"] for sample in samples],
+        input_ids=joined("input_ids"),
+        position_ids=joined("position_ids"),
+        labels=joined("labels"),
+        attention_mask=joined("attention_mask"),
+        pixel_values=[image for sample in samples for image in sample["pixel_values"]],
+        tgt_sizes=joined("tgt_sizes"),
+        image_bound=torch.cat([sample["image_bound"] + offset for sample, offset in zip(samples, offsets)]),
+    )
+
+
+class PackedDataset(Dataset):
+    """The samples of ``dataset`` packed into rows of at most ``max_length`` tokens (``--packing``).
+
+    The rows are chosen once, by pack_lengths over the lengths preflight measured (no sample is
+    built to learn its length), and built by pack_samples. Fixed rows make an epoch a known number
+    of rows, hence of optimizer steps, and let a resumed run replay the rows it started with; the
+    Trainer's sampler shuffles the rows' order each epoch.
+    """
+
+    def __init__(self, dataset, max_length):
+        lengths = record_lengths(dataset)
+        if lengths is None:
+            raise ValueError("packing needs each sample's length: run preflight over the dataset first")
+        self.dataset = dataset
+        self.max_length = max_length
+        self.rows = pack_lengths(lengths, max_length)
+        # Each row's token count: what --group_by_length reads (record_lengths).
+        self.lengths = [sum(lengths[index] for index in row) for row in self.rows]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return pack_samples([self.dataset[i] for i in self.rows[index]])
+
+    def fill(self):
+        """The share of the rows' ``max_length`` tokens that are real (the rest is padding)."""
+        return sum(self.lengths) / (len(self.rows) * self.max_length)
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import lora
 import preflight
 import resilience
 from arguments import check_paths, compute_dtype, parse_args
-from dataset import DataError, PreferenceCollator, load_records, log_sample
+from dataset import DataError, PackedDataset, PreferenceCollator, load_records, log_sample
 from dpo import PreferenceTrainer, unsupported_reason
 from trainer import CPMTrainer
 from usage import EXIT_USAGE, UsageError
@@ -80,6 +80,18 @@ def prepare_data(backend, data_args, training_args, processing, config):
     if training_args.should_log and not data_args.preflight_only:
         log_sample(checked["train"], backend.tokenizer(processing))
     return checked
+
+
+def pack(dataset, training_args):
+    """The training rows of --packing: ``dataset``'s samples, whole, side by side up to model_max_length.
+    Evaluation stays unpacked: its loss then compares with runs without --packing sample for sample."""
+    packed = PackedDataset(dataset, training_args.model_max_length)
+    # The rows are the Trainer's examples: it counts steps from them (and logs the count).
+    logger.info(
+        "Packing: %d samples into %d rows of at most %d tokens (%.1f%% of the rows' tokens real)",
+        len(dataset), len(packed), training_args.model_max_length, 100 * packed.fill(),
+    )
+    return packed
 
 
 def load_model(backend, path, training_args, lora_args, config):
@@ -155,6 +167,8 @@ def train(model_args, data_args, training_args, lora_args):
         raise UsageError(f"--stage dpo: {unsupported_reason(config)}")
     if backend.zero3_problem and is_deepspeed_zero3_enabled():
         raise UsageError(backend.zero3_problem)
+    if training_args.packing and backend.packing_problem:
+        raise UsageError(backend.packing_problem)
     if not backend.takes_video and (data_args.max_num_frames is not None or data_args.stack_frames is not None):
         raise UsageError(
             "--max_num_frames and --stack_frames apply to video, which only the native models "
@@ -166,12 +180,16 @@ def train(model_args, data_args, training_args, lora_args):
     datasets = prepare_data(backend, data_args, training_args, processing, config)
     if data_args.preflight_only:
         return None
+    train_dataset = pack(datasets["train"], training_args) if training_args.packing else datasets["train"]
     model = load_model(backend, model_args.model_name_or_path, training_args, lora_args, config)
+    problem = training_args.packing and backends.packing_attention_problem(backend.loss_module(model))
+    if problem:
+        raise UsageError(problem)
     model = adapt_model(backend, model, training_args, lora_args)
     common = dict(
         model=model,
         args=training_args,
-        train_dataset=datasets["train"],
+        train_dataset=train_dataset,
         eval_dataset=datasets["eval"],
         processing_class=processing,
         model_source=loading.model_source_dir(model_args.model_name_or_path, training_args.cache_dir),

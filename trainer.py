@@ -25,13 +25,13 @@ import logging
 import torch
 import transformers
 from peft import PeftModel
-from torch.utils.data import Subset
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.modeling_outputs import CausalLMOutput
 
 import backends
 import resilience
+from dataset import record_lengths
 from loss import full_logits_reason, labelled_count, loss_on_labelled, token_loss
 
 logger = logging.getLogger(__name__)
@@ -59,14 +59,6 @@ def register_zero3_external_parameters(model):
 def unwrap_peft(model):
     """The model under a peft wrapper (the caller unwraps DDP / DeepSpeed)."""
     return model.get_base_model() if isinstance(model, PeftModel) else model
-
-
-def record_lengths(dataset):
-    """Token count of each sample of a SupervisedDataset (or a Subset of one), as preflight measured it."""
-    if isinstance(dataset, Subset):
-        lengths = record_lengths(dataset.dataset)
-        return None if lengths is None else [lengths[i] for i in dataset.indices]
-    return getattr(dataset, "lengths", None)
 
 
 class CPMTrainer(transformers.Trainer):

@@ -157,12 +157,17 @@ def test_lora_under_zero3_two_processes_trains_the_adapter(tiny_checkpoint, shap
 
 @pytest.mark.launch
 def test_single_process_eval_and_resume_match_uninterrupted_run(tiny_checkpoint, shapes, tmp_path):
+    # Trained packed (unpacked runs resume in test_resilience.py), evaluated unpacked.
     model = tiny_checkpoint("minicpmv2_6")
     common = ["--max_steps", "6", "--save_steps", "3", "--eval_strategy", "steps", "--eval_steps", "3",
-              "--eval_data_path", shapes]
+              "--eval_data_path", shapes, "--packing", "true", "--model_max_length", "160"]
     full = tmp_path / "uninterrupted"
-    run_finetune(lora_args(model, shapes, full) + common)
+    _, output = run_finetune(lora_args(model, shapes, full) + common)
+    packing = re.search(r"Packing: (\d+) samples into (\d+) rows of at most 160 tokens", output)
+    samples, rows = map(int, packing.groups())
+    assert re.search(rf"Num examples = {rows}\b", output) and 3 <= rows < samples, output[-3000:]
     assert [step for step, _ in eval_losses(full)] == [3, 6]
+    assert_falls(train_losses(full))
 
     resumed = tmp_path / "resumed"
     resumed.mkdir()
@@ -230,6 +235,7 @@ def test_torchrun_on_cpu_without_use_cpu_is_refused(tiny_checkpoint, shapes, tmp
         (["--dpo_beta", "0.5", "--dpo_ref_model", "sft"], "--dpo_beta, --dpo_ref_model given without --stage dpo"),
         (["--stage", "dpo", "--dpo_beta", "0"], "--dpo_beta must be positive"),
         (["--stage", "dpo", "--dpo_loss_type", "kto"], "--dpo_loss_type 'kto' is not one of sigmoid, ipo, hinge"),
+        (["--stage", "dpo", "--packing", "true"], "--packing applies to --stage sft"),
         (["--stage", "dpo", "--use_lora", "true", "--tune_llm", "false", "--lora_weight_path", "sft_adapter"],
          "the reference would be the base model without that adapter"),
     ],
@@ -251,6 +257,8 @@ def test_contradictory_or_ignored_arguments_are_refused_at_parse_time(argv, mess
         ("minicpmv4_7", [*LORA_ARGS, "--lora_modules_to_save", "merger"], "--lora_modules_to_save leaves out vision_tower"),
         ("minicpmv2_6", ["--max_num_frames", "8"], "--max_num_frames and --stack_frames apply to video"),
         ("minicpmv4_6", ["--stage", "dpo"], "--stage dpo: minicpmv4_6 is a natively supported checkpoint"),
+        ("minicpmv2_0", ["--packing", "true"], "--packing is not supported for MiniCPM-V 2.0: its MiniCPM language"),
+        ("minicpmv4_7", ["--packing", "true"], "--packing is not supported for the native MiniCPM-V models"),
     ],
 )
 def test_settings_that_contradict_the_checkpoint_are_refused_before_weights_load(

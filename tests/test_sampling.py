@@ -37,7 +37,7 @@ def test_group_by_length_uses_preflight_lengths_without_building_samples(tiny_ch
 def test_subset_lengths_follow_its_indices(tiny_checkpoint, tmp_path):
     from torch.utils.data import Subset
 
-    from trainer import record_lengths
+    from dataset import record_lengths
 
     dataset, _ = dataset_as_trained(tiny_checkpoint("minicpmv2_6"), demo_data.generate(tmp_path, count=4))
     dataset.lengths = [10, 20, 30, 40]
