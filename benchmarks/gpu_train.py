@@ -21,7 +21,9 @@ the process's peak RSS cannot be reset between cases). Loss paths: "old" is the 
 model's full [B, L, vocab] logits upcast to fp32 (CPMTrainer's full-logits path, forced), "new"
 the output head on the labelled positions only (loss.py), as CPMTrainer uses it by default. Both
 losses of the first batch are also computed on the same weights in eval mode (no dropout) and
-compared.
+compared. Each case runs without and with packing (``--packing``: dataset.pack_lengths and
+pack_samples, as --packing true packs rows); tokens/s counts real tokens, so packing's gain is
+the padding it removes.
 
 ``--size reduced``: the same structure and vocabulary with 2 LLM and 2 vision layers and small
 widths, for a CPU check (tests/test_benchmarks.py runs it).
@@ -42,6 +44,7 @@ import backends  # noqa: E402
 import finetune  # noqa: E402
 import loading  # noqa: E402
 from arguments import parse_args  # noqa: E402
+from dataset import pack_lengths, pack_samples  # noqa: E402
 from loss import IGNORE_INDEX  # noqa: E402
 from tiny_models.build import auto_map, copy_remote_code, remote_module  # noqa: E402
 from trainer import CPMTrainer  # noqa: E402
@@ -112,6 +115,7 @@ LAUNCHER_FLAGS = [
     "--max_slice_nums", "9", "--report_to", "none",
 ]
 PATHS = ("old", "new")
+PACKING = {"off": (False,), "on": (True,), "both": (False, True)}
 
 
 def model_config_fields(size):
@@ -170,7 +174,12 @@ def synthetic_samples(config, count, length, view_patches, seed):
     return samples
 
 
-def batches_of(samples, batch_size, collator):
+def batches_of(samples, batch_size, length, collator, packing):
+    """Collated batches of ``batch_size`` rows: one sample per row, or with ``packing`` the rows
+    --packing makes (whole samples side by side up to ``length``)."""
+    if packing:
+        rows = pack_lengths([len(sample["input_ids"]) for sample in samples], length)
+        samples = [pack_samples([samples[index] for index in row]) for row in rows]
     return [collator(samples[start : start + batch_size]) for start in range(0, len(samples), batch_size)]
 
 
@@ -250,34 +259,41 @@ def run(args):
     with tempfile.TemporaryDirectory() as folder:
         write_model_folder(folder, args.size)
         flags = ["--model_name_or_path", folder, "--data_path", "synthetic", "--output_dir", str(Path(folder) / "out"),
-                 "--model_max_length", str(args.length)] + LAUNCHER_FLAGS + (["--use_cpu", "true"] if device.type == "cpu" else [])
+                 "--model_max_length", str(args.length)] + LAUNCHER_FLAGS
+        flags += ["--use_cpu", "true"] if device.type == "cpu" else []
         _, _, training_args, lora_args = parse_args(flags)
         transformers.set_seed(0)
         model, config = build_model(folder, device)
         backend = backends.backend_for(config)
+        problem = args.packing != "off" and backends.packing_attention_problem(backend.loss_module(model))
+        if problem:
+            raise SystemExit(problem)
         model = finetune.adapt_model(backend, model, training_args, lora_args)
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=training_args.activation_checkpointing_kwargs)
+        checkpointing = training_args.activation_checkpointing_kwargs
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
         total, trainable = finetune.count_parameters(model)
         collator = backend.collator(None, args.length)
         trainer = make_trainer(model, training_args, collator)
         before = lora_weights(model)
         samples = synthetic_samples(config, max(args.batch) * (args.warmup + args.steps), args.length,
                                     VIEW_PATCHES[args.size], seed=0)
+        first = batches_of(samples, args.batch[0], args.length, collator, packing=False)[0]
         result = {
             "size": args.size, "device": str(device), "length": args.length, "parameters": total,
             "trainable_parameters": trainable, "vocab_size": config.vocab_size,
-            "loss_check": compare_losses(trainer, model, batches_of(samples, args.batch[0], collator)[0]),
+            "loss_check": compare_losses(trainer, model, first),
             "cases": [],
         }
-        for batch_size in args.batch:
-            batches = batches_of(samples, batch_size, collator)
-            for path in PATHS:
-                use_path(trainer, path)
-                case = {"batch": batch_size, "path": path, "packing": False}
-                case.update(timed_steps(trainer, model, batches, args.warmup, args.steps, device))
-                result["cases"].append(case)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+        for packing in PACKING[args.packing]:
+            for batch_size in args.batch:
+                batches = batches_of(samples, batch_size, args.length, collator, packing)
+                for path in PATHS:
+                    use_path(trainer, path)
+                    case = {"batch": batch_size, "path": path, "packing": packing}
+                    case.update(timed_steps(trainer, model, batches, args.warmup, args.steps, device))
+                    result["cases"].append(case)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
         after = lora_weights(model)
         result["lora_changed"] = sum(not torch.equal(before[name], after[name]) for name in before)
         result["lora_tensors"] = len(before)
@@ -305,6 +321,8 @@ def main(argv=None):
     parser.add_argument("--length", type=int, default=2048, help="model_max_length: the longest sample")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--packing", choices=tuple(PACKING), default="both",
+                        help="rows of one sample each (off), packed as --packing true packs them (on), or both")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if min(args.batch) < 1 or args.steps < 1 or args.warmup < 0:

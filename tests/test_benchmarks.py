@@ -26,15 +26,18 @@ def test_full_size_model_has_the_published_size(tmp_path):
 
 def test_reduced_run_on_cpu(tmp_path):
     out = tmp_path / "result.json"
-    result = gpu_train.main(["--size", "reduced", "--device", "cpu", "--batch", "1", "2", "--length", "192",
-                             "--warmup", "1", "--steps", "1", "--json", str(out)])
+    result = gpu_train.main(["--size", "reduced", "--device", "cpu", "--batch", "2", "--length", "192",
+                             "--warmup", "1", "--steps", "1", "--packing", "both", "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["vocab_size"] == gpu_train.PUBLISHED_2_6["vocab_size"]
     # Old (full logits) and new (labelled positions) losses of the same batch and weights agree
     # within bf16 rounding.
     check = result["loss_check"]
     assert abs(check["old"] - check["new"]) <= 2**-8 * abs(check["old"])
-    assert {(case["batch"], case["path"]) for case in result["cases"]} == {(1, "old"), (1, "new"), (2, "old"), (2, "new")}
+    cases = {(case["packing"], case["path"]): case for case in result["cases"]}
+    assert set(cases) == {(packing, path) for packing in (False, True) for path in gpu_train.PATHS}
+    # Packed rows hold more real tokens than padded single samples.
+    assert cases[True, "new"]["real_token_share"] > cases[False, "new"]["real_token_share"]
     for case in result["cases"]:
         assert case["tokens_per_s"] > 0 and case["padded_tokens_per_s"] >= case["tokens_per_s"]
         assert 0 < case["real_token_share"] <= 1
