@@ -331,12 +331,7 @@ def build_checkpoint(family, out_dir, seed=0):
     tokenizer, spec = build_tokenizer(family)
     config = build_config(family, tokenizer, spec["terminators"])
     module_name, class_name = model_entry(family)
-    model_entry_point = f"{module_name}.{class_name}"
-    config.auto_map = {
-        "AutoConfig": "configuration_minicpm.MiniCPMVConfig",
-        "AutoModel": model_entry_point,
-        "AutoModelForCausalLM": model_entry_point,
-    }
+    config.auto_map = auto_map(family)
     torch.manual_seed(seed)
     model = getattr(remote_module(module_name), class_name)(config)
     with torch.no_grad():
@@ -362,14 +357,32 @@ def build_checkpoint(family, out_dir, seed=0):
         do_sample=False,
     ).save_pretrained(out_dir)
 
+    if getattr(config, "use_image_id", False):
+        write_preprocessor_config(config, out_dir)
+    copy_remote_code(family, config, out_dir)
+    return out_dir
+
+
+def auto_map(family):
+    """config.json's auto_map: the Auto classes of the family's stand-in remote code."""
+    module_name, class_name = model_entry(family)
+    return {
+        "AutoConfig": "configuration_minicpm.MiniCPMVConfig",
+        "AutoModel": f"{module_name}.{class_name}",
+        "AutoModelForCausalLM": f"{module_name}.{class_name}",
+    }
+
+
+def copy_remote_code(family, config, out_dir):
+    """Copy the family's stand-in remote code into ``out_dir`` (the processor's too where the
+    config uses image ids, as the 2.6-style families do)."""
+    module_name, _ = model_entry(family)
     extra = {"modeling_minicpmv2": ["modeling_minicpmv2.py"], "modeling_minicpmo": ["modeling_minicpmo.py"]}
     files = SHARED_FILES + tuple(extra.get(module_name, []))
     if getattr(config, "use_image_id", False):
         files += PROCESSOR_FILES
-        write_preprocessor_config(config, out_dir)
     for name in files:
-        shutil.copyfile(REMOTE_CODE / name, out_dir / name)
-    return out_dir
+        shutil.copyfile(REMOTE_CODE / name, pathlib.Path(out_dir) / name)
 
 
 def write_preprocessor_config(config, out_dir):
