@@ -5,7 +5,8 @@ a path (one image, tagged ``<image>``), a dict ``{"<image_00>": path, ...}`` (se
 or absent (text only). ``SupervisedDataset`` turns a record into what the model's
 ``forward(data=...)`` reads: token ids with each image's placeholder spliced in, labels
 shifted by one like the reference fine-tuner, ``image_bound`` pairs pointing at each
-placeholder's query slots, and the image tensors (sliced like the model's own processor).
+placeholder's query slots, and the image tensors (sliced like the model's own processor): raw
+uint8 pixels, which ``model_pixels`` normalises where the batch meets the model.
 
 Placeholder ids are built directly: the conversation is rendered and tokenized with each
 query run left out (``<image></image>`` instead of ``<image><unk>*64</image>``), then the runs
@@ -416,15 +417,16 @@ def slice_image(image, max_slice_nums, scale_resolution, patch_size):
 
 
 def reshape_by_patch(pixels, patch_size):
-    """``[H, W, 3]`` array -> ``[3, patch, H*W/patch]`` tensor: patches in raster order, side by side.
+    """``[H, W, 3]`` array -> ``[3, patch, rows, cols, patch]`` view of it (nothing copied).
 
-    Element ``[c, i, k * patch + j]`` is channel ``c`` of pixel ``(i, j)`` of patch ``k`` -- the layout
-    of the model processor's ``reshape_by_patch`` (``unfold`` + permute), written as one copy.
+    Flattened over its last three axes it is ``[3, patch, H*W/patch]``, the layout of the model
+    processor's ``reshape_by_patch`` (``unfold`` + permute): element ``[c, i, k * patch + j]`` is
+    channel ``c`` of pixel ``(i, j)`` of patch ``k``, patches in raster order, side by side.
     """
     height, width, channels = pixels.shape
     rows, cols = height // patch_size, width // patch_size
     patches = pixels[: rows * patch_size, : cols * patch_size].reshape(rows, patch_size, cols, patch_size, channels)
-    return torch.from_numpy(np.ascontiguousarray(patches.transpose(4, 1, 0, 2, 3)).reshape(channels, patch_size, -1))
+    return patches.transpose(4, 1, 0, 2, 3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -904,14 +906,29 @@ class SupervisedDataset(RecordDataset):
         return spans
 
     def _image_tensors(self, images):
-        """The views' uint8 pixels (model_pixels normalises them) and their patch grids."""
+        """The views' uint8 pixels (model_pixels normalises them) and their patch grids.
+
+        A sample's tensors are views of one buffer: a DataLoader worker hands them to the training
+        process as one shared-memory block, not one per view (measured: benchmarks/pipeline.py).
+        """
         arrays = [np.asarray(image) for image in images]  # [H, W, 3], read-only views of PIL's bytes
-        if not self.batch_vision:
-            planes = [torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))) for a in arrays]  # [3, H, W]
-            return planes, torch.zeros((0, 2), dtype=torch.int32)
         p = self.patch_size
-        sizes = [[a.shape[0] // p, a.shape[1] // p] for a in arrays]
-        return [reshape_by_patch(a, p) for a in arrays], torch.tensor(sizes, dtype=torch.int32).reshape(-1, 2)
+        if self.batch_vision:
+            layouts = [reshape_by_patch(a, p) for a in arrays]
+            shapes = [(3, p, -1)] * len(arrays)
+            sizes = torch.tensor([[a.shape[0] // p, a.shape[1] // p] for a in arrays], dtype=torch.int32)
+        else:
+            layouts = [a.transpose(2, 0, 1) for a in arrays]  # [3, H, W]
+            shapes = [layout.shape for layout in layouts]
+            sizes = torch.zeros((0, 2), dtype=torch.int32)
+        buffer = torch.empty(sum(layout.size for layout in layouts), dtype=torch.uint8)
+        tensors, start = [], 0
+        for layout, shape in zip(layouts, shapes):
+            tensor = buffer[start : start + layout.size]
+            np.copyto(tensor.numpy().reshape(layout.shape), layout)
+            tensors.append(tensor.view(shape))
+            start += layout.size
+        return tensors, sizes.reshape(-1, 2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -980,7 +997,8 @@ class PreferenceDataset(SupervisedDataset):
 
 
 class DataCollator:
-    """Pads a list of samples into a batch; images, bounds and sizes stay per-sample lists.
+    """Pads a list of samples into a batch; images, bounds and sizes stay per-sample lists (images
+    as uint8: the backend's forward normalises them, see model_pixels).
 
     Samples are expected to be truncated by the dataset already (it knows where images are);
     cutting here is a last resort and refuses to cut through an image placeholder.

@@ -77,11 +77,11 @@ def test_reshape_by_patch_matches_the_processor_unfold_layout():
     # The model processor's formulation: unfold, then [3, p, p, n] -> permute -> [3, p, n*p].
     unfolded = torch.nn.functional.unfold(image, (p, p), stride=(p, p))
     expected = unfolded.reshape(3, p, p, -1).permute(0, 1, 3, 2).reshape(3, p, -1)
-    got = dataset.reshape_by_patch(pixels, p)
-    assert got.shape == (3, p, 6 * p) and got.dtype == torch.uint8
-    assert torch.equal(got.float(), expected)
+    got = torch.from_numpy(dataset.reshape_by_patch(pixels, p).reshape(3, p, -1)).float()
+    assert got.shape == (3, p, 6 * p)
+    assert torch.equal(got, expected)
     # Patch k (raster order) occupies columns k*p..(k+1)*p: patch 4 is row 1, column 1.
-    assert torch.equal(got[:, :, 4 * p : 5 * p].float(), image[:, p : 2 * p, p : 2 * p])
+    assert torch.equal(got[:, :, 4 * p : 5 * p], image[:, p : 2 * p, p : 2 * p])
 
 
 # --------------------------------------------------------------------------------------------
