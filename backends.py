@@ -20,7 +20,7 @@ import transformers
 from peft import PeftModel
 
 import loading
-from dataset import IGNORE_INDEX, LLM_TYPES, DataCollator, data_settings, make_dataset
+from dataset import IGNORE_INDEX, LLM_TYPES, DataCollator, data_settings, make_dataset, model_pixels
 from native_data import NativeCollator, NativeDataset
 
 logger = logging.getLogger(__name__)
@@ -160,10 +160,19 @@ class RemoteCodeBackend:
 
     def forward(self, model, batch, base=None):
         """The model's output for a batch of this backend's collator. ``model`` may be wrapped (peft,
-        DDP, DeepSpeed); ``base`` is the model under the wrappers (not needed here).
+        DDP, DeepSpeed); ``base`` is the model under the wrappers (default: ``model``).
         In training, the remote code itself runs a dummy image through the vision tower and
         resampler of a batch without images (see NativeBackend.forward)."""
-        return model(data=batch, use_cache=False)
+        pixels = self.model_pixels(batch["pixel_values"], model if base is None else base)
+        return model(data={**batch, "pixel_values": pixels}, use_cache=False)
+
+    def model_pixels(self, pixel_values, model):
+        """The collator's uint8 pixels as ``model`` takes them (dataset.model_pixels), in the dtype of its
+        vision tower's weights. The model is loaded in one dtype (with --q_lora, the modules left
+        unquantized too), so these are the values its own cast of float32 pixels would give.
+        ``model``: the model, or a peft wrapper of it (not DDP or DeepSpeed)."""
+        weight = next(self.vision(model)[0].parameters())
+        return model_pixels(pixel_values, weight.dtype)
 
     def loss_labels(self, labels):
         """Labels aligned with the positions whose output predicts them: stored that way already."""
@@ -184,7 +193,8 @@ class RemoteCodeBackend:
         bounds = sample["image_bound"]
         return dict(
             input_ids=sample["input_ids"][:cut].unsqueeze(0).to(device),
-            pixel_values=[[image.to(device) for image in sample["pixel_values"]]],
+            # float32, as the model's processor gives them: the model casts them to its dtype itself.
+            pixel_values=model_pixels([[image.to(device) for image in sample["pixel_values"]]], torch.float32),
             tgt_sizes=[sample["tgt_sizes"].to(device)],
             image_bound=[bounds[bounds[:, 1] <= cut] if len(bounds) else bounds],
         )

@@ -5,7 +5,8 @@ a path (one image, tagged ``<image>``), a dict ``{"<image_00>": path, ...}`` (se
 or absent (text only). ``SupervisedDataset`` turns a record into what the model's
 ``forward(data=...)`` reads: token ids with each image's placeholder spliced in, labels
 shifted by one like the reference fine-tuner, ``image_bound`` pairs pointing at each
-placeholder's query slots, and the image tensors (sliced like the model's own processor).
+placeholder's query slots, and the image tensors (sliced like the model's own processor): raw
+uint8 pixels, which ``model_pixels`` normalises where the batch meets the model.
 
 Placeholder ids are built directly: the conversation is rendered and tokenized with each
 query run left out (``<image></image>`` instead of ``<image><unk>*64</image>``), then the runs
@@ -336,8 +337,9 @@ def open_rgb(path, max_pixels=MAX_IMAGE_PIXELS):
 
 
 def to_rgb(image):
-    """A decoded image as RGB; see open_rgb."""
-    image = ImageOps.exif_transpose(image)
+    """A decoded image as RGB; see open_rgb. The image is turned in place and converted only when it
+    is not RGB already: each full-size copy would cost a few percent of building a sample."""
+    ImageOps.exif_transpose(image, in_place=True)
     if image.mode in SIXTEEN_BIT_MODES:
         pixels = np.asarray(image, dtype=np.int64)
         if image.mode != "I" or pixels.max() > 255:
@@ -352,7 +354,7 @@ def to_rgb(image):
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,16 +416,58 @@ def slice_image(image, max_slice_nums, scale_resolution, patch_size):
     return source, slices
 
 
-def reshape_by_patch(image, patch_size):
-    """``[3, H, W]`` -> ``[3, patch, H*W/patch]``: patches in raster order, side by side.
+def reshape_by_patch(pixels, patch_size):
+    """``[H, W, 3]`` array -> ``[3, patch, rows, cols, patch]`` view of it (nothing copied).
 
-    Element ``[c, i, k * patch + j]`` is pixel ``(i, j)`` of patch ``k`` -- the layout of the
-    model processor's ``reshape_by_patch`` (``unfold`` + permute), written as one view.
+    Flattened over its last three axes it is ``[3, patch, H*W/patch]``, the layout of the model
+    processor's ``reshape_by_patch`` (``unfold`` + permute): element ``[c, i, k * patch + j]`` is
+    channel ``c`` of pixel ``(i, j)`` of patch ``k``, patches in raster order, side by side.
     """
-    channels, height, width = image.shape
+    height, width, channels = pixels.shape
     rows, cols = height // patch_size, width // patch_size
-    patches = image[:, : rows * patch_size, : cols * patch_size].reshape(channels, rows, patch_size, cols, patch_size)
-    return patches.permute(0, 2, 1, 3, 4).reshape(channels, patch_size, -1)
+    patches = pixels[: rows * patch_size, : cols * patch_size].reshape(rows, patch_size, cols, patch_size, channels)
+    return patches.transpose(4, 1, 0, 2, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# Pixels: uint8 from the dataset, normalised where the batch meets the model
+
+# The vision tower's input normalisation: to tensor, then mean = std = 0.5 per channel. The dataset
+# hands on raw uint8 pixels instead (a quarter of the bytes to build, copy and send from DataLoader
+# workers, and no float work on the loader side); model_pixels gives the model this transform's values.
+IMAGE_TRANSFORM = transforms.Compose(
+    [transforms.ToTensor(), transforms.Normalize(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))]
+)
+
+
+def value_table(transform):
+    """``[3, 256]`` float: what ``transform`` (a per-pixel map of an RGB image) makes of each 8-bit
+    value, per channel."""
+    levels = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)  # a 1 x 256 RGB image
+    return transform(Image.fromarray(levels, "RGB"))[:, 0, :]
+
+
+PIXEL_VALUES = value_table(IMAGE_TRANSFORM)
+
+
+def model_pixels(pixel_values, dtype):
+    """The collator's ``pixel_values`` (per sample, a list of uint8 tensors ``[3, ...]``) as the vision
+    tower takes them: IMAGE_TRANSFORM's values in ``dtype``, on the pixels' device, same nesting.
+
+    The values are looked up per 8-bit value, not computed: a lookup copies IMAGE_TRANSFORM's float32
+    values to the bit on any device (CUDA would divide by 255 through its reciprocal), and a lower
+    precision rounds each once, as casting the float32 pixels would.
+    """
+    tables = {}
+
+    def normalised(pixels):
+        if pixels.dtype != torch.uint8:
+            raise TypeError(f"model_pixels takes the dataset's uint8 pixels, got {pixels.dtype} (normalised twice?)")
+        if pixels.device not in tables:
+            tables[pixels.device] = PIXEL_VALUES.to(device=pixels.device, dtype=dtype)
+        return tables[pixels.device].gather(1, pixels.reshape(3, -1).long()).view(pixels.shape)
+
+    return [[normalised(pixels) for pixels in sample] for sample in pixel_values]
 
 
 # --------------------------------------------------------------------------------------------
@@ -670,7 +714,6 @@ class SupervisedDataset(RecordDataset):
         records,
         tokenizer,
         *,
-        transform,
         slice_config,
         llm_type,
         patch_size,
@@ -685,7 +728,6 @@ class SupervisedDataset(RecordDataset):
             raise ValueError(f"llm_type must be one of {LLM_TYPES}, got {llm_type!r}")
         super().__init__(records, max_length=max_length, image_root=image_root, data_path=data_path)
         self.tokenizer = tokenizer
-        self.transform = transform
         self.slice_config = (
             None
             if slice_config is None
@@ -864,12 +906,29 @@ class SupervisedDataset(RecordDataset):
         return spans
 
     def _image_tensors(self, images):
-        tensors = [self.transform(image) for image in images]
-        if not self.batch_vision:
-            return tensors, torch.zeros((0, 2), dtype=torch.int32)
+        """The views' uint8 pixels (model_pixels normalises them) and their patch grids.
+
+        A sample's tensors are views of one buffer: a DataLoader worker hands them to the training
+        process as one shared-memory block, not one per view (measured: benchmarks/pipeline.py).
+        """
+        arrays = [np.asarray(image) for image in images]  # [H, W, 3], read-only views of PIL's bytes
         p = self.patch_size
-        sizes = [[t.shape[1] // p, t.shape[2] // p] for t in tensors]
-        return [reshape_by_patch(t, p) for t in tensors], torch.tensor(sizes, dtype=torch.int32).reshape(-1, 2)
+        if self.batch_vision:
+            layouts = [reshape_by_patch(a, p) for a in arrays]
+            shapes = [(3, p, -1)] * len(arrays)
+            sizes = torch.tensor([[a.shape[0] // p, a.shape[1] // p] for a in arrays], dtype=torch.int32)
+        else:
+            layouts = [a.transpose(2, 0, 1) for a in arrays]  # [3, H, W]
+            shapes = [layout.shape for layout in layouts]
+            sizes = torch.zeros((0, 2), dtype=torch.int32)
+        buffer = torch.empty(sum(layout.size for layout in layouts), dtype=torch.uint8)
+        tensors, start = [], 0
+        for layout, shape in zip(layouts, shapes):
+            tensor = buffer[start : start + layout.size]
+            np.copyto(tensor.numpy().reshape(layout.shape), layout)
+            tensors.append(tensor.view(shape))
+            start += layout.size
+        return tensors, sizes.reshape(-1, 2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -938,7 +997,8 @@ class PreferenceDataset(SupervisedDataset):
 
 
 class DataCollator:
-    """Pads a list of samples into a batch; images, bounds and sizes stay per-sample lists.
+    """Pads a list of samples into a batch; images, bounds and sizes stay per-sample lists (images
+    as uint8: the backend's forward normalises them, see model_pixels).
 
     Samples are expected to be truncated by the dataset already (it knows where images are);
     cutting here is a last resort and refuses to cut through an image placeholder.
@@ -1099,12 +1159,6 @@ class PackedDataset(Dataset):
 # The dataset as training and inference build it from a model config
 
 
-# The vision tower's input normalisation: to tensor, then mean = std = 0.5 per channel.
-IMAGE_TRANSFORM = transforms.Compose(
-    [transforms.ToTensor(), transforms.Normalize(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))]
-)
-
-
 @dataclass(frozen=True)
 class DataSettings:
     """What the dataset needs from the model config: slicing, placeholder size, image layout."""
@@ -1145,7 +1199,6 @@ def make_dataset(records, tokenizer, settings, *, llm_type, max_length, image_ro
     return (PreferenceDataset if preference else SupervisedDataset)(
         records,
         tokenizer,
-        transform=IMAGE_TRANSFORM,
         slice_config=settings.slice_config,
         llm_type=llm_type,
         patch_size=settings.patch_size,

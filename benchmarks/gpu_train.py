@@ -166,7 +166,8 @@ def synthetic_samples(config, count, length, view_patches, seed):
                 position_ids=torch.arange(n),
                 labels=labels,
                 attention_mask=torch.ones(n, dtype=torch.bool),
-                pixel_values=[torch.randn(3, patch, view_patches * view_patches * patch, generator=generator)],
+                pixel_values=[torch.randint(0, 256, (3, patch, view_patches * view_patches * patch), dtype=torch.uint8,
+                                            generator=generator)],  # raw pixels, as the dataset gives them
                 tgt_sizes=torch.tensor([[view_patches, view_patches]], dtype=torch.int32),
                 image_bound=torch.tensor([[image_start, image_start + query_num]]),
             )

@@ -4,6 +4,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -71,11 +72,12 @@ def test_slices_tile_the_refined_image_in_row_major_order():
 
 def test_reshape_by_patch_matches_the_processor_unfold_layout():
     p = 14
-    image = torch.randn(3, 2 * p, 3 * p)
+    pixels = np.random.default_rng(0).integers(0, 256, (2 * p, 3 * p, 3), dtype=np.uint8)  # [H, W, 3]
+    image = torch.from_numpy(pixels).permute(2, 0, 1).float()  # the processor's [3, H, W]
     # The model processor's formulation: unfold, then [3, p, p, n] -> permute -> [3, p, n*p].
     unfolded = torch.nn.functional.unfold(image, (p, p), stride=(p, p))
     expected = unfolded.reshape(3, p, p, -1).permute(0, 1, 3, 2).reshape(3, p, -1)
-    got = dataset.reshape_by_patch(image, p)
+    got = torch.from_numpy(dataset.reshape_by_patch(pixels, p).reshape(3, p, -1)).float()
     assert got.shape == (3, p, 6 * p)
     assert torch.equal(got, expected)
     # Patch k (raster order) occupies columns k*p..(k+1)*p: patch 4 is row 1, column 1.
@@ -118,7 +120,6 @@ def write_image(path, size, color=(200, 30, 30), mode="RGB"):
 
 def make_dataset(records, tokenizer, llm_type, root, **overrides):
     kwargs = dict(
-        transform=dataset.IMAGE_TRANSFORM,
         slice_config=SLICE_CONFIG,
         llm_type=llm_type,
         patch_size=14,
@@ -584,12 +585,13 @@ def test_validate_record_is_usable_alone():
         dataset.validate_record({"id": "x", "conversations": []}, 5)
 
 
-def test_unexpected_failure_is_wrapped_naming_the_record(tokenizers, tmp_path):
-    def broken_transform(image):
+def test_unexpected_failure_is_wrapped_naming_the_record(tokenizers, tmp_path, monkeypatch):
+    def broken_layout(pixels, patch_size):
         raise RuntimeError("boom")
 
+    monkeypatch.setattr(dataset, "reshape_by_patch", broken_layout)
     write_image(tmp_path / "cat.png", (28, 28))
-    data = make_dataset([two_turn_record()], tokenizers["llama3"], "llama3", tmp_path, transform=broken_transform)
+    data = make_dataset([two_turn_record()], tokenizers["llama3"], "llama3", tmp_path)
     with pytest.raises(DataError, match=r"record 0 \(id 'r0'\) of .*data.json: RuntimeError: boom") as info:
         data[0]
     assert isinstance(info.value.__cause__, RuntimeError)
@@ -706,8 +708,9 @@ def test_built_batch_feeds_the_tiny_model_forward(family, checkpoints, tmp_path)
         assert ((bounds[:, 1] - bounds[:, 0]) == config.query_num).all()
         assert len(bounds) == len(sample["pixel_values"])
     batch = dataset.DataCollator(max_length=2048, pad_token_id=0)(samples)
+    pixels = dataset.model_pixels(batch["pixel_values"], torch.float32)
     with torch.no_grad():
-        logits = model(data=batch).logits
+        logits = model(data=dict(batch, pixel_values=pixels)).logits
     assert logits.shape == (*batch["input_ids"].shape, config.vocab_size)
     loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), batch["labels"].view(-1))
     assert torch.isfinite(loss)
@@ -722,3 +725,58 @@ def test_multi_image_pieces_join_like_chat():
     placed = dataset.place_images(conversations, {"<image_00>": "[A]", "<image_01>": "[B]"})
     assert placed[0]["content"] == "[A]\n[B]\nWhat changed?"
     assert placed[1] == conversations[1]
+
+
+def processor_layout(image, patch_size):
+    """``[3, H, W]`` -> ``[3, patch, n * patch]`` as the model's processor writes it (unfold + permute)."""
+    unfolded = torch.nn.functional.unfold(image[None], (patch_size, patch_size), stride=(patch_size, patch_size))
+    return unfolded.reshape(3, patch_size, patch_size, -1).permute(0, 1, 3, 2).reshape(3, patch_size, -1)
+
+
+@pytest.mark.parametrize(
+    "family, dtype",
+    [("minicpmv2_6", torch.float32), ("minicpmv2_6", torch.bfloat16), ("minicpmv2_0", torch.float32)],
+)
+def test_vision_tower_sees_the_torchvision_pixels(family, dtype, checkpoints, tmp_path):
+    """The dataset hands on uint8 pixels; what reaches the vision tower through the backend's forward
+    equals, bit for bit, what it gets from the float pixels of torchvision's ToTensor + Normalize(0.5, 0.5)
+    on the same views (the dataset's output before), each cast by the model to its dtype: in float32
+    the same floats, in bfloat16 those floats rounded once to bfloat16. model_pixels alone gives the
+    torchvision floats in float32 and their bfloat16 cast in bfloat16."""
+    from torchvision import transforms
+
+    import loading
+    from backends import RemoteCodeBackend
+
+    path = checkpoints(family)
+    config = loading.load_config(str(path))
+    model = loading.load_model(str(path), config, dtype=dtype).eval()
+    pixels = np.random.default_rng(0).integers(0, 256, (120, 250, 3), dtype=np.uint8)  # every 8-bit value
+    Image.fromarray(pixels, "RGB").save(tmp_path / "noise.png")
+    llm_type = FAMILY_LLM_TYPE[family]
+    data = dataset.make_dataset(
+        [two_turn_record("noise.png")], loading.load_tokenizer(str(path)), dataset.data_settings(config, 9),
+        llm_type=llm_type, max_length=2048, image_root=tmp_path,
+    )
+    batch = dataset.DataCollator(2048)([data[0]])
+    assert {p.dtype for p in batch["pixel_values"][0]} == {torch.uint8}
+
+    to_float = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+    source, rows = slice_image(Image.open(tmp_path / "noise.png"), **data.slice_config)
+    views = [to_float(view) for view in [source] + [s for row in rows for s in row]]
+    assert len(views) > 1  # sliced
+    if data.batch_vision:
+        views = [processor_layout(view, config.patch_size) for view in views]
+    got = dataset.model_pixels(batch["pixel_values"], dtype)[0]
+    assert [p.dtype for p in got] == [dtype] * len(views)
+    assert all(torch.equal(g, v.to(dtype)) for g, v in zip(got, views, strict=True))
+
+    seen = []
+    model.vpm.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        RemoteCodeBackend(llm_type).forward(model, batch)
+        new = list(seen)
+        seen.clear()
+        model(data=dict(batch, pixel_values=[views]), use_cache=False)  # the float pixels, as before
+    assert len(new) == len(seen) > 0
+    assert all(a.dtype == dtype and torch.equal(a, b) for a, b in zip(new, seen))

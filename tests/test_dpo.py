@@ -20,7 +20,7 @@ import finetune
 import loading
 import preflight
 import resilience
-from dataset import DataCollator, PreferenceCollator
+from dataset import DataCollator, PreferenceCollator, model_pixels
 from launch import (
     FAST_ARGS, LORA_ARGS, REPO, finetune_args, run, run_script, subprocess_env, torchrun_finetune, train_losses, trainer_state,
 )
@@ -89,7 +89,8 @@ def full_logits_logps(model, dataset):
         for i in range(len(dataset)):
             for key, row in dataset[i].items():
                 batch = collate([row])
-                logits = model(data=batch, use_cache=False).logits
+                pixels = model_pixels(batch["pixel_values"], torch.float32)
+                logits = model(data=dict(batch, pixel_values=pixels), use_cache=False).logits
                 logps[key].append(-token_loss(logits, batch["labels"], num_items=1).item())
     return torch.tensor(logps["chosen"]), torch.tensor(logps["rejected"])
 

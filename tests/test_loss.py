@@ -12,6 +12,7 @@ import loading
 import lora
 import loss
 from backends import RemoteCodeBackend
+from dataset import model_pixels
 from launch import dataset_as_trained
 from tiny_models.build import LLM_TYPE
 from trainer import CPMTrainer
@@ -28,8 +29,13 @@ def make_trainer(model, tmp_path, *argv):
     return CPMTrainer(model=model, args=args)
 
 
+def model_batch(batch):
+    """The collated batch as the model takes it (the trainer's backend normalises its uint8 pixels)."""
+    return dict(batch, pixel_values=model_pixels(batch["pixel_values"], torch.float32))
+
+
 def full_loss(model, batch):
-    return loss.token_loss(model(data=batch, use_cache=False).logits, batch["labels"])
+    return loss.token_loss(model(data=model_batch(batch), use_cache=False).logits, batch["labels"])
 
 
 def loss_and_grads(compute, model, batch):
@@ -70,7 +76,7 @@ def test_same_loss_and_gradients_for_every_family(tiny_checkpoint, shapes, tmp_p
     assert_same_loss_and_grads(trainer, model, batch)
     # The head is back in place and the model still returns full logits outside the loss.
     assert model.llm.get_output_embeddings() is model.llm.lm_head and isinstance(model.llm.lm_head, torch.nn.Linear)
-    assert model(data=batch, use_cache=False).logits.shape[-1] == model.llm.config.vocab_size
+    assert model(data=model_batch(batch), use_cache=False).logits.shape[-1] == model.llm.config.vocab_size
 
 
 def test_lora_with_gradient_checkpointing(tiny_checkpoint, shapes, tmp_path, small_chunks):

@@ -7,7 +7,7 @@ from transformers import AutoModel
 import arguments
 import backends
 import preflight
-from dataset import IGNORE_INDEX, PackedDataset, pack_lengths, pack_samples
+from dataset import IGNORE_INDEX, PackedDataset, model_pixels, pack_lengths, pack_samples
 from launch import dataset_as_trained
 from trainer import CPMTrainer
 
@@ -58,16 +58,21 @@ def test_a_packed_row_has_the_logits_and_loss_of_its_samples_unpacked(tiny_check
     assert [len(s["pixel_values"]) > 0 for s in samples] == [True, False, True]
     packed = collator([pack_samples(samples)])
     model = model_of(family)
+
+    def logits_of(batch):  # the model called directly takes normalised pixels (the trainer's backend makes them)
+        return model(data=dict(batch, pixel_values=model_pixels(batch["pixel_values"], torch.float32)),
+                     use_cache=False).logits[0]
+
     _, _, args, _ = arguments.parse_args(["--output_dir", str(tmp_path), "--use_cpu", "true", "--report_to", "none"])
     trainer = CPMTrainer(model=model, args=args)
     for attention in backends.PACKING_ATTENTION:
         model.llm.set_attn_implementation(attention)
         assert backends.packing_attention_problem(model.llm) is None
         with torch.no_grad():
-            logits = model(data=packed, use_cache=False).logits[0]
+            logits = logits_of(packed)
             start = 0
             for sample in samples:
-                alone = model(data=collator([sample]), use_cache=False).logits[0]
+                alone = logits_of(collator([sample]))
                 end = start + len(alone)
                 torch.testing.assert_close(logits[start:end], alone, rtol=0, atol=1e-5)
                 start = end
@@ -76,7 +81,7 @@ def test_a_packed_row_has_the_logits_and_loss_of_its_samples_unpacked(tiny_check
             torch.testing.assert_close(trainer.compute_loss(model, packed), unpacked, rtol=1e-5, atol=0)
             # Position ids running on across the row would let the later samples see the earlier ones.
             running = {**packed, "position_ids": torch.arange(packed["input_ids"].shape[1])[None]}
-            assert (model(data=running, use_cache=False).logits[0, start - 1] - alone[-1]).abs().max() > 1e-3
+            assert (logits_of(running)[start - 1] - alone[-1]).abs().max() > 1e-3
     model.llm.config._attn_implementation = "flash_attention_2"  # finds packed samples only in a batch of one row
     try:
         assert "uses 'flash_attention_2'" in backends.packing_attention_problem(model.llm)

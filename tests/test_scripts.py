@@ -14,7 +14,7 @@ import demo_data
 import infer
 import loading
 from backends import RemoteCodeBackend
-from dataset import DataCollator, data_settings, make_dataset
+from dataset import DataCollator, data_settings, make_dataset, model_pixels
 from launch import LORA_ARGS, REPO, finetune_args, run, run_finetune, subprocess_env
 
 
@@ -40,8 +40,10 @@ def samples(model_dir, data, indices):
         json.loads(data.read_text()), tokenizer, data_settings(config, max_slice_nums=2),
         llm_type="qwen", max_length=512, image_root=data.parent,
     )
-    batch = DataCollator(512)([dataset[i] for i in indices]) if indices else None
-    return batch, dataset
+    if not indices:
+        return None, dataset
+    batch = DataCollator(512)([dataset[i] for i in indices])
+    return dict(batch, pixel_values=model_pixels(batch["pixel_values"], torch.float32)), dataset  # as the model takes it
 
 
 def test_demo_data_passes_the_pipeline(tiny_checkpoint, demo_set):
