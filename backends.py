@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import transformers
 from peft import PeftModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import loading
 from dataset import IGNORE_INDEX, LLM_TYPES, DataCollator, data_settings, make_dataset, model_pixels
@@ -91,6 +92,11 @@ def backend_for(config, llm_type=None):
     return NativeBackend() if expected == NATIVE_LLM_TYPE else RemoteCodeBackend(expected)
 
 
+def unwrap_peft(model):
+    """The model under a peft wrapper (the caller unwraps DDP / DeepSpeed)."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
 def load_for_inference(model_path, adapter=None, dtype=torch.float32, device="cpu", llm_type=None):
     """``(model, processing, config, backend)``: the model (with the adapter applied, if any) in eval
     mode on ``device``, its tokenizer or processor, its config and backend (``llm_type`` as in
@@ -106,10 +112,43 @@ def load_for_inference(model_path, adapter=None, dtype=torch.float32, device="cp
     return model.to(device).eval(), processing, config, backend
 
 
+# The model's pixel inputs and their patch grids: images, then video frames (NaViT-packed, as the
+# collator lays them out).
+PIXEL_INPUTS = (("pixel_values", "target_sizes", "image"), ("pixel_values_videos", "target_sizes_videos", "video"))
+
+
+def _encode_vision(model, args, kwargs):
+    """A forward pre-hook of a native model: its keyword arguments with the images and video frames
+    encoded in one call of the vision tower and merger, handed over as ``mm_encoder_outputs``.
+    Without either, a dummy image is encoded and handed over as zero image features (its
+    features cut to none: they reach the loss with a zero gradient)."""
+    inner = model.model
+    tower_dtype = inner.vision_tower.dtype
+    kwargs = dict(kwargs)
+    present = [(kind, kwargs.pop(pixels)[:1], kwargs[sizes]) for pixels, sizes, kind in PIXEL_INPUTS if pixels in kwargs]
+    if present:
+        # The model's own path, once for both: each image, slice or frame is encoded on its own
+        # (the tower's attention, the window merger and the merger work per target size).
+        pixels = torch.cat([unit_pixels.to(tower_dtype) for _, unit_pixels, _ in present], dim=-1)
+        sizes = torch.cat([unit_sizes for _, _, unit_sizes in present])
+    else:
+        side = 4  # patches a side: the window merger and the merger each halve it
+        patch = inner.config.vision_config.patch_size
+        device = kwargs["input_ids"].device
+        pixels = torch.zeros(1, 3, patch, patch * side * side, dtype=tower_dtype, device=device)
+        sizes = torch.tensor([[side, side]], device=device)
+        present = [("image", None, None)]
+    features = torch.cat(inner.get_image_features(pixels, sizes).pooler_output)
+    # Images first, then the video: split where the images' placeholders end.
+    image_count = int((kwargs["input_ids"] == inner.config.image_token_id).sum()) if present[0][0] == "image" else 0
+    parts = {"image": features[:image_count], "video": features[image_count:]}
+    kwargs["mm_encoder_outputs"] = {kind: BaseModelOutputWithPooling(pooler_output=[parts[kind]]) for kind, _, _ in present}
+    return args, kwargs
+
+
 class RemoteCodeBackend:
     """Checkpoints with their own model code (see the module docstring)."""
 
-    zero3_problem = None
     takes_video = False
     lora_targets = REMOTE_CODE_LORA_TARGETS
     # Kept out of 4-bit quantization with --q_lora: all but the LLM's layers.
@@ -157,6 +196,10 @@ class RemoteCodeBackend:
 
     def default_modules_to_save(self, tune_vision):
         return ["embed_tokens", "resampler"] + (["vpm"] if tune_vision else [])
+
+    def prepare_zero3(self, model):
+        """Nothing beyond what every model gets before the ZeRO-3 engine hooks it
+        (trainer.register_zero3_external_parameters)."""
 
     def forward(self, model, batch, base=None):
         """The model's output for a batch of this backend's collator. ``model`` may be wrapped (peft,
@@ -207,15 +250,6 @@ class RemoteCodeBackend:
 class NativeBackend:
     """Checkpoints whose classes ship in transformers (see the module docstring)."""
 
-    # Measured on the tiny checkpoints (2 CPU processes): the merger runs its MLPs once per image
-    # or slice, so ZeRO-3 gathers parameters a different number of times on each process
-    # (a collective mismatch); made a leaf module, the recorded module order still differed
-    # between processes from the second step on. Until that is solved, refused at start-up.
-    zero3_problem = (
-        "DeepSpeed ZeRO-3 is not supported for the native MiniCPM-V models (4.6, 4.7, MiniCPM-OCR) yet: "
-        "their merger runs once per image or slice, so the processes' parameter gathering diverges; "
-        "use ZeRO-2 (DS_CONFIG=ds_config_zero2.json with finetune_ds.sh, or --deepspeed ds_config_zero2.json)"
-    )
     packing_problem = (
         "--packing is not supported for the native MiniCPM-V models (4.6, 4.7, MiniCPM-OCR): the linear-attention "
         "(Gated DeltaNet) layers of their Qwen3.5 language model carry their state along the whole row, and "
@@ -271,33 +305,44 @@ class NativeBackend:
         # peft matches these as name suffixes: "merger" alone would catch the vision tower's vit_merger.
         return ["embed_tokens", "model.merger"] + (["vision_tower"] if tune_vision else [])
 
+    def prepare_zero3(self, model):
+        """Make the vision modules' ZeRO-3 gathering the same on every process, before the engine
+        hooks the model.
+
+        ZeRO-3 gathers parameters module call by module call; every process must call the same
+        modules in the same order (each gather is a collective, and DeepSpeed checks the order it
+        recorded across processes). The merger calls its MLPs once per image or slice, so it
+        becomes a leaf module: gathered whole, once per call. A leaf's gradients are reduced by a
+        backward hook that torch runs only for a module returning a tensor or a tuple of tensors,
+        and ZeRO-3 gathers a module again in the backward pass once per tensor it returned: its
+        per-image features are handed on as one tensor in a tuple (the model concatenates them
+        anyway). ``forward`` calls the vision modules exactly once per batch, whatever it holds.
+        """
+        from deepspeed.utils import set_z3_leaf_module
+
+        merger = model.model.merger
+        set_z3_leaf_module(merger, True)
+        # Registered before the engine's hooks, so those see the tuple.
+        merger.register_forward_hook(lambda module, args, features: (torch.cat(features),))
+
     def forward(self, model, batch, base=None):
         """The model's output for a batch of this backend's collator (labels left out: the trainer
         computes the loss). ``model`` may be wrapped (peft, DDP, DeepSpeed); ``base`` is the model
-        under the wrappers (default: ``model``).
+        under the wrappers (default: ``model`` without its peft wrapper).
 
-        A batch without images or video still runs the vision tower and merger, on a dummy image,
-        right after the token embeddings (zero added to them), as the remote-code models do: every
-        process must run the same modules in the same order (ZeRO-3 gathers parameters module by
-        module) and give every trainable parameter a gradient (DeepSpeed and DDP reduce gradients
-        bucket by bucket), whatever its share of the batch holds.
+        The vision tower and merger run exactly once per batch, at the start of the model's
+        forward, on the images and the video frames together (the model itself would run them once
+        for each), or on a dummy image, whose features reach the loss with a zero gradient, when the
+        batch has neither: every process calls the same modules in the same order, as ZeRO-3
+        needs (see prepare_zero3), and every trainable parameter gets a gradient on every
+        process, as DeepSpeed and DDP need (they reduce gradients bucket by bucket).
         """
         # The model takes neither the labels nor the records' names (the loss guard's).
         inputs = {key: value for key, value in batch.items() if key not in ("labels", "records")}
-        if "pixel_values" in batch or "pixel_values_videos" in batch:
-            return model(**inputs, use_cache=False)
-        base = model if base is None else base
-
-        def add_dummy_vision(module, args, embeddings):
-            inner = base.model
-            side = 4  # patches a side: the window merger and the merger each halve it
-            patch = inner.config.vision_config.patch_size
-            pixels = torch.zeros(1, 3, patch, patch * side * side, dtype=inner.vision_tower.dtype, device=embeddings.device)
-            sizes = torch.tensor([[side, side]], device=embeddings.device)
-            features = inner.get_image_features(pixels, sizes).pooler_output
-            return embeddings + 0.0 * sum(feature.sum() for feature in features).to(embeddings.dtype)
-
-        hook = base.get_input_embeddings().register_forward_hook(add_dummy_vision)
+        base = unwrap_peft(model) if base is None else base
+        # Inside the forward (after DeepSpeed's own hooks on the model, registered earlier), so the
+        # vision calls belong to this forward's ZeRO-3 step and run under the engine's autocast.
+        hook = base.register_forward_pre_hook(_encode_vision, with_kwargs=True)
         try:
             return model(**inputs, use_cache=False)
         finally:

@@ -18,7 +18,6 @@ import sys
 
 import torch
 import transformers
-from transformers.integrations import is_deepspeed_zero3_enabled
 
 import backends
 import distributed
@@ -165,8 +164,6 @@ def train(model_args, data_args, training_args, lora_args):
     logger.info("Checkpoint %s: %s, llm_type %s", model_args.model_name_or_path, type(backend).__name__, backend.llm_type)
     if training_args.stage == "dpo" and unsupported_reason(config):
         raise UsageError(f"--stage dpo: {unsupported_reason(config)}")
-    if backend.zero3_problem and is_deepspeed_zero3_enabled():
-        raise UsageError(backend.zero3_problem)
     if training_args.packing and backend.packing_problem:
         raise UsageError(backend.packing_problem)
     if not backend.takes_video and (data_args.max_num_frames is not None or data_args.stack_frames is not None):

@@ -30,6 +30,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.modeling_outputs import CausalLMOutput
 
 import backends
+from backends import unwrap_peft
 import resilience
 from dataset import record_lengths
 from loss import full_logits_reason, labelled_count, loss_on_labelled, token_loss
@@ -56,9 +57,17 @@ def register_zero3_external_parameters(model):
     return registered
 
 
-def unwrap_peft(model):
-    """The model under a peft wrapper (the caller unwraps DDP / DeepSpeed)."""
-    return model.get_base_model() if isinstance(model, PeftModel) else model
+def drop_unused_weight_conversions(model):
+    """Make a ZeRO-3 save write the model's own parameter names.
+
+    transformers (5.24) loading under ZeRO-3 keeps every weight renaming it knows for the model
+    as the ones applied (its other loading path keeps only those that matched a checkpoint
+    name), and saving reverts them: a native model's folder came out with
+    ``model.language_model.model.language_model.*`` keys, which it cannot load. Kept: those used.
+    """
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [conversion for conversion in conversions if conversion.was_used()]
 
 
 class CPMTrainer(transformers.Trainer):
@@ -73,6 +82,8 @@ class CPMTrainer(transformers.Trainer):
         if is_deepspeed_zero3_enabled():
             count = register_zero3_external_parameters(self.model)
             logger.info("ZeRO-3: registered %d attention output parameters for gathering", count)
+            drop_unused_weight_conversions(unwrap_peft(self.model))
+            backend.prepare_zero3(unwrap_peft(self.model))
         self.full_logits_reason = full_logits_reason(backend.loss_module(unwrap_peft(self.model)))
         if self.full_logits_reason:
             logger.warning("Loss from full logits over every position: %s", self.full_logits_reason)
