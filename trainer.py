@@ -67,7 +67,10 @@ def drop_unused_weight_conversions(model):
     """
     conversions = getattr(model, "_weight_conversions", None)
     if conversions:
-        model._weight_conversions = [conversion for conversion in conversions if conversion.was_used()]
+        # Older transformers (5.3) record no use: their conversions stay as they are.
+        model._weight_conversions = [
+            conversion for conversion in conversions if not hasattr(conversion, "was_used") or conversion.was_used()
+        ]
 
 
 class CPMTrainer(transformers.Trainer):
