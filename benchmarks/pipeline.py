@@ -17,7 +17,8 @@ grids must be equal. Then, with one torch thread and old and new interleaved (th
 shared), it times ``__getitem__`` + the collator (batches of 4) in the main process, as samples per
 CPU second (per core), median of the repeats; and through a torch DataLoader with 0, 1 and 2 workers:
 samples per second of wall time and CPU seconds per sample of the process and its workers together
-(``os.times``, children included once the workers are joined). The main process only receives the
+(``os.times``, children included once the workers are joined), and, from runs of P and 2P passes,
+what each further sample costs apart from starting the workers (a cost per epoch). The main process only receives the
 batches (no device copy). Last, the cost of normalising a batch on the CPU (``model_pixels``): work
 that, without a GPU, moves from the loader to the training process.
 """
@@ -167,13 +168,23 @@ def main():
 
         print(f"\nDataLoader, batches of {BATCH}, {args.passes} passes over the {IMAGES}, median of {args.repeats}:")
         loader = {(workers, name): [] for workers in args.workers for name in pipelines}
+        longer = {key: [] for key in loader}
         for _ in range(args.repeats):
             for workers, name in loader:  # interleaved
                 loader[workers, name].append(through_loader(pipelines[name], collator, workers, args.passes))
+                longer[workers, name].append(through_loader(pipelines[name], collator, workers, 2 * args.passes))
         for (workers, name), values in loader.items():
             speed, cost, main = (statistics.median(v[n] for v in values) for n in range(3))
+            # Starting the workers is a cost per epoch, not per sample: the slope between the runs of
+            # P and 2P passes is what each further sample costs, the rest is the start-up.
+            samples = len(pipelines[name]) * args.passes
+            marginal = statistics.median(
+                (2 * long[1] - short[1]) for short, long in zip(values, longer[workers, name])
+            )
+            startup = (cost - marginal) * samples
             print(f"  {workers} workers, {name:>5}: {speed:6.1f} samples/s, {1000 * cost:6.1f} CPU ms/sample "
-                  f"({1000 * main:.1f} of them in the main process)")
+                  f"({1000 * main:.1f} of them in the main process); each further sample {1000 * marginal:5.1f} "
+                  f"CPU ms, start-up {startup:.2f} CPU s")
 
         batch = collator([pipelines["uint8"][i] for i in range(BATCH)])
         times = []
