@@ -147,6 +147,33 @@ def test_lora_launcher_trains_a_native_model_then_infer_and_merge(tiny_checkpoin
     assert vision and all(torch.equal(base[key], after[key]) for key in vision)
 
 
+@pytest.mark.launch
+@pytest.mark.parametrize("family", [family for family in NATIVE_FAMILIES if family != "minicpmv4_6"])
+def test_lora_launcher_trains_the_other_native_models(tiny_checkpoint, native_set, tmp_path, family):
+    """finetune_lora.sh (2 CPU processes, ZeRO-2) on 4.7 and MiniCPM-OCR (4.6 above): the loss falls,
+    the adapter reproduces the reported eval loss and holds nothing of the frozen weights."""
+    model, (train, evaluate), out = tiny_checkpoint(family), native_set, tmp_path / "lora"
+    steps = "12"
+    run_script(
+        "finetune_lora.sh",
+        ["--max_steps", steps, "--learning_rate", "5e-3", "--eval_steps", steps, "--save_steps", steps,
+         "--warmup_steps", "0"],
+        GPUS_PER_NODE=2, MODEL=model, DATA=train, EVAL_DATA=evaluate, OUTPUT_DIR=out,
+    )
+    assert_falls(train_losses(out))
+    [(_, reported)] = eval_losses(out)
+    reloaded = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(model), out)
+    dataset, collator = dataset_as_trained(model, evaluate)
+    assert eval_loss(reloaded, dataset, collator) == pytest.approx(reported, rel=1e-4)
+    # The launcher tunes the vision tower too: it is saved whole, beside the merger and embeddings;
+    # of the language model only the LoRA weights.
+    kept = json.loads((out / "adapter_config.json").read_text())["modules_to_save"]
+    assert kept == ["embed_tokens", "model.merger", "vision_tower"]
+    saved = load_state_dict(out)
+    assert any("lora_" in key for key in saved)
+    assert all("lora_" in key or any(f".{name}." in key for name in kept) for key in saved)
+
+
 # The training order of the ZeRO-3 test: with the sequential sampler, process 0 trains the first of
 # each pair, process 1 the second. Each step the two differ in how many images they hold, and the
 # video is on one of them only: ZeRO-3 needs both to gather the same modules in the same order.
@@ -154,7 +181,7 @@ ZERO3_PAIRS = [("two-shapes", "clip"), ("shape-00", "text-only"), ("clip", "shap
 
 
 @pytest.mark.launch
-@pytest.mark.parametrize(("family", "tune_vision"), [("minicpmv4_7", False), ("minicpm_ocr", True)])
+@pytest.mark.parametrize(("family", "tune_vision"), [("minicpmv4_6", False), ("minicpmv4_7", False), ("minicpm_ocr", True)])
 def test_full_finetune_of_a_native_model(tiny_checkpoint, native_set, tmp_path, family, tune_vision):
     """finetune_ds.sh (2 CPU processes, full, ZeRO-3) with processes whose batches differ in image
     count and video (ZERO3_PAIRS): the loss falls; the folder loads with the Auto classes and
