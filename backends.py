@@ -26,8 +26,7 @@ from native_data import NativeCollator, NativeDataset
 
 logger = logging.getLogger(__name__)
 
-# model_type of the checkpoints whose code ships in transformers.
-NATIVE_MODEL_TYPES = ("minicpmv4_6", "minicpmv4_7", "minicpm_ocr")
+NATIVE_MODEL_TYPES = loading.NATIVE_MODEL_TYPES
 # Their llm_type: the chat template is the checkpoint's own (its processor's), not one of LLM_TYPES.
 NATIVE_LLM_TYPE = "native"
 ALL_LLM_TYPES = LLM_TYPES + (NATIVE_LLM_TYPE,)

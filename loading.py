@@ -18,8 +18,10 @@ import shutil
 from pathlib import Path
 
 import transformers
+from packaging.version import Version
 
 import remote_code_repairs
+from usage import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -27,11 +29,31 @@ logger = logging.getLogger(__name__)
 # vision alone. Other families' __init__ raises TypeError on these keywords.
 OMNI_INIT_KWARGS = {"init_vision": True, "init_audio": False, "init_tts": False}
 
+# model_type of the checkpoints whose code ships in transformers (MiniCPM-V 4.6, 4.7, MiniCPM-OCR).
+NATIVE_MODEL_TYPES = ("minicpmv4_6", "minicpmv4_7", "minicpm_ocr")
+# The lowest transformers the native models train on here: the first release with all three
+# (4.6 came in 5.8, 4.7 in 5.18, OCR in 5.21) and with the model argument backends.py hands the
+# vision features through (mm_encoder_outputs, from 5.18). The native tests pass on it.
+NATIVE_TRANSFORMERS_FLOOR = "5.21.0"
+
 
 def load_config(name_or_path, cache_dir=None):
+    check_transformers_for(name_or_path, cache_dir)
     # The config's remote code imports the model's (2.6: SigLIP's config lives in the vision file).
     remote_code_repairs.repair_removed_names(name_or_path, cache_dir)
     return transformers.AutoConfig.from_pretrained(name_or_path, trust_remote_code=True, cache_dir=cache_dir)
+
+
+def check_transformers_for(name_or_path, cache_dir=None):
+    """UsageError if the installed transformers is too old for a native checkpoint: it would not
+    know its model_type, or lack what training it needs, and fail later less clearly."""
+    config, _ = transformers.PretrainedConfig.get_config_dict(name_or_path, cache_dir=cache_dir)
+    model_type = config.get("model_type")
+    if model_type in NATIVE_MODEL_TYPES and Version(transformers.__version__) < Version(NATIVE_TRANSFORMERS_FLOOR):
+        raise UsageError(
+            f"{name_or_path} is a {model_type} checkpoint, which needs transformers {NATIVE_TRANSFORMERS_FLOOR} "
+            f"or newer (installed: {transformers.__version__}): pip install -r requirements.txt"
+        )
 
 
 def load_tokenizer(name_or_path, cache_dir=None):

@@ -11,13 +11,27 @@ import transformers
 from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+import loading
 from backends import NATIVE_LORA_TARGETS
+from usage import UsageError
 from tiny_models.build import NATIVE_CLASSES, NATIVE_FAMILIES, NATIVE_MEDIA_TOKENS, build_checkpoint
 
 
 def random_image(width, height, seed=0):
     pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
     return Image.fromarray(pixels)
+
+
+def test_a_transformers_older_than_the_native_floor_is_a_usage_error(tiny_checkpoint, monkeypatch):
+    native, remote = tiny_checkpoint("minicpm_ocr"), tiny_checkpoint("minicpmv2_6")
+    monkeypatch.setattr(loading.transformers, "__version__", "5.20.0")
+    floor = re.escape(loading.NATIVE_TRANSFORMERS_FLOOR)
+    with pytest.raises(UsageError, match=rf"minicpm_ocr checkpoint, which needs transformers {floor} or newer \(installed: 5\.20\.0\)"):
+        loading.load_config(native)
+    # Remote-code checkpoints keep the whole supported range.
+    assert loading.load_config(remote).version == 2.6
+    monkeypatch.setattr(loading.transformers, "__version__", loading.NATIVE_TRANSFORMERS_FLOOR)
+    assert loading.load_config(native).model_type == "minicpm_ocr"
 
 
 @pytest.mark.parametrize("family", NATIVE_FAMILIES)
