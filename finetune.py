@@ -223,7 +223,7 @@ def main(argv=None):
         )
         transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
         trainer = train(model_args, data_args, training_args, lora_args)
-    except UsageError as e:
+    except (UsageError, loading.TransformersTooOld) as e:
         print(f"finetune.py: error: {e}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     except (resilience.Preempted, resilience.NonFiniteLoss, preflight.PreflightFailed):

@@ -92,7 +92,7 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     try:
         loaded = backends.load_for_inference(args.model, args.adapter, dtype, args.device, args.llm_type)
-    except ValueError as e:  # --llm_type contradicting the checkpoint
+    except ValueError as e:  # --llm_type contradicting the checkpoint, or a transformers too old for it
         parser.error(str(e))
     answerer = Answerer(*loaded, max_slice_nums=args.max_slice_nums)
     try:

@@ -21,7 +21,6 @@ import transformers
 from packaging.version import Version
 
 import remote_code_repairs
-from usage import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +43,17 @@ def load_config(name_or_path, cache_dir=None):
     return transformers.AutoConfig.from_pretrained(name_or_path, trust_remote_code=True, cache_dir=cache_dir)
 
 
+class TransformersTooOld(ValueError):
+    """The installed transformers cannot run this checkpoint (the scripts report it as a usage error)."""
+
+
 def check_transformers_for(name_or_path, cache_dir=None):
-    """UsageError if the installed transformers is too old for a native checkpoint: it would not
-    know its model_type, or lack what training it needs, and fail later less clearly."""
+    """TransformersTooOld if the installed transformers is too old for a native checkpoint: it would
+    not know its model_type, or lack what training it needs, and fail later less clearly."""
     config, _ = transformers.PretrainedConfig.get_config_dict(name_or_path, cache_dir=cache_dir)
     model_type = config.get("model_type")
     if model_type in NATIVE_MODEL_TYPES and Version(transformers.__version__) < Version(NATIVE_TRANSFORMERS_FLOOR):
-        raise UsageError(
+        raise TransformersTooOld(
             f"{name_or_path} is a {model_type} checkpoint, which needs transformers {NATIVE_TRANSFORMERS_FLOOR} "
             f"or newer (installed: {transformers.__version__}): pip install -r requirements.txt"
         )

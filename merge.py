@@ -42,7 +42,10 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    print(merge(args.model, args.adapter, args.out, getattr(torch, args.dtype)))
+    try:
+        print(merge(args.model, args.adapter, args.out, getattr(torch, args.dtype)))
+    except loading.TransformersTooOld as e:
+        parser.error(str(e))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ the Auto classes with their processor, train and generate."""
 
 import hashlib
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,9 +12,11 @@ import transformers
 from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+import finetune
 import loading
+import merge
 from backends import NATIVE_LORA_TARGETS
-from usage import UsageError
+from launch import finetune_args
 from tiny_models.build import NATIVE_CLASSES, NATIVE_FAMILIES, NATIVE_MEDIA_TOKENS, build_checkpoint
 
 
@@ -22,16 +25,30 @@ def random_image(width, height, seed=0):
     return Image.fromarray(pixels)
 
 
-def test_a_transformers_older_than_the_native_floor_is_a_usage_error(tiny_checkpoint, monkeypatch):
+def test_a_transformers_older_than_the_native_floor_is_a_usage_error(tiny_checkpoint, shapes, tmp_path, capsys,
+                                                                     monkeypatch):
     native, remote = tiny_checkpoint("minicpm_ocr"), tiny_checkpoint("minicpmv2_6")
     monkeypatch.setattr(loading.transformers, "__version__", "5.20.0")
     floor = re.escape(loading.NATIVE_TRANSFORMERS_FLOOR)
-    with pytest.raises(UsageError, match=rf"minicpm_ocr checkpoint, which needs transformers {floor} or newer \(installed: 5\.20\.0\)"):
+    with pytest.raises(loading.TransformersTooOld, match=rf"minicpm_ocr checkpoint, which needs transformers {floor} or newer \(installed: 5\.20\.0\)"):
         loading.load_config(native)
+    # finetune.py and merge.py (infer.py as merge.py) say so in one line, exit 2, no traceback.
+    with pytest.raises(SystemExit) as stop:
+        finetune.main([str(a) for a in finetune_args(native, shapes, tmp_path / "out", "--report_to", "none")])
+    assert stop.value.code == finetune.EXIT_USAGE
+    assert "finetune.py: error: " in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        merge.main(["--model", str(native), "--adapter", str(native), "--out", str(tmp_path / "merged")])
+    assert stop.value.code == 2 and "which needs transformers" in capsys.readouterr().err
     # Remote-code checkpoints keep the whole supported range.
     assert loading.load_config(remote).version == 2.6
     monkeypatch.setattr(loading.transformers, "__version__", loading.NATIVE_TRANSFORMERS_FLOOR)
     assert loading.load_config(native).model_type == "minicpm_ocr"
+
+
+def test_requirements_state_the_native_floor():
+    requirements = (Path(__file__).parent.parent / "requirements.txt").read_text()
+    assert f"native-models transformers>={loading.NATIVE_TRANSFORMERS_FLOOR}\n" in requirements
 
 
 @pytest.mark.parametrize("family", NATIVE_FAMILIES)
