@@ -605,6 +605,13 @@ def _get_usable_length(cache, new_seq_length, layer_idx=0):
 
 
 def _get_max_length(cache):
+    # Installed only where transformers lacks the name (before 5.22); from 5.22 the native method
+    # answers -1, not None, for a dynamic cache. That difference does not decide whether the
+    # published MiniCPM-V 2.0 LLM generates: its prepare_inputs_for_generation (MiniCPM-2B, the
+    # transformers 4.36 Llama one) reads get_max_length only when handed a Cache, and from 5.3 to
+    # 5.23 generate hands it an empty DynamicCache at the first step, where it already drops the
+    # inputs_embeds for the empty input_ids; from 5.24 the cache arrives as `cache=`, so it never
+    # sees one and feeds the prompt embeddings again at every step. Neither is repaired here.
     return _cache_limit(cache, 0)
 
 
