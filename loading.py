@@ -110,6 +110,7 @@ def load_model(name_or_path, config, *, dtype, cache_dir=None, device_map=None, 
         )
     if reference is not None:
         remote_code_repairs.restore_non_persistent_buffers(model, reference)
+    remote_code_repairs.repair_generation_inputs(model)
     return model
 
 

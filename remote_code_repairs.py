@@ -1,7 +1,7 @@
 """Narrow repairs for MiniCPM-V remote code written for transformers 4.4x and older torch.
 
 The published `openbmb/MiniCPM-V-2_6` code (and its siblings) breaks on current versions in
-four ways; each repair below first detects its defect and does nothing when it is absent:
+five ways; each repair below first detects its defect and does nothing when it is absent:
 
 1. A module uses a `typing` name (`List`) that it never imports: it relied on
    `from torch.nn.functional import *`, which no longer exports it. Detected by reading the
@@ -25,6 +25,11 @@ four ways; each repair below first detects its defect and does nothing when it i
    had it) where the name is missing, and only there. A missing name without a stand-in raises
    `UnsupportedTransformersError`, naming the checkpoint's family, the name and the supported
    transformers range.
+5. A class's `prepare_inputs_for_generation` is written for transformers 4.36's generate
+   (MiniCPM-V 2.0's LLM): it takes any cache it is given as the running one, and later generate
+   passes an empty one at the first step (5.3 to 5.23) or none at all (`cache=` from 5.24).
+   Detected by its signature (`past_key_values`, none of `LATER_GENERATION_PARAMETERS`); repaired
+   by wrapping it so that it is called as 4.36's generate called it.
 
 Every repair is logged at WARNING level, naming what was repaired; a model without defects
 loads untouched and nothing is logged.
@@ -44,6 +49,7 @@ import copy
 import functools
 import importlib
 import importlib.util
+import inspect
 import json
 import logging
 import sys
@@ -54,6 +60,7 @@ from pathlib import Path
 import torch
 import transformers
 from transformers import dynamic_module_utils
+from transformers.cache_utils import Cache
 from transformers.modeling_utils import local_torch_dtype
 from transformers.utils.hub import cached_file
 
@@ -330,6 +337,85 @@ def restore_non_persistent_buffers(model, reference):
     return restored
 
 
+# ---- defect 5: generation inputs prepared for transformers 4.36's generate ----------------------
+
+# Parameters of prepare_inputs_for_generation that transformers added after 4.36 (cache_position in
+# 4.38; cache, next_sequence_length, is_first_iteration in 5.x). A remote override that takes
+# past_key_values and names none of them was written for 4.36's generate, which passed no cache at
+# the first step and the running cache as past_key_values after it.
+LATER_GENERATION_PARAMETERS = ("cache", "cache_position", "next_sequence_length", "is_first_iteration")
+_LEGACY_PREPARE_MARK = "__prepares_as_in_4_36__"
+
+
+def prepares_inputs_as_in_4_36(function):
+    """Whether `function` (a prepare_inputs_for_generation) is written for transformers 4.36's generate."""
+    parameters = inspect.signature(function).parameters
+    return "past_key_values" in parameters and not set(LATER_GENERATION_PARAMETERS) & set(parameters)
+
+
+def _as_in_4_36(prepare):
+    """`prepare` (a legacy prepare_inputs_for_generation) called as 4.36's generate called it."""
+
+    @functools.wraps(prepare)
+    def prepare_inputs_for_generation(self, input_ids, **kwargs):
+        # This transformers holds an (initially empty) cache from the first step on and, from 5.24,
+        # passes it as `cache`; the legacy code takes any cache it is given as holding the prompt.
+        cache = kwargs.pop("cache", None)
+        cache = kwargs.pop("past_key_values", None) if cache is None else cache
+        running = None if isinstance(cache, Cache) and cache.get_seq_length() == 0 else cache
+        if kwargs.get("attention_mask") is None:
+            # 4.36's generate always passed a mask (all ones over the prompt's embeddings or ids and the
+            # tokens generated since, when none was given); it is how the legacy code tells the new
+            # tokens from the cached ones. Later ones drop an all-ones mask.
+            embeds = kwargs.get("inputs_embeds")
+            length = input_ids.shape[1] + (0 if embeds is None else embeds.shape[1])
+            kwargs["attention_mask"] = torch.ones(input_ids.shape[0], length, dtype=torch.long, device=input_ids.device)
+        if isinstance(running, Cache):
+            # It reads get_max_length() as None for a cache without a limit; from 5.22 transformers'
+            # answers -1 there (and relies on that elsewhere), so only this call sees None.
+            running.get_max_length = functools.partial(_cache_limit, running, 0)
+        try:
+            inputs = dict(prepare(self, input_ids, past_key_values=running, **kwargs))
+        finally:
+            if isinstance(running, Cache):
+                del running.get_max_length
+        # generate may keep position_ids for the whole sequence (5.x), which the legacy code passes
+        # on unsliced: keep those of the inputs sent.
+        sent = inputs.get("inputs_embeds") if inputs.get("inputs_embeds") is not None else inputs.get("input_ids")
+        if inputs.get("position_ids") is not None and sent is not None:
+            inputs["position_ids"] = inputs["position_ids"][..., -sent.shape[1]:]
+        inputs.pop("past_key_values", None)
+        if cache is not None:  # the forward fills generate's own cache, under the name it takes
+            forward_parameters = inspect.signature(self.forward).parameters
+            inputs["past_key_values" if "past_key_values" in forward_parameters else "cache"] = cache
+        return inputs
+
+    setattr(prepare_inputs_for_generation, _LEGACY_PREPARE_MARK, True)
+    return prepare_inputs_for_generation
+
+
+def repair_generation_inputs(model):
+    """Wrap the prepare_inputs_for_generation of every class in `model` (itself and its submodules,
+    such as MiniCPM-V 2.0's LLM) that is written for transformers 4.36's generate (defect 5), so that
+    it sees the cache as it did then. Returns the names of the classes wrapped now."""
+    wrapped = []
+    for cls in {type(module) for module in model.modules()}:
+        prepare = getattr(cls, "prepare_inputs_for_generation", None)
+        if (prepare is None or (prepare.__module__ or "").partition(".")[0] == "transformers"  # its own fit it
+                or getattr(prepare, _LEGACY_PREPARE_MARK, False) or not prepares_inputs_as_in_4_36(prepare)):
+            continue
+        cls.prepare_inputs_for_generation = _as_in_4_36(prepare)
+        logger.warning(
+            "Remote code %s.%s.prepare_inputs_for_generation takes past_key_values and none of %s (written for "
+            "transformers 4.36's generate): it now gets the cache as past_key_values, None while the cache is "
+            "empty, an all-ones attention mask where none is given, and its inputs go on to forward with the "
+            "cache and position ids this generate expects.",
+            cls.__module__, cls.__qualname__, ", ".join(LATER_GENERATION_PARAMETERS),
+        )
+        wrapped.append(cls.__name__)
+    return sorted(wrapped)
+
+
 # ---- saved folders: the published classes with the repairs built in ---------------------------
 
 
@@ -346,12 +432,13 @@ def repaired_config_class(published, module_name):
 
 
 def repaired_model_class(published, config_class, module_name):
-    """`published` (a model class) with defects 2 and 3 repaired where present, defined in
+    """`published` (a model class) with defects 2, 3 and 5 repaired where present, defined in
     `module_name` (so that saving the model names it in `auto_map`).
 
     Defect 2: `__init__` is followed by `post_init()` when the published `__init__` skipped it.
     Defect 3: `from_pretrained` compares every non-persistent buffer with a reference
     construction and restores the ones that differ, as `loading.load_model` does.
+    Defect 5: every construction wraps a legacy prepare_inputs_for_generation of its classes.
     """
     logged = []
 
@@ -367,6 +454,7 @@ def repaired_model_class(published, config_class, module_name):
                         published.__name__,
                     )
                 self.post_init()
+            repair_generation_inputs(self)
 
         @classmethod
         def from_pretrained(cls, *args, **kwargs):
@@ -605,6 +693,14 @@ def _get_usable_length(cache, new_seq_length, layer_idx=0):
 
 
 def _get_max_length(cache):
+    # Installed only where transformers lacks the name (before 5.22); from 5.22 the native method
+    # answers -1, not None, for a dynamic cache. That difference does not decide whether the
+    # published MiniCPM-V 2.0 LLM generates: its prepare_inputs_for_generation (MiniCPM-2B, the
+    # transformers 4.36 Llama one) reads get_max_length only when handed a Cache, and from 5.3 to
+    # 5.23 generate hands it an empty DynamicCache at the first step, where it already drops the
+    # inputs_embeds for the empty input_ids; from 5.24 the cache arrives as `cache=`, so it never
+    # sees one and feeds the prompt embeddings again at every step. Both are defect 5, repaired by
+    # repair_generation_inputs, which also gives that call None in place of the -1.
     return _cache_limit(cache, 0)
 
 

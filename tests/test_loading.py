@@ -17,7 +17,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModel
 
+import backends
 import demo_data
+import infer
 import loading
 import remote_code_repairs
 from launch import LORA_ARGS, dataset_as_trained, eval_loss, eval_losses, finetune_args, run_finetune, train_losses
@@ -205,3 +207,39 @@ def test_lora_run_on_defective_model_trains_and_reloads(defective_checkpoint, tm
     reloaded = PeftModel.from_pretrained(load(model_dir), out)
     dataset, collator = dataset_as_trained(model_dir, eval_file)
     assert eval_loss(reloaded, dataset, collator) == pytest.approx(reported, rel=1e-4)
+
+
+def greedy_without_cache(model, inputs, steps, terminators):
+    """Greedy tokens, each the argmax of a forward pass over the whole sequence so far (no cache)."""
+    tokens = []
+    with torch.no_grad():
+        embeds, _ = model.get_vllm_embedding(dict(inputs))
+        for _ in range(steps):
+            token = model.llm(inputs_embeds=embeds).logits[:, -1].argmax(-1)
+            tokens.append(int(token))
+            if tokens[-1] in terminators:
+                break
+            embeds = torch.cat([embeds, model.llm.get_input_embeddings()(token)[:, None]], dim=1)
+    return tokens
+
+
+def test_minicpmv2_0_generates_as_greedy_decoding_without_a_cache(tiny_checkpoint, tmp_path):
+    """The 2.0 LLM's prepare_inputs_for_generation is written for transformers 4.36's generate (defect
+    5): through the loader and through a saved folder, generation matches a cacheless greedy decode."""
+    steps = 6
+    data = demo_data.generate(tmp_path / "data", count=2)
+    folder = shutil.copytree(tiny_checkpoint("minicpmv2_0"), tmp_path / "saved")
+    loading.write_repaired_classes(folder)
+    model, tokenizer, config, backend = backends.load_for_inference(tiny_checkpoint("minicpmv2_0"))
+    assert remote_code_repairs.prepares_inputs_as_in_4_36(type(model.llm).__dict__["prepare_inputs_for_generation"])
+    record = json.loads(data.read_text())[0]
+    dataset = backend.make_dataset([infer.first_exchange(record)], tokenizer, config, max_length=4096,
+                                   image_root=data.parent, max_slice_nums=1)
+    inputs = backend.prompt_inputs(dataset[0], model.device)
+    terminators = [tokenizer.convert_tokens_to_ids(token) for token in model.terminators]
+    expected = greedy_without_cache(model, inputs, steps, terminators)
+    assert len(expected) == steps and not set(expected) & set(terminators)  # every step after the first uses the cache
+    assert backend.generate(model, tokenizer, inputs, steps) == tokenizer.decode(expected).strip()
+    saved = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    assert type(saved.llm) is not type(model.llm)  # the folder's own copy of the class, wrapped by its repairs
+    assert saved.generate(**inputs, tokenizer=tokenizer, max_new_tokens=steps)[0].tolist() == expected

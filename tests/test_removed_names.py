@@ -216,12 +216,13 @@ logging.getLogger(remote_code_repairs.__name__).setLevel(logging.INFO)
 result = {"missing": [name for (module, name) in remote_code_repairs.STAND_INS
                       if not remote_code_repairs.resolves(module, name)]}
 for name, folder in json.loads(sys.argv[1]):
+    before = len(records)
     config = loading.load_config(folder)
     loading.load_tokenizer(folder)
     loading.load_model(folder, config, dtype=torch.float32)
     mask_module = sys.modules.get("transformers.modeling_attn_mask_utils")
     result[name] = {
-        "messages": len(records),
+        "messages": records[before:],
         "stand_in_mask_module": mask_module is not None and getattr(mask_module, "__file__", None) is None,
         "fx_available": remote_code_repairs.resolves("transformers.utils.import_utils", "is_torch_fx_available"),
         "legacy_cache": remote_code_repairs.resolves("transformers.cache_utils", "DynamicCache.from_legacy_cache"),
@@ -243,22 +244,31 @@ V2_0_NAMES = ("AttentionMaskConverter", "_prepare_4d_attention_mask", "_prepare_
               "_prepare_4d_causal_attention_mask_for_sdpa", "is_torch_fx_available")
 
 
+# What the log says when a legacy prepare_inputs_for_generation is wrapped (defect 5).
+GENERATION_REPAIR = "prepare_inputs_for_generation takes past_key_values and none of"
+
+
 @pytest.mark.launch
 def test_twins_load_unpatched_and_each_repair_is_logged_once(fixture_checkpoint, tiny_checkpoint):
-    twins = [(family, tiny_checkpoint(tiny)) for family, (_, tiny) in sorted(FIXTURE_CASES.items())]
-    fixtures = [("fixture 2.0", fixture_checkpoint("2.0")), ("fixture 2.0 again", fixture_checkpoint("2.0")),
-                ("fixture o-2.6", fixture_checkpoint("o-2.6"))]
+    # The tiny 2.0's LLM has the published one's prepare_inputs_for_generation: it is not defect-free.
+    twins = [(family, tiny_checkpoint(tiny)) for family, (_, tiny) in sorted(FIXTURE_CASES.items()) if family != "2.0"]
+    fixtures = [("twin 2.0", tiny_checkpoint("minicpmv2_0")), ("fixture 2.0", fixture_checkpoint("2.0")),
+                ("fixture 2.0 again", fixture_checkpoint("2.0")), ("fixture o-2.6", fixture_checkpoint("o-2.6"))]
     result = probe(twins + fixtures)
     missing, messages = result["missing"], result["messages"]
     assert "is_torch_fx_available" in missing  # gone in every supported release
     for family, _ in twins:  # nothing touched while only defect-free code loads
-        assert result[family] == {"messages": 0, "stand_in_mask_module": False, "fx_available": False,
+        assert result[family] == {"messages": [], "stand_in_mask_module": False, "fx_available": False,
                                   "legacy_cache": False}
+    twin_2_0 = result["twin 2.0"]["messages"]
+    assert sum(GENERATION_REPAIR in message for message in twin_2_0) == 1
+    assert len(twin_2_0) == 1 + ("Cache.seen_tokens" in missing)
     missing_2_0 = [name for name in V2_0_NAMES if name in missing]
-    assert result["fixture 2.0"]["messages"] == len(missing_2_0)
+    # The fixture's folder holds its own copy of the LLM class, wrapped (and logged) in turn.
+    assert len(result["fixture 2.0"]["messages"]) == len(missing_2_0) + 1
     assert result["fixture 2.0"]["fx_available"]
     assert result["fixture 2.0"]["stand_in_mask_module"] == ("AttentionMaskConverter" in missing)
-    assert result["fixture 2.0 again"]["messages"] == len(missing_2_0)  # nothing logged twice
+    assert result["fixture 2.0 again"]["messages"] == []  # nothing logged twice
     assert result["fixture o-2.6"]["legacy_cache"]
     assert len(messages) == len(set(messages))
     for name in [*missing_2_0, "LogitsWarper", "WHISPER_ATTENTION_CLASSES", "DynamicCache.from_legacy_cache",

@@ -122,7 +122,7 @@ def test_family_loads_offline_with_the_contract_config(tiny_checkpoint, family):
     assert set(config.auto_map) >= {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
     assert getattr(config, "version", None) == published_config_fields(family).get("version")
     assert config.patch_size == 14 and config.vocab_size == len(tokenizer)
-    llm_class = "Qwen2ForCausalLM" if LLM_TYPE[family] == "qwen" else "LlamaForCausalLM"
+    llm_class = {"qwen": "Qwen2ForCausalLM", "minicpm": "MiniCPMForCausalLM"}.get(LLM_TYPE[family], "LlamaForCausalLM")
     assert type(model.llm).__name__ == llm_class
     assert "llm.model.layers.1.self_attn.q_proj.weight" in model.state_dict()
     if family == "minicpmv2_0":

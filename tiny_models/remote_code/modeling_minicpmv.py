@@ -40,9 +40,11 @@ class MiniCPMVPreTrainedModel(PreTrainedModel):
 
 
 class MiniCPMV(MiniCPMVPreTrainedModel):
+    llm_classes = LLM_CLASSES  # llm_model_type -> (config class, model class)
+
     def __init__(self, config):
         super().__init__(config)
-        llm_config_class, llm_class = LLM_CLASSES[config.llm_model_type]
+        llm_config_class, llm_class = self.llm_classes[config.llm_model_type]
         self.llm = llm_class(llm_config_class(**config.llm_config_kwargs()))
         self.embed_dim = config.hidden_size
         self.vpm = SiglipVisionTransformer(config.vision_config)
