@@ -88,7 +88,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", default="minicpmv2_6", choices=ALL_FAMILIES, help="the tiny model to fine-tune")
     parser.add_argument("--out", type=Path, default=HERE / "demo_out", help="working folder (replaced)")
-    parser.add_argument("--steps", type=int, default=900, help="training steps")
+    parser.add_argument("--steps", type=int, default=600, help="training steps")
     parser.add_argument("--processes", type=int, default=2, help="torchrun processes")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model, the data and the training run")
     args = parser.parse_args(argv)
