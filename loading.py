@@ -19,6 +19,7 @@ from pathlib import Path
 
 import transformers
 from packaging.version import Version
+from transformers import dynamic_module_utils
 
 import remote_code_repairs
 
@@ -183,6 +184,14 @@ def write_repaired_classes(folder):
             raise ValueError(f"{config_path}: auto_map {auto_class} -> {target}, but {module_name}.py is not in {folder}")
         classes.setdefault(target, auto_class)
     lines = []
+    published_modules = {target.rpartition(".")[0] for target in classes}
+    # transformers 5.3 copies only the direct relative imports of repaired_classes.py into its module
+    # cache, not theirs (a 2.6 folder then missed resampler.py): import every module they need here.
+    needed = set()
+    for module_name in published_modules:
+        needed.update(Path(f).stem for f in dynamic_module_utils.get_relative_import_files(str(folder / f"{module_name}.py")))
+    for module_name in sorted(needed - published_modules - {"remote_code_repairs"}):
+        lines.append(f"from .{module_name} import __name__ as _{module_name}_module  # noqa: E402,F401\n")
     for target in classes:
         module_name, _, class_name = target.rpartition(".")
         lines.append(f"from .{module_name} import {class_name} as _Published{class_name}  # noqa: E402\n")
