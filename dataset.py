@@ -386,8 +386,8 @@ def validate_record(
             if message["role"] != "user" and MULTI_IMAGE_TAG.search(message["content"]):
                 fail(
                     "image_in_assistant",
-                    f"{MULTI_IMAGE_TAG.search(message['content']).group()} sits in message {n}, a {message['role']} "
-                    "message; put it in a user message",
+                    f"{MULTI_IMAGE_TAG.search(message['content']).group()} sits in message {n}, "
+                    f"{'an' if message['role'] == 'assistant' else 'a'} {message['role']} message; put it in a user message",
                 )
     elif used:
         fail("unknown_image_tag", f"{used[0]} appears but the record has no image dict; " + LITERAL_TAG_HINT)

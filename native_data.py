@@ -75,7 +75,8 @@ def validate_video(record, index, *, data_path=None):
         fail("video_tag_count", "<video> appears more than once, but a record has at most one video")
     if tagged and record["conversations"][tagged[0]]["role"] != "user":
         role = record["conversations"][tagged[0]]["role"]
-        fail("video_in_assistant", f"<video> sits in message {tagged[0]}, a {role} message; put it in a user message")
+        article = "an" if role == "assistant" else "a"
+        fail("video_in_assistant", f"<video> sits in message {tagged[0]}, {article} {role} message; put it in a user message")
 
 
 def record_messages(conversations, *, image_untagged, video_untagged):
