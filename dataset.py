@@ -483,26 +483,26 @@ def check_mode(image):
     ``convert_to_rgb``, which goes through ``convert("RGBA")`` for transparency), and PIL clips values
     of the wide modes (16- and 32-bit integers, floats) to 0..255 and truncates fractions. So a wide
     image converts faithfully only when every value is a whole number in 0..255; a typical 16-bit
-    picture (0..65535) would turn white where it is brighter than 255/65535. A mode PIL cannot
-    convert at all (LAB) would fail in the processor.
+    picture (0..65535) would turn white where it is brighter than 255/65535. Every 8-bit mode a file
+    can hold (palette, CMYK, LAB, ...) PIL converts.
     """
     if image.mode in WIDE_MODES:
         values = np.asarray(image)
-        faithful = (values >= 0) & (values <= 255) & (values == np.floor(values))  # NaN is unfaithful too
-        if not faithful.all():
-            finite = values[np.isfinite(values)]
-            seen = f"from {finite.min()} to {finite.max()}" if finite.size else "none finite"
+        finite = values[np.isfinite(values)]
+        flaws = []
+        if finite.size and (finite.min() < 0 or finite.max() > 255):
+            flaws.append(f"values from {finite.min()} to {finite.max()}")
+        if (finite != np.floor(finite)).any():
+            flaws.append("fractions")
+        if finite.size < values.size:
+            flaws.append("NaN or infinite values")
+        if flaws:
             raise ImageProblem(
                 "image_mode",
-                f"a {image.mode} image (values {seen}{', with fractions or NaN' if values.dtype.kind == 'f' else ''}): "
-                "the model's processor converts it to 8 bits by clipping to 0..255, which is not this picture; "
-                "save it as an 8-bit image, scaled as you mean it (e.g. 16-bit values divided by 257)",
+                f"a {image.mode} image with {' and '.join(flaws)}: the model's processor converts it to 8 bits "
+                "by clipping to 0..255 (and cutting fractions), which is not this picture; save it as an 8-bit "
+                "image, scaled as you mean it (e.g. 16-bit values divided by 257)",
             )
-    elif image.mode != "RGB":
-        try:
-            image.crop((0, 0, 1, 1)).convert("RGB")  # one pixel: does PIL convert this mode at all?
-        except ValueError as e:
-            raise ImageProblem("image_mode", f"PIL cannot convert a {image.mode} image to RGB ({e}); save it as RGB") from e
 
 
 def open_rgb(path, max_pixels=MAX_IMAGE_PIXELS):

@@ -63,8 +63,8 @@ REASONS = {
     "not_an_image": "an image file is not an image PIL can read",
     "truncated_image": "an image file is truncated or corrupt",
     "image_too_large": "an image has more pixels than the decompression-bomb limit",
-    "image_mode": "an image the model's processor cannot convert to 8-bit RGB faithfully (16-bit or float "
-    "values outside whole 0..255, or a mode PIL cannot convert)",
+    "image_mode": "a 16-bit, 32-bit or float image whose values are not whole numbers in 0..255: the model's "
+    "processor would clip them to 8 bits",
     "video_unsupported": "the record has a video, which the model (remote code) cannot take",
     "bad_video_field": "'video' is not a path",
     "video_tag_count": "<video> appears more than once",

@@ -193,14 +193,14 @@ def test_image_modes_convert_as_the_remote_code_processor_converts_them(tmp_path
 
 
 @pytest.mark.parametrize("values, seen", [
-    (np.full((4, 4), 65535, np.uint16), "values from 65535 to 65535"),  # 16-bit white: clipping keeps no detail
-    (np.full((4, 4), 300.0, np.float32), "values from 300.0 to 300.0"),
-    (np.full((4, 4), 0.5, np.float32), "with fractions"),  # a 0..1 float image: PIL would truncate it to black
-    (np.full((4, 4), np.nan, np.float32), "none finite"),
+    (np.arange(16, dtype=np.uint16).reshape(4, 4) * 4000, "I;16 image with values from 0 to 60000"),
+    (np.full((4, 4), 300.0, np.float32), "F image with values from 300.0 to 300.0:"),
+    (np.full((4, 4), 0.5, np.float32), "F image with fractions:"),  # a 0..1 float image: PIL would truncate it to black
+    (np.array([[np.nan, 2.0]], np.float32), "F image with NaN or infinite values:"),
 ])
 def test_wide_images_that_8_bits_cannot_hold_are_refused(values, seen, tmp_path):
     Image.fromarray(values).save(tmp_path / "wide.tif")
-    with pytest.raises(dataset.ImageProblem, match=f"{seen}.*clipping to 0..255") as caught:
+    with pytest.raises(dataset.ImageProblem, match=f"a {seen}.*clipping to 0..255") as caught:
         dataset.open_image(tmp_path / "wide.tif")
     assert caught.value.code == "image_mode"
 
