@@ -227,6 +227,8 @@ FOREIGN_RECORD_KEYS = {
     "{\"<image_00>\": path, \"<image_01>\": path} with those tags in the text",
     "messages": "OpenAI layout: the messages go in 'conversations', each {\"role\", \"content\"} with text "
     "content, images as <image> tags in it and their paths in 'image'",
+    "question": "an RLAIF-V-style row: the question goes in 'conversations' as the user message, with an "
+    "<image> tag (README, Preference records)",
     "chosen": "a preference record: train it with --stage dpo",
     "rejected": "a preference record: train it with --stage dpo",
 }

@@ -354,6 +354,8 @@ RECORD_CASES = {
                            r"message 0 has key\(s\) that are not read: 'image' \(an image attached to a message"),
     "sharegpt": ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}, True,
                  "unknown_key", r"'from' \(ShareGPT/LLaVA layout: .*\"role\": \"user\".*\"from\": \"human\""),
+    "rlaif-v row": ({"question": "What?", "chosen": "a", "rejected": "b"}, True, "unknown_key",
+                    r"'question' \(an RLAIF-V-style row: .*'chosen' \(a preference record: train it with --stage dpo\)"),
     "openai messages": ({"messages": conv()}, True, "unknown_key", r"'messages' \(OpenAI layout: the messages go in 'conversations'"),
     "openai parts": ({"conversations": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}, conv()[1]]}, True,
                      "bad_content", r"a list as 'content' \(OpenAI layout\)"),
