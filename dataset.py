@@ -16,6 +16,7 @@ which the tokenizer splits on before anything else, so the ids equal those of th
 """
 
 import bisect
+import difflib
 import errno
 import json
 import logging
@@ -119,6 +120,33 @@ def read_text(path):
         ) from e
 
 
+class DuplicateKeys(dict):
+    """A JSON object that held a key more than once (``json.loads`` would keep the last silently);
+    ``duplicate_keys`` names them. Only such objects get this type: a plain record stays a dict."""
+
+    duplicate_keys = ()
+
+
+def json_object(pairs):
+    """``object_pairs_hook`` of parse_json: the object as a dict, a DuplicateKeys if a key repeats."""
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    obj = DuplicateKeys(pairs)
+    seen = set()
+    obj.duplicate_keys = tuple(sorted({key for key, _ in pairs if key in seen or seen.add(key)}))
+    return obj
+
+
+def parse_json(text):
+    """``json.loads`` of a data file or line, noting duplicate keys (json_object); nesting too deep for
+    the parser is a JSONDecodeError like any other invalid JSON, not a RecursionError."""
+    try:
+        return json.loads(text, object_pairs_hook=json_object)
+    except RecursionError as e:
+        raise json.JSONDecodeError(f"nested too deeply for the JSON parser ({e})", text, 0) from e
+
+
 def load_records(path):
     """Read a data file: ``.json`` holding a list of records, or ``.jsonl`` (one per line).
 
@@ -133,12 +161,12 @@ def load_records(path):
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                records.append(parse_json(line))
             except json.JSONDecodeError as e:
                 records.append(BadLine(line_no, e))
         return records
     try:
-        records = json.loads(text)
+        records = parse_json(text)
     except json.JSONDecodeError as e:
         raise DataError(f"not valid JSON: {e}", data_path=path, code="invalid_json") from e
     if not isinstance(records, list):
@@ -173,37 +201,145 @@ def record_failure(record, index, data_path):
     return fail
 
 
-def validate_record(record, index, *, data_path=None, reserved_tokens=(), special_tokens=()):
+# The keys a record and a message may hold. Any other key is reported (unknown_key): ignored, it
+# would leave the record training as something other than its author meant (an 'images' list
+# read as a text-only record, an image attached to a message, a top-level system prompt).
+RECORD_KEYS = ("id", "image", "video", "conversations")
+MESSAGE_KEYS = ("role", "content")
+# Chat layouts that take a system message, as the first message (where each model's chat() puts its
+# system_prompt): Llama-3's template writes any role's header, ChatML writes <|im_start|>system (2.6,
+# o-2.6, 4.x, and the native models' templates). MiniCPM-V 2.0's has none: its tokenizer's
+# apply_chat_template asserts user/assistant roles and its chat() takes no system prompt.
+SYSTEM_LLM_TYPES = ("llama3", "qwen")
+SYSTEM = "system"
+# How to write, as text, a tag that would otherwise be read as an image or video.
+LITERAL_TAG_HINT = (
+    "to write such a tag as text (e.g. a question about HTML), break it so it is not read as one, "
+    "e.g. '< image >' or '&lt;image&gt;'"
+)
+# Keys other tools write, and what they map to in our format.
+SHAREGPT_HINT = (
+    "ShareGPT/LLaVA layout: write {\"role\": \"user\", \"content\": ...} for {\"from\": \"human\", \"value\": ...} "
+    "and role \"assistant\" for \"gpt\""
+)
+FOREIGN_RECORD_KEYS = {
+    "images": "a list of images is not read: one image goes in 'image' (a path), several in 'image' as "
+    "{\"<image_00>\": path, \"<image_01>\": path} with those tags in the text",
+    "messages": "OpenAI layout: the messages go in 'conversations', each {\"role\", \"content\"} with text "
+    "content, images as <image> tags in it and their paths in 'image'",
+    "question": "an RLAIF-V-style row: the question goes in 'conversations' as the user message, with an "
+    "<image> tag (README, Preference records)",
+    "chosen": "a preference record: train it with --stage dpo",
+    "rejected": "a preference record: train it with --stage dpo",
+}
+FOREIGN_MESSAGE_KEYS = {
+    "from": SHAREGPT_HINT,
+    "value": SHAREGPT_HINT,
+    "image": "an image attached to a message is not read: put its path in the record's 'image' and an "
+    "<image> tag where it goes in the text",
+    "images": "images attached to a message are not read: put their paths in the record's 'image' as "
+    "{\"<image_00>\": path, ...} and the <image_NN> tags where they go in the text",
+}
+
+
+# What to say about a top-level 'system', by whether the chat template takes a system message.
+SYSTEM_KEY_HINTS = {
+    True: "put it first in 'conversations' as {\"role\": \"system\", \"content\": ...}",
+    False: "this model's chat template has no system message: fold it into the first user message",
+}
+
+
+def check_duplicates(obj, what, fail):
+    if isinstance(obj, DuplicateKeys):
+        fail("duplicate_key", f"{what} holds the key(s) {', '.join(map(repr, obj.duplicate_keys))} more than "
+             "once; JSON keeps only the last, so the others would be lost without a word")
+
+
+def check_keys(obj, what, known, hints, fail):
+    """Refuse ``obj`` (a record or a message) if it repeats a key or holds one that is not read; each
+    such key is named with the mapping of a known foreign layout (``hints``) or the key it resembles."""
+    check_duplicates(obj, what, fail)
+    unknown = [key for key in obj if key not in known]
+    if unknown:
+        said = []
+        for key in unknown:
+            close = difflib.get_close_matches(key.lower(), known, n=1, cutoff=0.6)
+            said.append(f"{key!r} ({hints.get(key) or (f'did you mean {close[0]!r}?' if close else 'remove it')})")
+        fail("unknown_key", f"{what} has key(s) that are not read: " + "; ".join(said))
+
+
+def utf8_error(text):
+    """Why ``text`` cannot be written as UTF-8 (a lone surrogate, from a ``\\udXXX`` escape), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"it holds a lone surrogate {text[e.start]!r} at {e.start} (an unpaired \\u escape), which UTF-8 cannot encode"
+    return None
+
+
+def validate_record(
+    record, index, *, data_path=None, reserved_tokens=(), special_tokens=(), keys=RECORD_KEYS, system=False
+):
     """Check a record's structure (no files opened); raise DataError naming it if it is unusable.
 
     ``reserved_tokens``: strings of the tokenizer's image tokens other than ``<image>``
     (``</image>``, ``<slice>``, ``<unk>``, ...); ``special_tokens``: its other special tokens
     (chat control such as ``<|im_start|>``, bos, eos). Neither may appear in message text: the
-    tokenizer would read them as structure, not as the user's words.
+    tokenizer would read them as structure, not as the user's words. ``keys``: the record keys the
+    dataset reads; ``system``: whether its chat template takes a system message (SYSTEM_LLM_TYPES).
     """
     fail = record_failure(record, index, data_path)
+    record_id = record.get("id")
+    if record_id is not None and (isinstance(record_id, bool) or not isinstance(record_id, (str, int))):
+        fail("bad_id", f"'id' must be a string or an integer, got {type(record_id).__name__}")
+    if isinstance(record_id, str) and utf8_error(record_id):
+        fail("bad_id", f"'id' cannot be written to the UTF-8 report and logs: {utf8_error(record_id)}")
+    check_keys(record, "the record", keys, {**FOREIGN_RECORD_KEYS, SYSTEM: SYSTEM_KEY_HINTS[system]}, fail)
     conversations = record.get("conversations")
     if not isinstance(conversations, list) or len(conversations) < 2:
         fail("bad_conversations", "'conversations' must be a list of at least two messages")
     for n, message in enumerate(conversations):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            fail("bad_message", f"message {n} must be an object with role 'user' or 'assistant', got {message!r:.80}")
-        if not isinstance(message.get("content"), str):
+        if not isinstance(message, dict):
+            fail("bad_message", f"message {n} must be an object with a 'role' and a 'content', got {message!r:.80}")
+        check_keys(message, f"message {n}", MESSAGE_KEYS, FOREIGN_MESSAGE_KEYS, fail)
+        if message.get("role") not in (*ROLES, SYSTEM):
+            fail("bad_message", f"message {n} must have role 'user' or 'assistant' (or 'system' first), got {message!r:.80}")
+        content = message.get("content")
+        if isinstance(content, list):
+            fail("bad_content", f"message {n} ({message['role']}) has a list as 'content' (OpenAI layout); write it "
+                 "as text, with images as <image> / <image_NN> tags and their paths in the record's 'image'")
+        if not isinstance(content, str):
             fail("bad_content", f"message {n} ({message['role']}) has no text 'content'")
-    if conversations[0]["role"] != "user":
-        fail("first_not_user", f"the first message must come from 'user', not {conversations[0]['role']!r}")
-    for n, message in enumerate(conversations):
-        if message["role"] != ROLES[n % 2]:
+        unwritable = utf8_error(content)
+        if unwritable:
+            fail("bad_content", f"message {n} ({message['role']}) cannot be tokenized: {unwritable}")
+    first = 1 if conversations[0]["role"] == SYSTEM else 0
+    if first and not system:
+        fail("system_message", "message 0 is a system message, but this model's chat template has none "
+             "(MiniCPM-V 2.0's takes user and assistant turns only); fold it into the first user message")
+    for n, message in enumerate(conversations[first:], first):
+        if message["role"] == SYSTEM:
+            fail("system_message", f"message {n} is a system message; only the first message may be one")
+    if len(conversations) - first < 2:
+        fail("bad_conversations", "'conversations' must hold at least a user and an assistant message after the system one")
+    if conversations[first]["role"] != "user":
+        fail("first_not_user", f"the first message must come from 'user', not {conversations[first]['role']!r}")
+    for n, message in enumerate(conversations[first:], first):
+        if message["role"] != ROLES[(n - first) % 2]:
             fail(
                 "roles_not_alternating",
                 f"message {n} comes from {message['role']!r} like message {n - 1}; roles must alternate "
                 "user, assistant, user, ...",
             )
+        if message["role"] == "assistant" and not message["content"].strip():
+            fail("empty_answer", f"message {n}, an assistant answer, is {'white space only' if message['content'] else 'empty'}: "
+                 "there is nothing to learn; write the answer or end the conversation before it")
 
     image = record.get("image")
     if image is not None and not isinstance(image, (str, dict)):
         fail("bad_image_field", f"'image' must be a path or a dict of <image_NN> -> path, got {type(image).__name__}")
     if isinstance(image, dict):
+        check_duplicates(image, "'image'", fail)
         if not image:
             fail("bad_image_field", "'image' is an empty dict")
         for tag, path in image.items():
@@ -228,14 +364,15 @@ def validate_record(record, index, *, data_path=None, reserved_tokens=(), specia
     singles = [n for n, m in enumerate(conversations) if SINGLE_IMAGE_TAG in m["content"]]
     if isinstance(image, str):
         if sum(m["content"].count(SINGLE_IMAGE_TAG) for m in conversations) > 1:
-            fail("image_tag_count", "<image> appears more than once, but the record has one image")
+            fail("image_tag_count", "<image> appears more than once, but the record has one image; " + LITERAL_TAG_HINT)
         if singles and conversations[singles[0]]["role"] != "user":
             fail(
                 "image_in_assistant",
-                f"<image> sits in message {singles[0]}, an assistant message; put it in a user message",
+                f"<image> sits in message {singles[0]}, {'a system' if singles[0] < first else 'an assistant'} "
+                "message; put it in a user message",
             )
     elif singles:
-        fail("unknown_image_tag", "a message contains <image> but the record has no single 'image' path")
+        fail("unknown_image_tag", "a message contains <image> but the record has no single 'image' path; " + LITERAL_TAG_HINT)
     used = [tag for m in conversations for tag in MULTI_IMAGE_TAG.findall(m["content"])]
     if isinstance(image, dict):
         unknown = sorted(set(used) - set(image))
@@ -248,14 +385,14 @@ def validate_record(record, index, *, data_path=None, reserved_tokens=(), specia
         if repeated:
             fail("repeated_image_tag", f"image {', '.join(repeated)} is referenced more than once")
         for n, message in enumerate(conversations):
-            if message["role"] == "assistant" and MULTI_IMAGE_TAG.search(message["content"]):
+            if message["role"] != "user" and MULTI_IMAGE_TAG.search(message["content"]):
                 fail(
                     "image_in_assistant",
-                    f"{MULTI_IMAGE_TAG.search(message['content']).group()} sits in message {n}, an assistant "
-                    "message; put it in a user message",
+                    f"{MULTI_IMAGE_TAG.search(message['content']).group()} sits in message {n}, "
+                    f"{'an' if message['role'] == 'assistant' else 'a'} {message['role']} message; put it in a user message",
                 )
     elif used:
-        fail("unknown_image_tag", f"{used[0]} appears but the record has no image dict")
+        fail("unknown_image_tag", f"{used[0]} appears but the record has no image dict; " + LITERAL_TAG_HINT)
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,7 +403,8 @@ def validate_record(record, index, *, data_path=None, reserved_tokens=(), specia
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
 # Errors PIL raises on a file it cannot decode (truncated streams, broken chunks).
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# Modes of more than 8 bits per value (see check_mode).
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
 class ImageProblem(Exception):
@@ -302,13 +440,13 @@ def regular_file_size(path, media="image", problem=ImageProblem):
     return info.st_size
 
 
-def open_rgb(path, max_pixels=MAX_IMAGE_PIXELS):
-    """Open, fully decode and convert an image to RGB, or raise ImageProblem saying why not.
+def open_image(path, max_pixels=MAX_IMAGE_PIXELS):
+    """Open and fully decode an image, or raise ImageProblem saying why not; its mode is kept.
 
     The whole file is decoded here (a truncated file fails now, not mid-training). EXIF
-    orientation is applied, as viewers show the picture; alpha (RGBA, LA, palette with
-    transparency) is composited onto white; 16-bit greyscale is scaled to 8 bits rather than
-    clipped; CMYK and other modes go through PIL's conversion.
+    orientation is applied, as viewers show the picture and transformers' ``load_image`` does. The
+    mode is left for the model's processor to convert (check_mode: only where that is faithful);
+    the remote-code dataset converts as that processor would (open_rgb).
     """
     size = regular_file_size(path)
     try:
@@ -333,27 +471,47 @@ def open_rgb(path, max_pixels=MAX_IMAGE_PIXELS):
             image.load()
         except DECODE_ERRORS as e:
             raise ImageProblem("truncated_image", f"the image data is truncated or corrupt: {e}") from e
-        return to_rgb(image)
+        # Turned in place: a full-size copy would cost a few percent of building a sample.
+        ImageOps.exif_transpose(image, in_place=True)
+        check_mode(image)
+        return image
 
 
-def to_rgb(image):
-    """A decoded image as RGB; see open_rgb. The image is turned in place and converted only when it
-    is not RGB already: each full-size copy would cost a few percent of building a sample."""
-    ImageOps.exif_transpose(image, in_place=True)
-    if image.mode in SIXTEEN_BIT_MODES:
-        pixels = np.asarray(image, dtype=np.int64)
-        if image.mode != "I" or pixels.max() > 255:
-            pixels = pixels >> 8
-        image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8), "L")
-    elif image.mode == "F":
-        image = Image.fromarray(np.asarray(image).clip(0, 255).astype(np.uint8), "L")
-    if image.mode == "P" and "transparency" in image.info or image.mode == "PA":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
+def check_mode(image):
+    """Raise ImageProblem (``image_mode``) unless the processors' conversion of ``image`` to 8-bit RGB
+    keeps what it shows.
+
+    Both kinds of processor convert with PIL (remote code: ``convert("RGB")``; transformers:
+    ``convert_to_rgb``, which goes through ``convert("RGBA")`` for transparency), and PIL clips values
+    of the wide modes (16- and 32-bit integers, floats) to 0..255 and truncates fractions. So a wide
+    image converts faithfully only when every value is a whole number in 0..255; a typical 16-bit
+    picture (0..65535) would turn white where it is brighter than 255/65535. Every 8-bit mode a file
+    can hold (palette, CMYK, LAB, ...) PIL converts.
+    """
+    if image.mode in WIDE_MODES:
+        values = np.asarray(image)
+        finite = values[np.isfinite(values)]
+        flaws = []
+        if finite.size and (finite.min() < 0 or finite.max() > 255):
+            flaws.append(f"values from {finite.min()} to {finite.max()}")
+        if (finite != np.floor(finite)).any():
+            flaws.append("fractions")
+        if finite.size < values.size:
+            flaws.append("NaN or infinite values")
+        if flaws:
+            raise ImageProblem(
+                "image_mode",
+                f"a {image.mode} image with {' and '.join(flaws)}: the model's processor converts it to 8 bits "
+                "by clipping to 0..255 (and cutting fractions), which is not this picture; save it as an 8-bit "
+                "image, scaled as you mean it (e.g. 16-bit values divided by 257)",
+            )
+
+
+def open_rgb(path, max_pixels=MAX_IMAGE_PIXELS):
+    """open_image, converted to RGB as the remote-code models' processor converts every image:
+    ``image.convert("RGB")`` (image_processing_minicpmv.py's preprocess). Transparency is dropped,
+    not composited: the colour under a transparent pixel is what the model sees at inference too."""
+    image = open_image(path, max_pixels)
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
@@ -498,7 +656,7 @@ def place_images(conversations, placeholders):
     """Messages with each image tag replaced by its placeholder text (a new list).
 
     One image (tag ``<image>``): its tag is replaced where it sits; without a tag, the
-    placeholder and a newline go in front of the first user message. Several images
+    placeholder and a newline go in front of the first user message (after a system message). Several images
     (``<image_NN>``): a message is split at its tags, and the pieces, trimmed of surrounding
     white space, are joined with "\\n", as the model's ``chat()`` lays out a list of images and
     texts (``"<image_00>\\n<image_01>\\nWhat?"`` -> ``"[A]\\n[B]\\nWhat?"``).
@@ -511,7 +669,8 @@ def place_images(conversations, placeholders):
                 message["content"] = message["content"].replace(SINGLE_IMAGE_TAG, placeholder)
                 break
         else:
-            messages[0]["content"] = placeholder + "\n" + messages[0]["content"]
+            first_user = next(m for m in messages if m["role"] == "user")
+            first_user["content"] = placeholder + "\n" + first_user["content"]
         return messages
     if placeholders:
         for message in messages:
@@ -639,11 +798,14 @@ class RecordDataset(Dataset):
     """What a dataset of records is, whichever model it feeds: the records, the folder their
     relative paths resolve against, the checks of validate_record, and errors naming the record.
 
-    A subclass sets ``reserved_tokens`` and ``special_tokens`` (see validate_record; the latter
-    from ``special_tokens_of``) and defines ``_build(record, index, *args)``;
+    A subclass sets ``reserved_tokens``, ``special_tokens`` and ``takes_system`` (see validate_record;
+    ``special_tokens`` from ``special_tokens_of``) and defines ``_build(record, index, *args)``;
     ``_checked_build(index, *args)`` validates and builds record ``index`` (or ``record``, one
     made from it, such as a preference pair's answer).
     """
+
+    # The record keys the dataset reads (validate_record refuses any other).
+    record_keys = RECORD_KEYS
 
     def __init__(self, records, *, max_length, image_root, data_path):
         self.records = records
@@ -666,6 +828,8 @@ class RecordDataset(Dataset):
             data_path=self.data_path,
             reserved_tokens=self.reserved_tokens,
             special_tokens=self.special_tokens,
+            keys=self.record_keys,
+            system=self.takes_system,
         )
 
     def special_tokens_of(self, tokenizer):
@@ -693,10 +857,14 @@ class RecordDataset(Dataset):
     def _full_path(self, path):
         return path if os.path.isabs(path) else os.path.join(self.image_root, path)
 
+    def _open_image(self, path):
+        """A decoded image as this dataset hands it on (remote code: RGB as its processor converts it)."""
+        return open_rgb(path)
+
     def _load_image(self, index, record, tag, path):
         full_path = self._full_path(path)
         try:
-            return open_rgb(full_path)
+            return self._open_image(full_path)
         except ImageProblem as e:
             raise self._error(
                 index, record, f"cannot load image {tag} from {full_path}: {e}", path=full_path, code=e.code
@@ -734,6 +902,7 @@ class SupervisedDataset(RecordDataset):
             else {key: slice_config[key] for key in ("max_slice_nums", "scale_resolution", "patch_size")}
         )
         self.llm_type = llm_type
+        self.takes_system = llm_type in SYSTEM_LLM_TYPES
         self.new_schema = llm_type == "qwen"
         self.patch_size = patch_size
         self.query_num = query_num
@@ -973,6 +1142,7 @@ class PreferenceDataset(SupervisedDataset):
     one set and the trainer encodes it once)."""
 
     truncates = False
+    record_keys = RECORD_KEYS + PREFERENCE_ANSWERS
 
     def __getitem__(self, index):
         return self._pair(index, pixels=True)

@@ -23,10 +23,12 @@ logger = logging.getLogger(__name__)
 
 
 def first_exchange(record):
-    """The record cut to its first user message and the answer to it (a stand-in if absent)."""
+    """The record cut to its first user message (after a leading system message, kept) and the
+    answer to it (a stand-in if absent)."""
     conversations = record["conversations"]
-    answer = conversations[1]["content"] if len(conversations) > 1 else "?"
-    return {**record, "conversations": [conversations[0], {"role": "assistant", "content": answer}]}
+    first = 1 if conversations and conversations[0].get("role") == "system" else 0
+    answer = conversations[first + 1]["content"] if len(conversations) > first + 1 else "?"
+    return {**record, "conversations": [*conversations[: first + 1], {"role": "assistant", "content": answer}]}
 
 
 class Answerer:
@@ -100,8 +102,9 @@ def main(argv=None):
     except DataError as e:
         parser.error(str(e))
     for record, answer in zip(records, answers, strict=True):
-        question = record["conversations"][0]["content"].replace("\n", " ")
-        expected = record["conversations"][1]["content"] if len(record["conversations"]) > 1 else ""
+        asked = first_exchange(record)["conversations"]
+        question = asked[-2]["content"].replace("\n", " ")
+        expected = asked[-1]["content"] if len(record["conversations"]) > len(asked) - 1 else ""
         print(f"[{record.get('id', '')}] Q: {question}")
         if expected:
             print(f"    expected:  {expected}")

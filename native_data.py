@@ -30,12 +30,14 @@ from transformers.video_utils import VideoMetadata
 
 from dataset import (
     IGNORE_INDEX,
+    LITERAL_TAG_HINT,
     MULTI_IMAGE_TAG,
     SINGLE_IMAGE_TAG,
     DataError,
     RecordDataset,
     chatml_assistant_spans,
     context_flags,
+    open_image,
     record_images,
     regular_file_size,
     wants_thinking,
@@ -68,28 +70,32 @@ def validate_video(record, index, *, data_path=None):
         fail("bad_video_field", f"'video' must be a path, got {video!r:.80}")
     tagged = [n for n, m in enumerate(record["conversations"]) if VIDEO_TAG in m["content"]]
     if video is None and tagged:
-        fail("unknown_video_tag", "a message contains <video> but the record has no 'video' path")
+        fail("unknown_video_tag", "a message contains <video> but the record has no 'video' path; " + LITERAL_TAG_HINT)
     if sum(m["content"].count(VIDEO_TAG) for m in record["conversations"]) > 1:
         fail("video_tag_count", "<video> appears more than once, but a record has at most one video")
     if tagged and record["conversations"][tagged[0]]["role"] != "user":
-        fail("video_in_assistant", f"<video> sits in message {tagged[0]}, an assistant message; put it in a user message")
+        role = record["conversations"][tagged[0]]["role"]
+        article = "an" if role == "assistant" else "a"
+        fail("video_in_assistant", f"<video> sits in message {tagged[0]}, {article} {role} message; put it in a user message")
 
 
 def record_messages(conversations, *, image_untagged, video_untagged):
     """Chat messages with content parts: text pieces verbatim, a part per media tag.
 
     A record's one image or its video without a tag goes at the front of the first user message
-    (video first), as a user passes ``[video, image, question]`` at inference.
+    (video first), as a user passes ``[video, image, question]`` at inference. A system message
+    (first, where validate_record allows it) stays text, as the chat template takes it.
     Returns ``(messages, media)``: ``media`` lists ``"<image>"`` / ``"<image_NN>"`` / ``"<video>"`` in
     the order the rendered text holds them, which is the order the processor pairs them with.
     """
     messages, media = [], []
+    first_user = next(n for n, message in enumerate(conversations) if message["role"] == "user")
     for n, message in enumerate(conversations):
-        if message["role"] == "assistant":
-            messages.append({"role": "assistant", "content": message["content"]})
+        if message["role"] != "user":
+            messages.append({"role": message["role"], "content": message["content"]})
             continue
         front = []
-        if n == 0:
+        if n == first_user:
             front = ([VIDEO_TAG] if video_untagged else []) + ([SINGLE_IMAGE_TAG] if image_untagged else [])
         pieces = front + [piece for piece in MEDIA_TAG.split(message["content"]) if piece]
         parts = []
@@ -101,6 +107,16 @@ def record_messages(conversations, *, image_untagged, video_untagged):
                 parts.append({"type": "text", "text": piece})
         messages.append({"role": "user", "content": parts})
     return messages, media
+
+
+def count_frames(path):
+    """The frames of ``path``'s first video stream, counted by decoding it: for containers that store
+    no count (Matroska, WebM). Decoded, not demuxed: a packet need not be a shown frame (VP8's hidden
+    alt-ref frames), and the count must be what decode_video can pick from."""
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        return sum(1 for _ in container.decode(stream))
 
 
 def decode_video(path, sample_indices):
@@ -116,10 +132,10 @@ def decode_video(path, sample_indices):
             if not container.streams.video:
                 raise VideoProblem("no_video_frames", "the file has no video stream")
             stream = container.streams.video[0]
+            total = stream.frames or count_frames(path)
             fps = float(stream.average_rate or 0)
-            total = stream.frames
-            if not total and stream.duration and fps:  # some containers do not count frames
-                total = int(stream.duration * stream.time_base * fps)
+            if not fps and total and container.duration:  # no frame rate stored: frames over the duration
+                fps = total / (container.duration / av.time_base)
             if not total or not fps:
                 raise VideoProblem("no_video_frames", f"no frames to sample ({total} frames at {fps} fps)")
             metadata = VideoMetadata(
@@ -171,6 +187,7 @@ class NativeDataset(RecordDataset):
         super().__init__(records, max_length=max_length, image_root=image_root, data_path=data_path)
         self.processor = processor
         self.tokenizer = processor.tokenizer
+        self.takes_system = True  # the native models' ChatML templates take a system message first
         self.images_kwargs = {} if max_slice_nums is None else {"max_slice_nums": max_slice_nums}
         self.videos_kwargs = {
             key: value
@@ -212,6 +229,11 @@ class NativeDataset(RecordDataset):
     def validate(self, record, index):
         super().validate(record, index)
         validate_video(record, index, data_path=self.data_path)
+
+    def _open_image(self, path):
+        """The decoded image in its own mode: the processor converts it (transformers' convert_to_rgb,
+        transparency composited onto white), as it does at inference."""
+        return open_image(path)
 
     def _load_video(self, index, record):
         full_path = self._full_path(record["video"])

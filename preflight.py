@@ -36,16 +36,22 @@ REASONS = {
     "invalid_json": "the data file or a line of it is not valid JSON of the expected shape",
     "no_records": "the data file holds no records",
     "not_an_object": "the record is not a JSON object",
+    "bad_id": "'id' is not a string or an integer, or holds a lone surrogate that UTF-8 cannot write",
+    "duplicate_key": "a record, message or 'image' dict holds a key twice (JSON would keep only the last)",
+    "unknown_key": "the record or a message has a key that is not read (named, with the mapping of a known "
+    "foreign layout: ShareGPT/LLaVA 'from'/'value', OpenAI 'messages', 'images')",
     "bad_conversations": "'conversations' is missing, not a list, or has fewer than two messages",
-    "bad_message": "a message is not an object with role 'user' or 'assistant'",
-    "bad_content": "a message has no text 'content'",
+    "bad_message": "a message is not an object with role 'user' or 'assistant' (or 'system' first)",
+    "bad_content": "a message has no text 'content' (or a list of parts), or text UTF-8 cannot encode",
+    "system_message": "a system message after the first message, or where the chat template has none (minicpm)",
+    "empty_answer": "an assistant message is empty or white space only: nothing to learn",
     "first_not_user": "the first message does not come from 'user'",
     "roles_not_alternating": "two messages in a row come from the same role (roles must alternate)",
     "bad_image_field": "'image' is not a path or a dict of <image_NN> -> path",
     "reserved_token": "message text contains one of the tokenizer's image tokens",
     "special_token": "message text contains a special token of the tokenizer (chat control, bos, eos)",
     "image_tag_count": "<image> appears more often than the record has images",
-    "image_in_assistant": "the <image> tag sits in an assistant message",
+    "image_in_assistant": "an image tag sits in an assistant (or system) message",
     "unknown_image_tag": "an image tag in the text has no image in the record",
     "unused_image": "an image of the record is never referenced in the text",
     "repeated_image_tag": "an <image_NN> tag is used more than once",
@@ -57,6 +63,8 @@ REASONS = {
     "not_an_image": "an image file is not an image PIL can read",
     "truncated_image": "an image file is truncated or corrupt",
     "image_too_large": "an image has more pixels than the decompression-bomb limit",
+    "image_mode": "a 16-bit, 32-bit or float image whose values are not whole numbers in 0..255: the model's "
+    "processor would clip them to 8 bits",
     "video_unsupported": "the record has a video, which the model (remote code) cannot take",
     "bad_video_field": "'video' is not a path",
     "video_tag_count": "<video> appears more than once",
@@ -74,9 +82,15 @@ REASONS = {
     "identical_answers": "a preference record's 'chosen' and 'rejected' answers are the same",
     "pair_too_long": "a preference pair does not fit model_max_length with its answer intact",
     "build_failed": "building the sample failed for another reason",
+    "check_failed": "checking the record raised an error no other reason covers (its type and message are given)",
     "invalid_record": "the record is unusable",
 }
 EXAMPLES_PER_REASON = 3
+# What checking one record can raise besides DataError: a record is arbitrary JSON, and validation,
+# image decoding, the tokenizer or the processor may fail on a value nothing foresaw (a RecursionError
+# is a RuntimeError, a UnicodeError a ValueError). Each becomes that record's problem (check_failed),
+# so one odd record never ends the check of the others with a traceback.
+RECORD_ERRORS = (ValueError, TypeError, LookupError, AttributeError, ArithmeticError, RuntimeError, OSError)
 # The other ranks wait this long for the main process's check (default collectives time out
 # after 10-30 minutes, less than a large dataset may need).
 WAIT_FOR_CHECK = datetime.timedelta(hours=12)
@@ -139,6 +153,10 @@ def check_dataset(dataset, split, *, progress=True):
         except DataError as e:
             problems.append(Problem.from_error(split, e))
             continue
+        except RECORD_ERRORS as e:
+            logger.debug("checking %s record %d failed", split, index, exc_info=True)
+            problems.append(Problem.from_error(split, unforeseen(dataset, index, e)))
+            continue
         longest = max(longest, info["tokens"])
         lengths[index] = info["length"]
         if info["truncated"]:
@@ -155,6 +173,18 @@ def check_dataset(dataset, split, *, progress=True):
         seconds=round(seconds, 3),
     )
     return problems, stats, lengths
+
+
+def unforeseen(dataset, index, error):
+    """The DataError (check_failed) naming record ``index`` of ``dataset`` for an ``error`` of RECORD_ERRORS."""
+    record = dataset.records[index]
+    return DataError(
+        f"checking it raised {type(error).__name__}: {error}",
+        index=index,
+        record_id=record.get("id") if isinstance(record, dict) else None,
+        data_path=dataset.data_path,
+        code="check_failed",
+    )
 
 
 def summary_table(problems, stats):
@@ -201,8 +231,14 @@ def write_report(path, problems, stats, action):
         problems=[asdict(p) for p in problems],
     )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1, ensure_ascii=False, default=str)
+    text = json.dumps(report, indent=1, ensure_ascii=False, default=str)
+    # Written whole, then renamed: a failure cannot leave a truncated report. A lone surrogate (an id
+    # or text with an unpaired \u escape, itself a reported problem) is written as that \u escape,
+    # which is valid JSON, instead of failing UTF-8 encoding half-way.
+    partial = f"{path}.partial"
+    with open(partial, "w", encoding="utf-8", errors="backslashreplace") as f:
+        f.write(text)
+    os.replace(partial, path)
     return report
 
 

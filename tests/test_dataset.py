@@ -780,3 +780,38 @@ def test_vision_tower_sees_the_torchvision_pixels(family, dtype, checkpoints, tm
         model(data=dict(batch, pixel_values=[views]), use_cache=False)  # the float pixels, as before
     assert len(new) == len(seen) > 0
     assert all(a.dtype == dtype and torch.equal(a, b) for a, b in zip(new, seen))
+
+
+# --------------------------------------------------------------------------------------------
+# System messages: as each family's template takes them
+
+
+SYSTEM = {"role": "system", "content": "Answer in two words."}
+
+
+@pytest.mark.parametrize("llm_type", [*dataset.LLM_TYPES, "qwen-thinking"])
+def test_system_message_as_each_template_lays_it_out(llm_type, tokenizers, tmp_path):
+    """llama3 and ChatML write a system turn (each model's chat() puts its system_prompt first); the
+    MiniCPM-V 2.0 template has none (its apply_chat_template asserts user/assistant roles)."""
+    tok = tokenizers[llm_type]
+    layout = "qwen" if llm_type == "qwen-thinking" else llm_type
+    question = {"role": "user", "content": "What is this?"}
+    record = {"id": "sys", "conversations": [SYSTEM, question, {"role": "assistant", "content": "A cat."}]}
+    data = make_dataset([record], tok, layout, tmp_path)
+    if layout not in dataset.SYSTEM_LLM_TYPES:
+        with pytest.raises(DataError) as error:
+            data[0]
+        assert error.value.code == "system_message" and "has none" in error.value.reason
+        return
+    sample = data[0]
+    learned = torch.where(sample["labels"] != -100)[0]
+    first = int(learned[0]) + 1  # labels are stored shifted by one: position i holds token i + 1
+    prompt = tok.apply_chat_template([SYSTEM, question], tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    assert SYSTEM["content"] in prompt and "You are a helpful assistant" not in prompt
+    assert sample["input_ids"][:first].tolist() == tok(prompt, add_special_tokens=False)["input_ids"]
+    assert tok.decode(sample["labels"][learned]).startswith("A cat.")  # the system text is not learned
+
+
+def test_untagged_image_goes_to_the_first_user_message_after_a_system_one():
+    messages = dataset.place_images([SYSTEM, {"role": "user", "content": "What?"}], {"<image>": "[IMG]"})
+    assert messages == [SYSTEM, {"role": "user", "content": "[IMG]\nWhat?"}]

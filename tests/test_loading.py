@@ -243,3 +243,14 @@ def test_minicpmv2_0_generates_as_greedy_decoding_without_a_cache(tiny_checkpoin
     saved = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
     assert type(saved.llm) is not type(model.llm)  # the folder's own copy of the class, wrapped by its repairs
     assert saved.generate(**inputs, tokenizer=tokenizer, max_new_tokens=steps)[0].tolist() == expected
+
+
+def test_first_exchange_keeps_a_leading_system_message():
+    """infer.py asks a record's first question; a system message before it is part of the prompt."""
+    system, user = {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}
+    record = {"id": "s", "conversations": [system, user, {"role": "assistant", "content": "Hello."}, user,
+                                           {"role": "assistant", "content": "Again."}]}
+    assert infer.first_exchange(record)["conversations"] == [system, user, {"role": "assistant", "content": "Hello."}]
+    assert infer.first_exchange({"conversations": [system, user]})["conversations"] == [
+        system, user, {"role": "assistant", "content": "?"}]
+    assert infer.first_exchange({"conversations": [user]})["conversations"] == [user, {"role": "assistant", "content": "?"}]

@@ -18,7 +18,7 @@ from transformers.video_utils import load_video
 
 import preflight
 from dataset import IGNORE_INDEX, DataError
-from native_data import NativeCollator, NativeDataset
+from native_data import NativeCollator, NativeDataset, decode_video
 from tiny_models.build import NATIVE_FAMILIES
 
 SMALL = (60, 60)  # below the tiny scale_resolution (112): one unsliced view
@@ -31,10 +31,10 @@ def write_image(path, size, seed):
     Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
 
 
-def write_clip(path, seconds=VIDEO_SECONDS, fps=VIDEO_FPS, size=(64, 48)):
-    """An mp4 whose frames brighten one step per frame."""
+def write_clip(path, seconds=VIDEO_SECONDS, fps=VIDEO_FPS, size=(64, 48), codec="mpeg4"):
+    """A clip (mp4 unless ``path`` says otherwise) whose frames brighten one step per frame."""
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
+        stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = size
         stream.pix_fmt = "yuv420p"
         for n in range(seconds * fps):
@@ -60,6 +60,9 @@ def media(tmp_path_factory):
     root = tmp_path_factory.mktemp("native_media")
     write_image(root / "small.png", SMALL, 0)
     write_image(root / "wide.png", WIDE, 1)
+    # Transparency in steps: the processor composites it onto white (not PIL's convert("RGB"), which drops it).
+    rgba = np.random.default_rng(2).integers(0, 256, (SMALL[1], SMALL[0], 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(root / "rgba.png")
     write_clip(root / "clip.mp4")
     return root
 
@@ -82,6 +85,7 @@ CASES = {
         ["wide.png", "small.png"],
     ),
     "text only": ({}, "What is a circle?", user("What is a circle?"), []),
+    "transparent image": ({"image": "rgba.png"}, "What is it?", user(IMAGE, "What is it?"), ["rgba.png"]),
     "video": ({"video": "clip.mp4"}, "What happens?", user(VIDEO, "What happens?"), []),
     "tagged video": ({"video": "clip.mp4"}, "In <video>, what happens?", user("In ", VIDEO, ", what happens?"), []),
 }
@@ -108,7 +112,7 @@ def test_prompt_equals_the_processors_generation_prompt(tiny_checkpoint, media, 
         )
         assert len(frames) == VIDEO_SECONDS  # one frame a second by default
         kwargs = dict(videos=[frames], video_metadata=[metadata], do_sample_frames=False)
-    images = [Image.open(media / name).convert("RGB") for name in image_files] or None
+    images = [Image.open(media / name) for name in image_files] or None  # as a user passes them; the processor converts
     expected = processor(text=[prompt], images=images, return_tensors="pt", **kwargs)
 
     learned = torch.where(sample["labels"] != IGNORE_INDEX)[0]
@@ -279,3 +283,40 @@ def test_processor_limits_are_passed_on(tiny_checkpoint, media):
     default = dataset(processor, [video], media)[0]
     capped = dataset(processor, [video], media, max_num_frames=2)[0]
     assert len(capped["target_sizes_videos"]) < len(default["target_sizes_videos"])
+
+
+@pytest.mark.parametrize("family", NATIVE_FAMILIES)
+def test_system_message_is_laid_out_by_the_template_and_not_learned(tiny_checkpoint, media, family):
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint(family))
+    system = {"role": "system", "content": "Answer in three words."}
+    record = {"id": "sys", "image": "small.png", "conversations": [
+        system, {"role": "user", "content": "What is it?"}, {"role": "assistant", "content": ANSWER}]}
+    sample = dataset(processor, [record], media)[0]
+    # The untagged image goes to the first user message, not the system one.
+    prompt = processor.apply_chat_template(
+        [system, user(IMAGE, "What is it?")], tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
+    assert "Answer in three words." in prompt and "You are a helpful assistant" not in prompt
+    expected = processor(text=[prompt], images=[Image.open(media / "small.png")], return_tensors="pt")
+    learned = torch.where(sample["labels"] != IGNORE_INDEX)[0]
+    assert sample["input_ids"][: int(learned[0])].tolist() == expected["input_ids"][0].tolist()
+    assert processor.tokenizer.decode(sample["input_ids"][learned]) == ANSWER + "<|im_end|>"
+
+
+@pytest.mark.parametrize("name, codec", [("clip.mkv", "mpeg4"), ("clip.webm", "libvpx"), ("clip9.webm", "libvpx-vp9")])
+def test_containers_without_a_frame_count_are_sampled_like_mp4(tiny_checkpoint, media, tmp_path, name, codec):
+    write_clip(tmp_path / name, codec=codec)
+    with av.open(str(tmp_path / name)) as container:
+        assert container.streams.video[0].frames == 0  # Matroska and WebM store no frame count
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint("minicpmv4_6"))
+    frames, metadata = decode_video(str(tmp_path / name), processor.video_processor.sample_frames)
+    reference, reference_metadata = decode_video(str(media / "clip.mp4"), processor.video_processor.sample_frames)
+    assert metadata.total_num_frames == VIDEO_SECONDS * VIDEO_FPS and metadata.fps == VIDEO_FPS
+    assert metadata.frames_indices == reference_metadata.frames_indices and len(frames) == VIDEO_SECONDS
+    # The same frames (brightening 10 a frame), through other lossy codecs.
+    assert np.abs(frames.astype(int) - reference.astype(int)).mean() < 5
+    data = NativeDataset([video_record(name)], processor, max_length=2048, data_path=tmp_path / "data.json")
+    problems, _, _ = preflight.check_dataset(data, "train", progress=False)
+    assert problems == []
+    mp4 = dataset(processor, [video_record("clip.mp4")], media)[0]
+    assert torch.equal(data[0]["target_sizes_videos"], mp4["target_sizes_videos"])

@@ -38,6 +38,8 @@ def write_images(folder):
     palette.save(folder / "palette.png", transparency=0)
     Image.new("RGBA", (30, 30), (255, 0, 0, 0)).save(folder / "rgba.png")
     Image.fromarray(np.full((20, 30), 65535, dtype=np.uint16)).save(folder / "gray16.png")
+    Image.fromarray(np.arange(600, dtype=np.uint16).reshape(20, 30) % 256).save(folder / "gray16_low.png")
+    Image.fromarray(np.linspace(0, 300, 600, dtype=np.float32).reshape(20, 30)).save(folder / "float.tif")
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
     Image.new("RGB", (60, 30), (0, 0, 255)).save(folder / "rotated.jpg", exif=exif)
@@ -63,11 +65,15 @@ def build_corpus(folder, filler_words):
         {"id": "good-cmyk", "image": "images/cmyk.jpg", "conversations": conv()},
         {"id": "good-palette", "image": "images/palette.png", "conversations": conv()},
         {"id": "good-rgba", "image": "images/rgba.png", "conversations": conv()},
-        {"id": "good-16bit", "image": "images/gray16.png", "conversations": conv()},
+        {"id": "good-16bit-low", "image": "images/gray16_low.png", "conversations": conv()},
         {"id": "good-exif", "image": "images/rotated.jpg", "conversations": conv()},
         {"id": "good-multi", "image": {"<image_00>": "images/rgb.png", "<image_01>": "images/cmyk.jpg"},
          "conversations": conv("<image_00> and <image_01>: which is brighter?", "the second")},
         {"id": "good-text", "conversations": conv("Count to three.", "one two three")},
+        # ChatML (2.6) takes a system message first, as its chat() puts its system_prompt.
+        {"id": "good-system", "image": "images/rgb.png",
+         "conversations": [{"role": "system", "content": "Answer in two words."}, *conv()]},
+        {"id": 7, "conversations": conv("An integer id.", "is fine")},
         # Grounding markup is made of special tokens too, but it is content the model learns to write.
         {"id": "good-grounding", "image": "images/rgb.png",
          "conversations": conv("<image>\nWhere is the <ref>noise</ref>?", "<ref>noise</ref><box>0 0 999 999</box>")},
@@ -78,7 +84,25 @@ def build_corpus(folder, filler_words):
     bad = [
         ("not_an_object", "just a string"),
         ("bad_conversations", {"id": "one-message", "conversations": conv()[:1]}),
-        ("bad_message", {"id": "system-role", "conversations": [{"role": "system", "content": "x"}, *conv()]}),
+        ("bad_message", {"id": "tool-role", "conversations": [{"role": "tool", "content": "x"}, *conv()]}),
+        ("system_message", {"id": "late-system", "image": "images/rgb.png",
+                            "conversations": [*conv(), {"role": "system", "content": "x"}, *conv("more?", "no")]}),
+        ("empty_answer", {"id": "blank-answer", "image": "images/rgb.png", "conversations": conv(assistant=" \n ")}),
+        # Keys that are not read would train the record as something else than its author meant.
+        ("unknown_key", {"id": "misspelt-image", "img": "images/rgb.png", "conversations": conv("What is it?")}),
+        ("unknown_key", {"id": "images-list", "images": ["images/rgb.png"], "conversations": conv("What is it?")}),
+        ("unknown_key", {"id": "top-level-system", "system": "Be brief.", "conversations": conv("What is it?")}),
+        ("unknown_key", {"id": "image-in-message", "conversations": [
+            {"role": "user", "content": "What is it?", "image": "images/rgb.png"}, conv()[1]]}),
+        ("unknown_key", {"id": "sharegpt", "image": "images/rgb.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a shape"}]}),
+        ("unknown_key", {"id": "openai", "messages": conv("What is it?")}),
+        ("bad_content", {"id": "openai-parts", "image": "images/rgb.png", "conversations": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}, conv()[1]]}),
+        # The second "image" key is written into the file below: JSON keeps only the last.
+        ("duplicate_key", {"id": "duplicate-image", "image": "images/rgb.png", "conversations": conv(), "DUPLICATE": 0}),
+        ("bad_id", {"id": ["a", "list"], "conversations": conv("What?", "x")}),
+        ("bad_id", {"id": "lone \udcff surrogate", "conversations": conv("What?", "x")}),
         ("bad_content", {"id": "numeric-content", "conversations": conv(assistant=42)}),
         ("first_not_user", {"id": "assistant-first", "conversations": conv()[::-1]}),
         ("roles_not_alternating", {"id": "two-users", "image": "images/rgb.png",
@@ -106,6 +130,8 @@ def build_corpus(folder, filler_words):
         ("not_an_image", {"id": "text-file", "image": "images/notes.png", "conversations": conv()}),
         ("truncated_image", {"id": "truncated", "image": "images/truncated.png", "conversations": conv()}),
         ("image_too_large", {"id": "bomb", "image": "images/bomb.png", "conversations": conv()}),
+        ("image_mode", {"id": "16-bit", "image": "images/gray16.png", "conversations": conv()}),
+        ("image_mode", {"id": "float-over-255", "image": "images/float.tif", "conversations": conv()}),
         ("too_long", {"id": "cut-image", "image": "images/rgb.png",
                       "conversations": conv("a " * filler_words + "<image>", "a shape")}),
         ("no_learnable_tokens", {"id": "answer-cut-off",
@@ -143,21 +169,40 @@ def corpus(tiny_checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("corpus")
     records, expected = build_corpus(folder, filler_that_cuts_the_image(model, tmp_path_factory.mktemp("probe")))
     path = folder / "train.json"
-    path.write_text(json.dumps(records, indent=1))
+    path.write_text(json.dumps(records, indent=1).replace('"DUPLICATE": 0', '"image": "images/cmyk.jpg"'))
+    duplicate = next(r for r in records if isinstance(r, dict) and "DUPLICATE" in r)
+    del duplicate["DUPLICATE"]
     return model, path, records, expected
 
 
-def test_unusual_image_modes_are_converted_not_refused(tmp_path):
+def test_image_modes_convert_as_the_remote_code_processor_converts_them(tmp_path):
+    """image_processing_minicpmv.py converts every image with PIL's convert("RGB"): transparency is
+    dropped (the colour under it stays), not composited; 16-bit values within 0..255 are kept exactly."""
     write_images(tmp_path)
-    white = (255, 255, 255)
-    assert dataset.open_rgb(tmp_path / "cmyk.jpg").getpixel((5, 5)) == white
-    assert dataset.open_rgb(tmp_path / "palette.png").getpixel((5, 5)) == white  # transparent index -> white
-    assert dataset.open_rgb(tmp_path / "rgba.png").getpixel((5, 5)) == white  # alpha 0 composited on white
-    gray = dataset.open_rgb(tmp_path / "gray16.png")
-    assert gray.mode == "RGB" and gray.getpixel((3, 3)) == white  # 65535 scales to 255, not clipped garbage
+    assert dataset.open_rgb(tmp_path / "cmyk.jpg").getpixel((5, 5)) == (255, 255, 255)
+    assert dataset.open_rgb(tmp_path / "palette.png").getpixel((5, 5)) == (255, 0, 0)  # the palette colour
+    assert dataset.open_rgb(tmp_path / "rgba.png").getpixel((5, 5)) == (255, 0, 0)  # the colour under alpha 0
+    for name in ("cmyk.jpg", "palette.png", "rgba.png", "gray16_low.png"):
+        with Image.open(tmp_path / name) as published:
+            assert np.array_equal(np.asarray(dataset.open_rgb(tmp_path / name)), np.asarray(published.convert("RGB")))
+    gray = np.asarray(dataset.open_rgb(tmp_path / "gray16_low.png"))
+    assert np.array_equal(gray[..., 1], np.arange(600).reshape(20, 30) % 256)  # every 16-bit value kept
     rotated = dataset.open_rgb(tmp_path / "rotated.jpg")
     assert rotated.size == (30, 60)  # EXIF orientation applied
     assert all(abs(a - b) < 8 for a, b in zip(rotated.getpixel((15, 30)), (0, 0, 255)))
+
+
+@pytest.mark.parametrize("values, seen", [
+    (np.arange(16, dtype=np.uint16).reshape(4, 4) * 4000, "I;16 image with values from 0 to 60000"),
+    (np.full((4, 4), 300.0, np.float32), "F image with values from 300.0 to 300.0:"),
+    (np.full((4, 4), 0.5, np.float32), "F image with fractions:"),  # a 0..1 float image: PIL would truncate it to black
+    (np.array([[np.nan, 2.0]], np.float32), "F image with NaN or infinite values:"),
+])
+def test_wide_images_that_8_bits_cannot_hold_are_refused(values, seen, tmp_path):
+    Image.fromarray(values).save(tmp_path / "wide.tif")
+    with pytest.raises(dataset.ImageProblem, match=f"a {seen}.*clipping to 0..255") as caught:
+        dataset.open_image(tmp_path / "wide.tif")
+    assert caught.value.code == "image_mode"
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # the bomb record, refused
@@ -200,6 +245,7 @@ def test_preflight_only_exits_nonzero_with_table_and_report_before_weights(corpu
     for reason in set(expected.values()):
         assert reason in output
     assert "Parameters:" not in output  # the model was never loaded
+    assert "Traceback" not in output
     report = json.loads((out / preflight.REPORT_NAME).read_text())
     assert report["bad_records"] == 2 * n_bad and report["action"] == "stopped"
     assert {(p["split"], p["index"]) for p in report["problems"]} == {
@@ -296,3 +342,119 @@ def test_unreadable_file_exits_1_with_the_table_and_no_traceback(tiny_checkpoint
     assert "Traceback" not in output
     assert "bad_encoding" in output and f"unusable data files: {path}" in output
     assert json.loads((out / preflight.REPORT_NAME).read_text())["reasons"] == {"bad_encoding": 1}
+
+
+# (record, system template?, reason, what the message must say): keys we do not read, named with the
+# mapping of the layout they come from; the system decision; answers with nothing to learn.
+RECORD_CASES = {
+    "misspelt image": ({"img": "a.png", "conversations": conv()}, True, "unknown_key", r"'img' \(did you mean 'image'\?\)"),
+    "images list": ({"images": ["a.png"], "conversations": conv()}, True, "unknown_key",
+                    r"'images' \(a list of images is not read: one image goes in 'image'"),
+    "image on a message": ({"conversations": [{**conv()[0], "image": "a.png"}, conv()[1]]}, True, "unknown_key",
+                           r"message 0 has key\(s\) that are not read: 'image' \(an image attached to a message"),
+    "sharegpt": ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}, True,
+                 "unknown_key", r"'from' \(ShareGPT/LLaVA layout: .*\"role\": \"user\".*\"from\": \"human\""),
+    "rlaif-v row": ({"question": "What?", "chosen": "a", "rejected": "b"}, True, "unknown_key",
+                    r"'question' \(an RLAIF-V-style row: .*'chosen' \(a preference record: train it with --stage dpo\)"),
+    "openai messages": ({"messages": conv()}, True, "unknown_key", r"'messages' \(OpenAI layout: the messages go in 'conversations'"),
+    "openai parts": ({"conversations": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}, conv()[1]]}, True,
+                     "bad_content", r"a list as 'content' \(OpenAI layout\)"),
+    "system key, template with one": ({"system": "Be brief.", "conversations": conv()}, True, "unknown_key",
+                                      r"'system' \(put it first in 'conversations' as \{\"role\": \"system\""),
+    "system key, template without": ({"system": "Be brief.", "conversations": conv()}, False, "unknown_key",
+                                     r"'system' \(this model's chat template has no system message"),
+    "system message, template without": ({"conversations": [{"role": "system", "content": "Be brief."}, *conv()]}, False,
+                                         "system_message", "message 0 is a system message, but this model's chat template has none"),
+    "system message not first": ({"conversations": [*conv(), {"role": "system", "content": "x"}, *conv()]}, True,
+                                 "system_message", "message 2 is a system message; only the first message may be one"),
+    "system message only": ({"conversations": [{"role": "system", "content": "x"}, conv()[0]]}, True,
+                            "bad_conversations", "at least a user and an assistant message after the system one"),
+    "empty answer": ({"conversations": conv(assistant="")}, True, "empty_answer", "message 1, an assistant answer, is empty"),
+    "blank answer": ({"conversations": conv(assistant=" \t\n")}, True, "empty_answer", "is white space only"),
+    "float id": ({"id": 1.5, "conversations": conv()}, True, "bad_id", "'id' must be a string or an integer, got float"),
+    "boolean id": ({"id": True, "conversations": conv()}, True, "bad_id", "got bool"),
+    "lone surrogate id": ({"id": "a\udc80", "conversations": conv()}, True, "bad_id", r"lone surrogate '\\udc80' at 1"),
+    "lone surrogate text": ({"conversations": conv(assistant="x\ud800")}, True, "bad_content", "cannot be tokenized"),
+    # A text-only record discussing the tag itself: refused (the tokenizer would read the image token),
+    # with how to write it.
+    "literal image tag": ({"conversations": conv("What does the HTML tag <image> do?", "It shows one.")}, True,
+                          "unknown_image_tag", r"to write such a tag as text .* '< image >'"),
+}
+
+
+@pytest.mark.parametrize("case", list(RECORD_CASES))
+def test_record_problems_are_named_with_how_to_fix_them(case):
+    record, system, reason, said = RECORD_CASES[case]
+    record = {"id": "r", **record}
+    with pytest.raises(dataset.DataError) as caught:
+        dataset.validate_record(record, 4, data_path="d.json", system=system)
+    assert caught.value.code == reason and reason in preflight.REASONS
+    assert re.search(said, str(caught.value)), str(caught.value)
+    assert str(caught.value).startswith(f"record 4 (id {record['id']!r}) of d.json: ")
+
+
+def test_system_message_first_passes_where_the_template_has_one():
+    record = {"id": "s", "conversations": [{"role": "system", "content": "Be brief."}, *conv("hi", "yo")]}
+    dataset.validate_record(record, 0, system=True)
+    with pytest.raises(dataset.DataError, match="has none"):
+        dataset.validate_record(record, 0, system=False)
+
+
+def test_duplicate_keys_are_reported_wherever_they_sit(tiny_checkpoint, tmp_path):
+    """JSON keeps a repeated key's last value; the record, a message and the 'image' dict are checked."""
+    lines = [
+        '{"id": "a", "conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], '
+        '"conversations": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}',
+        '{"id": "b", "conversations": [{"role": "user", "content": "hi", "content": "bye"}, {"role": "assistant", "content": "yo"}]}',
+        '{"id": "c", "image": {"<image_00>": "x.png", "<image_00>": "y.png"}, "conversations": '
+        '[{"role": "user", "content": "<image_00>"}, {"role": "assistant", "content": "yo"}]}',
+        json.dumps({"id": "good", "conversations": conv("hi", "yo")}),
+    ]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    train = dataset_as_trained(tiny_checkpoint("minicpmv2_6"), path)[0]
+    kept = preflight.run({"train": train, "eval": None}, tmp_path, skip_bad=True)["train"]
+    assert list(kept.indices) == [3]
+    problems = json.loads((tmp_path / preflight.REPORT_NAME).read_text())["problems"]
+    assert [(p["index"], p["reason"]) for p in problems] == [(0, "duplicate_key"), (1, "duplicate_key"), (2, "duplicate_key")]
+    assert "the record holds the key(s) 'conversations' more than once" in problems[0]["message"]
+    assert "message 0 holds the key(s) 'content' more than once" in problems[1]["message"]
+    assert "'image' holds the key(s) '<image_00>' more than once" in problems[2]["message"]
+
+
+def test_json_nested_too_deeply_is_invalid_json_not_a_traceback(tiny_checkpoint, tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    good = json.dumps({"id": "good", "conversations": conv("hi", "yo")})
+    lines = tmp_path / "train.jsonl"
+    lines.write_text(f'{good}\n{{"id": "deep", "conversations": {deep}}}\n')
+    train = dataset_as_trained(tiny_checkpoint("minicpmv2_6"), lines)[0]
+    kept = preflight.run({"train": train, "eval": None}, tmp_path / "lines", skip_bad=True)["train"]
+    assert list(kept.indices) == [0]
+    [problem] = json.loads((tmp_path / "lines" / preflight.REPORT_NAME).read_text())["problems"]
+    assert problem["reason"] == "invalid_json" and "line 2 is not valid JSON: nested too deeply" in problem["message"]
+    whole = tmp_path / "train.json"
+    whole.write_text(f"[{good}, {deep}]")
+    with pytest.raises(dataset.DataError, match="not valid JSON: nested too deeply") as caught:
+        dataset.load_records(whole)
+    assert caught.value.code == "invalid_json"
+
+
+def test_any_error_checking_a_record_is_that_records_problem(tiny_checkpoint, tmp_path, monkeypatch):
+    """An error nothing foresaw (here a RecursionError while validating) names the record; the others are checked."""
+    records = [{"id": n, "conversations": conv(f"question {n}", "answer")} for n in range(3)]
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(records))
+    train = dataset_as_trained(tiny_checkpoint("minicpmv2_6"), path)[0]
+    real = dataset.validate_record
+
+    def validate(record, index, **kwargs):
+        if index == 1:
+            raise RecursionError("maximum recursion depth exceeded")
+        return real(record, index, **kwargs)
+
+    monkeypatch.setattr(dataset, "validate_record", validate)
+    bad, lengths = preflight.check_all({"train": train}, tmp_path, skip_bad=False, preflight_only=True, progress=False)
+    assert bad == {"train": [1]} and lengths["train"][0] and lengths["train"][2]
+    [problem] = json.loads((tmp_path / preflight.REPORT_NAME).read_text())["problems"]
+    assert problem["reason"] == "check_failed" and problem["record_id"] == 1
+    assert problem["message"] == f"record 1 (id 1) of {path}: checking it raised RecursionError: maximum recursion depth exceeded"

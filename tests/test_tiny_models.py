@@ -429,11 +429,15 @@ def test_build_is_deterministic_given_the_seed(tiny_checkpoint, tmp_path):
         build_checkpoint("minicpmv3", tmp_path / "bad")
 
 
-def test_processor_lays_out_a_prompt_as_training_does(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+def test_processor_lays_out_a_prompt_as_training_does(tiny_checkpoint, tmp_path, mode):
     """The 2.6-style processor (what chat() uses) and dataset.py give the same prompt ids, image
-    bounds, pixels and patch grids for a sliced image, at a non-default max_slice_nums."""
+    bounds, pixels and patch grids for a sliced image, at a non-default max_slice_nums; a transparent
+    image is converted as the processor converts it (PIL's convert("RGB"): alpha dropped)."""
     folder = tiny_checkpoint("minicpmv2_6")
-    image = Image.effect_noise((250, 120), 64).convert("RGB")
+    image = Image.effect_noise((250, 120), 64).convert(mode)
+    if mode == "RGBA":
+        image.putalpha(Image.effect_noise((250, 120), 100))
     image.save(tmp_path / "noise.png")
     record = {"id": "0", "image": "noise.png", "conversations": [
         {"role": "user", "content": "<image>\nWhat is this?"}, {"role": "assistant", "content": "Noise."}]}
