@@ -269,7 +269,8 @@ def changes(recorded, current):
         )
     for name in sorted(set(recorded) | set(current)):
         if name != "data" and recorded.get(name) != current.get(name):
-            found.append(f"--{name} {recorded.get(name)} -> {current.get(name)}")
+            label = "the number of processes (world size)" if name == "world_size" else f"--{name}"
+            found.append(f"{label} {recorded.get(name)} -> {current.get(name)}")
     return found
 
 
