@@ -106,7 +106,10 @@ def results_in(folder):
     """The entries of ``folder`` that a run would write over (all but ``HARMLESS``), sorted."""
     if not os.path.isdir(folder):
         return []
-    return sorted(name for name in os.listdir(folder) if name not in HARMLESS)
+    # (The lock's and the record's names start their temporary files, which a crash may leave.)
+    return sorted(
+        name for name in os.listdir(folder) if name not in HARMLESS and not name.startswith((LOCK_NAME, RECORD_NAME))
+    )
 
 
 def describe(entries):
@@ -201,7 +204,7 @@ class Lock:
         try:
             for _ in range(2):  # a stale lock is removed once, then the link is tried again
                 try:
-                    os.link(partial, self.path)
+                    self._place(partial)
                     return None
                 except FileExistsError:
                     holder = read_lock(self.path)
@@ -225,6 +228,16 @@ class Lock:
             return refuse(f"--output_dir {os.path.dirname(self.path)}: could not take its lock {self.path}", status=1)
         finally:
             os.remove(partial)
+
+    def _place(self, partial):
+        """Put the lock in place, or raise FileExistsError."""
+        try:
+            os.link(partial, self.path)
+        except FileExistsError:
+            raise
+        except OSError:  # a filesystem without hard links: exclusive creation, then the content
+            with os.fdopen(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644), "w", encoding="utf-8") as f:
+                json.dump(self.content, f)
 
     def release(self):
         if read_lock(self.path) == self.content:
@@ -252,7 +265,7 @@ def batch_order(data_args, training_args):
     settings["train_sampling_strategy"] = str(settings["train_sampling_strategy"])
     settings["skip_bad_samples"] = data_args.skip_bad_samples
     # A file that cannot be read is preflight's to report.
-    readable = data_args.data_path and os.path.isfile(data_args.data_path)
+    readable = data_args.data_path and os.path.isfile(data_args.data_path) and os.access(data_args.data_path, os.R_OK)
     settings["data"] = file_identity(data_args.data_path) if readable else None
     return settings
 
@@ -357,7 +370,7 @@ def check_contents(data_args, training_args, resume_from):
         earlier = [name for name in entries if resilience.CHECKPOINT_NAME.match(name)]
     if earlier:
         logger.warning(
-            "--overwrite_output_dir: %s holds %d checkpoint(s) of an earlier run (%s); --save_total_limit never "
+            "%s holds %d checkpoint(s) of an earlier run (%s); --save_total_limit never "
             "deletes them", output_dir, len(earlier), ", ".join(earlier),
         )
     write_record(output_dir, dict(batch_order=current, earlier_checkpoints=earlier))
@@ -370,7 +383,13 @@ def claim(model_args, data_args, training_args, lora_args, resume_from):
     earlier run in it (to keep). Raises Refused on every rank, together, if the run may not write there."""
     is_main = training_args.process_index == 0
     lock = Lock(training_args.output_dir) if is_main else None
-    verdict = inspect(model_args, data_args, training_args, lora_args, resume_from, lock) if is_main else None
+    verdict = None
+    if is_main:
+        try:
+            verdict = inspect(model_args, data_args, training_args, lora_args, resume_from, lock)
+        except OSError as e:  # the others wait for a verdict: this is one
+            lock.release()
+            verdict = refuse(f"--output_dir {training_args.output_dir}: {e}", status=1)
     verdict = preflight.share(verdict, is_main)
     if "refused" in verdict:
         raise Refused(verdict["refused"], verdict["status"], report=is_main)
