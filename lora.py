@@ -155,8 +155,12 @@ def check_resume(checkpoint, training_args, lora_args):
             f"{where} holds a LoRA adapter (rank {saved.get('r')}): resume it with --use_lora true --tune_llm false "
             f"--lora_r {saved.get('r')} --lora_alpha {saved.get('lora_alpha')}"
         )
-    settings = [("lora_r", "r", "LoRA rank", lora_args.lora_r), ("lora_alpha", "lora_alpha", "lora_alpha", lora_args.lora_alpha),
-                ("lora_bias", "bias", "bias", lora_args.lora_bias)]
+    # (flag, adapter_config.json key, what it is, this run's value)
+    settings = [
+        ("lora_r", "r", "LoRA rank", lora_args.lora_r),
+        ("lora_alpha", "lora_alpha", "lora_alpha", lora_args.lora_alpha),
+        ("lora_bias", "bias", "bias", lora_args.lora_bias),
+    ]
     if lora_args.lora_target_modules and isinstance(saved.get("target_modules"), str):
         settings.append(("lora_target_modules", "target_modules", "target modules", lora_args.lora_target_modules))
     differ = [

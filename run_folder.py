@@ -112,29 +112,35 @@ def results_in(folder):
     )
 
 
+def listing(names, most=4):
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
+
+
 def describe(entries):
     """What the folder entries ``entries`` are, in words: checkpoints, a model, an adapter, other files."""
     checkpoints = [name for name in entries if resilience.CHECKPOINT_NAME.match(name)]
     checkpoints.sort(key=lambda name: int(resilience.CHECKPOINT_NAME.match(name).group(1)))
     adapter = [name for name in entries if name.startswith("adapter_")]
-    model = [name for name in entries if name == "config.json" or name.endswith((".safetensors", ".bin"))
-             and name not in adapter]
+    model = [name for name in entries
+             if name == "config.json" or (name.endswith((".safetensors", ".bin")) and name not in adapter)]
     other = [name for name in entries if name not in (*checkpoints, *adapter, *model)]
     parts = []
     if checkpoints:
-        parts.append(f"{len(checkpoints)} checkpoint(s) ({', '.join(checkpoints[:3])}{', ...' if len(checkpoints) > 3 else ''})")
+        parts.append(f"{len(checkpoints)} checkpoint(s) ({listing(checkpoints, 3)})")
     if adapter:
-        parts.append(f"a LoRA adapter ({', '.join(adapter)})")
+        parts.append(f"a LoRA adapter ({listing(adapter)})")
     if model:
-        parts.append(f"a saved model ({', '.join(model[:4])}{', ...' if len(model) > 4 else ''})")
+        parts.append(f"a saved model ({listing(model)})")
     if other:
-        parts.append(f"{len(other)} other file(s) or folder(s) ({', '.join(other[:4])}{', ...' if len(other) > 4 else ''})")
+        parts.append(f"{len(other)} other file(s) or folder(s) ({listing(other)})")
     return "; ".join(parts)
 
 
 def occupied_problem(output_dir, entries):
     """The refusal for a folder that holds a model or an earlier run's results: what, and the ways on."""
-    ways = [f"continue that run with --resume_from_checkpoint {output_dir}"] if resilience.complete_checkpoints(output_dir) else []
+    ways = []
+    if resilience.complete_checkpoints(output_dir):
+        ways.append(f"continue that run with --resume_from_checkpoint {output_dir}")
     ways += [
         "train into it anyway with --overwrite_output_dir true (files of the same name are replaced; its "
         "checkpoints are never rotated away by --save_total_limit)",
@@ -212,10 +218,10 @@ class Lock:
                     continue
                 if holder.get("pid") is None or holder_alive(holder):
                     return refuse(
-                        f"--output_dir {os.path.dirname(self.path)} is in use by another run: process {holder.get('pid')} "
-                        f"on host {holder.get('host')}, started {holder.get('started')} (lock file {self.path}). Wait for "
-                        "it to finish or stop it, or pass another --output_dir; if that run is gone (its machine was "
-                        "lost), delete the lock file",
+                        f"--output_dir {os.path.dirname(self.path)} is in use by another run: process "
+                        f"{holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')} (lock "
+                        f"file {self.path}). Wait for it to finish or stop it, or pass another --output_dir; if that "
+                        "run is gone (its machine was lost), delete the lock file",
                         status=1,
                     )
                 logger.warning(
