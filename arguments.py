@@ -16,6 +16,7 @@ import transformers
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 import distributed
+import lora
 import resilience
 from backends import ALL_LLM_TYPES
 from loss import DPO_LOSS_TYPES
@@ -109,6 +110,17 @@ class TrainingArguments(transformers.TrainingArguments):
         default=None,
         metadata={"help": "DPO: folder or hub id of the reference model (default: the starting model itself, "
                   "with LoRA its adapters switched off)."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train into an --output_dir that already holds a model or an earlier run's results (files "
+                  "of the same name are replaced; the earlier checkpoints are never rotated away). Never allowed "
+                  "for the folder of the model being trained."},
+    )
+    ignore_data_change: bool = field(
+        default=False,
+        metadata={"help": "Resume even though the training data or a setting that fixes the batch order (packing, "
+                  "model_max_length, sampler, seed, world size, batch sizes) differs from the resumed run's."},
     )
     log_level: str = field(default="info", metadata={"help": "Log level of the main process."})
     # Our batches are dicts the model reads whole; the Trainer must not prune their keys.
@@ -270,9 +282,12 @@ def check_paths(model_args, training_args, lora_args):
             if value and looks_local(value) and not os.path.isdir(os.path.expanduser(value)):
                 raise UsageError(f"--{flag} {value}: no such folder; pass {hint}")
     try:
-        return resilience.resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+        checkpoint = resilience.resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     except ValueError as e:
         raise UsageError(str(e)) from e
+    if checkpoint is not None:
+        lora.check_resume(checkpoint, training_args, lora_args)
+    return checkpoint
 
 
 def compute_dtype(training_args):

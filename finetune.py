@@ -25,6 +25,7 @@ import loading
 import lora
 import preflight
 import resilience
+import run_folder
 from arguments import check_paths, compute_dtype, parse_args
 from dataset import DataError, PackedDataset, PreferenceCollator, load_records, log_sample
 from dpo import PreferenceTrainer, unsupported_reason
@@ -152,6 +153,13 @@ def train(model_args, data_args, training_args, lora_args):
     """Train as the parsed arguments say and save the result; the trainer, or None with --preflight_only."""
     resume_from = check_paths(model_args, training_args, lora_args)
     distributed.start(training_args)
+    with run_folder.claim(model_args, data_args, training_args, lora_args, resume_from) as earlier_checkpoints:
+        return train_in_folder(model_args, data_args, training_args, lora_args, resume_from, earlier_checkpoints)
+
+
+def train_in_folder(model_args, data_args, training_args, lora_args, resume_from, earlier_checkpoints):
+    """train(), once the output folder is the run's (run_folder.claim); ``earlier_checkpoints``: those
+    an earlier run left there, which checkpoint rotation keeps."""
     # Before the model exists: LoRA's initial weights are drawn when the adapter is added, and
     # the Trainer seeds only later, when it is created.
     transformers.set_seed(training_args.seed)
@@ -191,6 +199,7 @@ def train(model_args, data_args, training_args, lora_args):
         processing_class=processing,
         model_source=loading.model_source_dir(model_args.model_name_or_path, training_args.cache_dir),
         callbacks=[resilience.PreemptionCallback()],
+        earlier_checkpoints=earlier_checkpoints,
     )
     if training_args.stage == "dpo":
         trainer = PreferenceTrainer(
@@ -226,11 +235,25 @@ def main(argv=None):
     except (UsageError, loading.TransformersTooOld) as e:
         print(f"finetune.py: error: {e}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    except (resilience.Preempted, resilience.NonFiniteLoss, preflight.PreflightFailed):
+    except run_folder.Refused as e:
+        if e.report:
+            print(f"finetune.py: error: {e}", file=sys.stderr)
+        distributed.finish()  # every rank got the verdict together
+        raise
+    except (resilience.Preempted, resilience.NonFiniteLoss, resilience.RecordFailed, preflight.PreflightFailed):
         # Stops that every rank reaches together (after an all-reduce or the shared preflight
         # verdict): the group can be torn down as after a finished run.
         distributed.finish()
         raise
+    except DataError as e:
+        # A record that fails outside the training steps (evaluation): this process names it.
+        logger.error("Stopping: %s", e)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        # Ctrl-C before training started or after it ended (during it, PreemptionCallback saves a
+        # checkpoint at the current step instead): nothing of this run to keep.
+        logger.warning("Interrupted (Ctrl-C) outside the training steps; nothing was saved by this stop")
+        sys.exit(resilience.EXIT_INTERRUPTED)
     distributed.finish()
     return trainer
 

@@ -8,7 +8,8 @@
 # Arguments after the script name go to finetune.py and win over the defaults below:
 #   bash finetune_ds.sh --max_steps 500 --learning_rate 1e-5
 # Without a GPU the script still runs (CPU, gloo, fp32): that is how the demo and tests use it.
-# SIGTERM to the script: every worker finishes its step, saves checkpoint-N, and the script exits 143.
+# SIGTERM to the script (or Ctrl-C): every worker finishes its step, saves checkpoint-N, and the script
+# exits 143 (130). OUTPUT_DIR must be new or empty: a second run into it stops (see the README).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 

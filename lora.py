@@ -4,7 +4,9 @@ Which modules get LoRA by default, which are saved in full with the adapter and 
 4-bit quantization depend on the kind of checkpoint: its backend (backends.py) says.
 """
 
+import json
 import logging
+import os
 import re
 
 import transformers
@@ -133,3 +135,41 @@ def load_adapter_weights(model, path):
         )
     set_peft_model_state_dict(model, weights)
     logger.info("Loaded %d adapter tensors from %s", len(weights), path)
+
+
+def check_resume(checkpoint, training_args, lora_args):
+    """Refuse, before the weights load, to resume ``checkpoint`` into another adapter layout: the
+    Trainer would load its tensors into LoRA matrices of another shape (or none)."""
+    try:
+        with open(os.path.join(checkpoint, "adapter_config.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        saved = None
+    where = f"--resume_from_checkpoint {checkpoint}"
+    if saved is None:
+        if training_args.use_lora:
+            raise UsageError(f"{where} holds a full model's weights, not a LoRA adapter: resume it without --use_lora")
+        return
+    if not training_args.use_lora:
+        raise UsageError(
+            f"{where} holds a LoRA adapter (rank {saved.get('r')}): resume it with --use_lora true --tune_llm false "
+            f"--lora_r {saved.get('r')} --lora_alpha {saved.get('lora_alpha')}"
+        )
+    # (flag, adapter_config.json key, what it is, this run's value)
+    settings = [
+        ("lora_r", "r", "LoRA rank", lora_args.lora_r),
+        ("lora_alpha", "lora_alpha", "lora_alpha", lora_args.lora_alpha),
+        ("lora_bias", "bias", "bias", lora_args.lora_bias),
+    ]
+    if lora_args.lora_target_modules and isinstance(saved.get("target_modules"), str):
+        settings.append(("lora_target_modules", "target_modules", "target modules", lora_args.lora_target_modules))
+    differ = [
+        (flag, f"{name} {value!r} (--{flag}), the checkpoint's adapter has {saved.get(key)!r}")
+        for flag, key, name, value in settings if saved.get(key) != value
+    ]
+    if differ:
+        fix = " ".join(f"--{flag} {saved.get(key)}" for flag, key, _, _ in settings if flag in dict(differ))
+        raise UsageError(
+            f"{where}: this run asks for {'; '.join(text for _, text in differ)}. Resume with the LoRA arguments "
+            f"it was trained with ({fix}), or start a new run in another --output_dir"
+        )

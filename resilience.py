@@ -44,6 +44,10 @@ CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "checkpoint_files.json"
 EXIT_PREEMPTED = 128 + signal.SIGTERM  # the status a process killed by SIGTERM reports
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # and by SIGINT (Ctrl-C)
+# The signals that stop a run after the current step, with a checkpoint: a scheduler's or a
+# container's stop, and Ctrl-C (a terminal sends it to torchrun and every worker alike).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def checkpoint_folder(run_dir, step):
@@ -260,42 +264,51 @@ class NonFiniteLossGuard(TrainerCallback):
 
 
 class Preempted(StopRun):
-    """Raised on every rank once the SIGTERM checkpoint is saved: exit status 143."""
+    """Raised on every rank once the checkpoint of a SIGTERM or SIGINT stop is saved: exit status 128 + the signal."""
 
-    status = EXIT_PREEMPTED
+    def __init__(self, message, signum=signal.SIGTERM):
+        self.status = 128 + signum
+        super().__init__(message)
 
 
 class PreemptionCallback(TrainerCallback):
-    """On SIGTERM: finish the current step, save a checkpoint at it on every rank, exit 143."""
+    """On SIGTERM or SIGINT (Ctrl-C): finish the current step, save a checkpoint at it on every rank,
+    exit 128 + the signal (143, 130)."""
 
     def __init__(self):
-        self.signalled = False
+        self.signal = None  # the first stop signal this process got
         self.stopping = False
-        self.previous_handler = None
+        self.previous_handlers = {}
 
-    def _on_sigterm(self, signum, frame):
-        # Only a flag: the step in progress finishes, and the ranks agree at its end.
-        self.signalled = True
+    def _on_signal(self, signum, frame):
+        # Only a flag: the step in progress finishes, and the ranks agree at its end. (Under
+        # torchrun a Ctrl-C reaches each worker twice: from the terminal, then from torchrun.)
+        if self.signal is None:
+            self.signal = signal.Signals(signum)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if threading.current_thread() is threading.main_thread():
-            self.previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self.previous_handlers = {signum: signal.signal(signum, self._on_signal) for signum in STOP_SIGNALS}
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.previous_handler is not None:
-            signal.signal(signal.SIGTERM, self.previous_handler)
-            self.previous_handler = None
+        for signum, handler in self.previous_handlers.items():
+            signal.signal(signum, handler)
+        self.previous_handlers = {}
 
     def on_step_end(self, args, state, control, **kwargs):
-        if not self.stopping and any_rank(self.signalled, args):
+        if not self.stopping and any_rank(self.signal is not None, args):
             self.stopping = True
             control.should_save = True
             control.should_training_stop = True
             logger.warning(
-                "SIGTERM: rank %d stops after step %d and saves %s",
-                args.process_index, state.global_step, checkpoint_folder(args.output_dir, state.global_step),
+                "%s: rank %d stops after step %d and saves %s", self._name(), args.process_index,
+                state.global_step, checkpoint_folder(args.output_dir, state.global_step),
             )
         return control
+
+    def _name(self):
+        # A rank that got no signal itself stops because another one did.
+        return self.signal.name if self.signal is not None else "another rank's stop signal"
 
     def on_save(self, args, state, control, **kwargs):
         if not self.stopping:
@@ -303,10 +316,41 @@ class PreemptionCallback(TrainerCallback):
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # the main process has finished the checkpoint on every rank's exit
         folder = checkpoint_folder(args.output_dir, state.global_step)
+        signum = self.signal or signal.SIGTERM
         logger.warning(
-            "SIGTERM: rank %d saved step %d to %s; exiting with status %d. Continue with "
+            "%s: rank %d saved step %d to %s; exiting with status %d. Continue with "
             "--resume_from_checkpoint %s",
-            args.process_index, state.global_step, folder, EXIT_PREEMPTED, args.output_dir,
+            self._name(), args.process_index, state.global_step, folder, 128 + signum, args.output_dir,
         )
         self.on_train_end(args, state, control)
-        raise Preempted(f"preempted by SIGTERM after step {state.global_step}; checkpoint saved to {folder}")
+        raise Preempted(f"stopped by {self._name()} after step {state.global_step}; checkpoint saved to {folder}", signum)
+
+
+class RecordFailed(StopRun):
+    """A record failed to build during training (its file changed after preflight checked it): every
+    rank stops before the step (exit status 1), the rank that built it naming the record
+    (``CPMTrainer.get_batch_samples``)."""
+
+
+def rotate_checkpoints(run_dir, limit, keep=(), best=None):
+    """Delete this run's oldest checkpoints beyond ``limit`` (--save_total_limit), by step, commit record
+    first (``remove_checkpoint``); never the newest, ``best``, nor those named in ``keep`` (an earlier
+    run's, in the same folder: transformers' own rotation would take any ``checkpoint-*`` there)."""
+    if not limit or limit <= 0:
+        return
+    mine = sorted(
+        (int(match.group(1)), os.path.join(run_dir, name))
+        for name in os.listdir(run_dir)
+        if (match := CHECKPOINT_NAME.match(name)) and name not in keep and os.path.isdir(os.path.join(run_dir, name))
+    )
+    protected = {mine[-1][1]} if mine else set()
+    if best is not None:
+        protected.add(os.path.join(run_dir, os.path.basename(os.path.normpath(best))))
+    surplus = len(mine) - max(limit, len(protected))
+    for _, folder in mine:
+        if surplus <= 0:
+            break
+        if folder not in protected:
+            logger.info("Deleting older checkpoint %s (--save_total_limit %d)", folder, limit)
+            remove_checkpoint(folder)
+            surplus -= 1

@@ -2,10 +2,11 @@
 
     python torchrun_exit.py TORCHRUN_ARGS...    # exactly like: torchrun TORCHRUN_ARGS...
 
-On SIGTERM (a scheduler or a container stop), torchrun forwards the signal to its workers and
-waits for them (they save a checkpoint and exit 143, see resilience.py), then raises
-SignalException, which ends it with status 1 and a traceback. A stop is not a crash: this
-ends it with 128 + the signal's number (143 for SIGTERM), as a process killed by the signal
+On SIGTERM (a scheduler or a container stop) or SIGINT (Ctrl-C), torchrun forwards the signal
+to its workers and waits for them (they save a checkpoint and exit 143 or 130, see
+resilience.py), then raises SignalException, which ends it with status 1 and a traceback. A
+stop is not a crash: this ends it with 128 + the signal's number (143 for SIGTERM, 130 for
+SIGINT), as a process killed by the signal
 reports, and one line instead of the traceback. Likewise when a worker fails (a mistake on
 the command line: status 2): the worker has said why, and the script exits with its status.
 """

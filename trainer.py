@@ -21,6 +21,7 @@ stock ``transformers.Trainer``.
 """
 
 import logging
+import os
 
 import torch
 import transformers
@@ -32,7 +33,7 @@ from transformers.modeling_outputs import CausalLMOutput
 import backends
 from backends import unwrap_peft
 import resilience
-from dataset import record_lengths
+from dataset import DataError, record_lengths
 from loss import full_logits_reason, labelled_count, loss_on_labelled, token_loss
 
 logger = logging.getLogger(__name__)
@@ -74,9 +75,12 @@ def drop_unused_weight_conversions(model):
 
 
 class CPMTrainer(transformers.Trainer):
-    def __init__(self, *args, model_source=None, **kwargs):
-        """``model_source``: folder of the base model, whose remote code full saves copy."""
+    def __init__(self, *args, model_source=None, earlier_checkpoints=(), **kwargs):
+        """``model_source``: folder of the base model, whose remote code full saves copy.
+        ``earlier_checkpoints``: names of checkpoints an earlier run left in the output folder
+        (run_folder.claim), which --save_total_limit must not delete."""
         super().__init__(*args, **kwargs)
+        self.earlier_checkpoints = set(earlier_checkpoints)
         # Remote code or native, as the model's config says (backends.py).
         self.backend = backend = backends.backend_for(unwrap_peft(self.model).config)
         self.model_source = model_source
@@ -106,6 +110,30 @@ class CPMTrainer(transformers.Trainer):
                 )
             logger.warning("Length grouping without preflight's lengths: every sample is built once to measure it")
         return super()._get_train_sampler(train_dataset)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        # A record that fails to build now (an image deleted since preflight) stops every rank
+        # together, naming the record, before any rank enters a collective of the step (the
+        # Trainer's count of learned tokens is one): the step's batches are fetched first.
+        fetched, failure = [], None
+        try:
+            for _ in range(num_batches):
+                fetched.append(next(epoch_iterator))
+        except StopIteration:
+            pass  # the epoch's end: the Trainer sees it from the shorter list
+        except DataError as e:
+            failure = e
+        if resilience.any_rank(failure is not None, self.args):
+            if failure is not None:
+                message = (
+                    f"{failure}. It passed preflight before training: the file changed or vanished since. Restore it "
+                    f"(or fix the record) and continue with --resume_from_checkpoint {self.args.output_dir}"
+                )
+            else:
+                message = f"rank {self.args.process_index} stops: a record of another rank's batch failed to build"
+            logger.error("%s", message)
+            raise resilience.RecordFailed(message) from failure
+        return super().get_batch_samples(iter(fetched), num_batches, device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = self.backend.loss_labels(inputs["labels"])
@@ -149,8 +177,18 @@ class CPMTrainer(transformers.Trainer):
         if self.args.should_save:
             resilience.remove_stale(folder)
         self.accelerator.wait_for_everyone()
-        with resilience.explain_disk_full(folder):
-            super()._save_checkpoint(model, trial)
+        # The rotation is resilience's: it spares an earlier run's checkpoints, and deletes the
+        # commit record first. The Trainer's own, off for this call, would take any checkpoint-*.
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            with resilience.explain_disk_full(folder):
+                super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save:
+            resilience.rotate_checkpoints(
+                os.path.dirname(folder), limit, keep=self.earlier_checkpoints, best=self.state.best_model_checkpoint
+            )
 
     def _save_rng_state(self, output_dir):
         super()._save_rng_state(output_dir)

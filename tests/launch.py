@@ -5,6 +5,8 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -50,6 +52,41 @@ def run(cmd, *, env=None, timeout=420, expect_ok=True, cwd=None):
     if expect_ok:
         assert result.returncode == 0, f"{cmd} failed ({result.returncode}):\n{output[-6000:]}"
     return result.returncode, output
+
+
+class Launched:
+    """A process whose merged output is collected line by line while it runs. ``new_session``: it
+    leads a process group of its own, as a command run from a terminal does (signal it with killpg)."""
+
+    def __init__(self, cmd, env, cwd=None, new_session=False):
+        self.lines = []
+        self.proc = subprocess.Popen(
+            [str(c) for c in cmd], env=env, cwd=cwd or REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, start_new_session=new_session,
+        )
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self.reader.start()
+
+    def wait_for(self, predicate, timeout=120, what="the condition"):
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert self.proc.poll() is None, f"exited ({self.proc.returncode}) before {what}:\n{self.output[-4000:]}"
+            assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{self.output[-4000:]}"
+            time.sleep(0.05)
+
+    def finish(self, timeout=120):
+        self.proc.wait(timeout=timeout)
+        self.reader.join(timeout=10)
+        return self.proc.returncode
+
+    @property
+    def output(self):
+        return "".join(self.lines)
+
+
+def logged_steps(launched):
+    """How many training losses ``launched`` has logged so far."""
+    return sum("'loss'" in line for line in launched.lines)
 
 
 def finetune_args(model, data, output_dir, *extra, llm_type=None, use_cpu=True):

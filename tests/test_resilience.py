@@ -7,8 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
 
 import pytest
 
@@ -16,8 +14,10 @@ import resilience
 from launch import (
     FAST_ARGS,
     REPO,
+    Launched,
     finetune_args,
     finetune_command,
+    logged_steps,
     run_finetune,
     subprocess_env,
     torchrun_finetune,
@@ -35,38 +35,6 @@ def train_args(model, data, output_dir, *extra):
         model, data, output_dir, "--per_device_train_batch_size", "1", "--logging_steps", "1",
         "--learning_rate", "1e-3", "--max_steps", STEPS, "--save_steps", SAVE_EVERY, *extra,
     )
-
-
-class Launched:
-    """A process whose merged output is collected line by line while it runs."""
-
-    def __init__(self, cmd, env):
-        self.lines = []
-        self.proc = subprocess.Popen(
-            [str(c) for c in cmd], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
-        self.reader.start()
-
-    def wait_for(self, predicate, timeout=120, what="the condition"):
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            assert self.proc.poll() is None, f"exited ({self.proc.returncode}) before {what}:\n{self.output[-4000:]}"
-            assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{self.output[-4000:]}"
-            time.sleep(0.05)
-
-    def finish(self, timeout=120):
-        self.proc.wait(timeout=timeout)
-        self.reader.join(timeout=10)
-        return self.proc.returncode
-
-    @property
-    def output(self):
-        return "".join(self.lines)
-
-
-def logged_steps(launched):
-    return sum("'loss'" in line for line in launched.lines)
 
 
 @pytest.fixture(scope="module")
