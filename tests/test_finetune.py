@@ -17,6 +17,7 @@ import backends
 import finetune
 import loading
 import lora
+import numerics
 import resilience
 from launch import (
     FAST_ARGS,
@@ -104,9 +105,10 @@ def test_lora_launcher_torchrun_two_processes_zero2(tiny_checkpoint, shapes, tmp
     base = AutoModel.from_pretrained(model, trust_remote_code=True, dtype=torch.float32)
     reloaded = PeftModel.from_pretrained(base, out)
     dataset, collator = dataset_as_trained(model, eval_file)
-    assert eval_loss(reloaded, dataset, collator) == pytest.approx(reported, rel=1e-4)
+    got, largest_logit = eval_loss(reloaded, dataset, collator)
+    assert got == numerics.approx(reported, scale=largest_logit)  # computed by the run's processes
     untrained = AutoModel.from_pretrained(model, trust_remote_code=True, dtype=torch.float32)
-    assert eval_loss(untrained, dataset, collator) > reported * 1.2  # and the adapter is what made it better
+    assert eval_loss(untrained, dataset, collator)[0] > reported * 1.2  # and the adapter is what made it better
 
 
 @pytest.mark.launch
@@ -177,7 +179,8 @@ def test_single_process_eval_and_resume_match_uninterrupted_run(tiny_checkpoint,
     for series in (train_losses, eval_losses):
         got, want = series(resumed), series(full)
         assert [step for step, _ in got] == [step for step, _ in want]
-        assert [loss for _, loss in got] == pytest.approx([loss for _, loss in want], abs=1e-6)
+        # Each run in its own processes: exact in practice, fp32 rounding of a loss at most.
+        assert [loss for _, loss in got] == [numerics.approx(loss) for _, loss in want]
 
 
 @pytest.mark.launch
