@@ -3,12 +3,13 @@
 #   make test   # the whole test suite (no GPU needed)
 #   make test-fast   # the tests that start no processes (pytest -m "not launch"), for a quick check while editing
 #   make test-lowest  # loading and remote-code tests again, on the lowest transformers allowed
+#   make test-avx2    # the numerically sensitive tests again, on AVX2 kernels and one thread
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU machines this project is developed on take torch from local files; elsewhere pip downloads it.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-fast test-lowest venv
+.PHONY: demo test test-avx2 test-fast test-lowest venv
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
@@ -23,6 +24,14 @@ demo: venv
 
 test: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q
+
+# A second CPU capability: the tests that compare floats other kernels computed (pytest -m numerics,
+# the demo among them) again with torch's, MKL's and oneDNN's AVX2 kernels and one thread, as on a
+# machine without AVX-512. On an AVX2-only machine the thread count is what changes the figures.
+AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 OMP_NUM_THREADS=1
+
+test-avx2: venv
+	$(AVX2_ENV) PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -m numerics
 
 test-fast: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -m "not launch"

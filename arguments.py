@@ -97,6 +97,11 @@ class TrainingArguments(transformers.TrainingArguments):
                   "to itself (less padding; evaluation stays unpacked). Not for MiniCPM-V 2.0, the native "
                   "models (4.6, 4.7, OCR) or --stage dpo: see the README."},
     )
+    stop_at_eval_loss: float = field(
+        default=None,
+        metadata={"help": "End training at the first evaluation (--eval_strategy steps) whose loss is below this; "
+                  "--max_steps stays the cap. Needs --eval_data_path."},
+    )
     stage: str = field(
         default="sft",
         metadata={"help": f"Training stage: {' or '.join(STAGES)} (preference tuning on records with "
@@ -122,7 +127,6 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "Resume even though the training data or a setting that fixes the batch order (packing, "
                   "model_max_length, sampler, seed, world size, batch sizes) differs from the resumed run's."},
     )
-    log_level: str = field(default="info", metadata={"help": "Log level of the main process."})
     # Our batches are dicts the model reads whole; the Trainer must not prune their keys.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the model reads every key."})
     label_names: list[str] = field(default_factory=lambda: ["labels"], metadata={"help": "Batch keys with labels."})
@@ -171,7 +175,19 @@ class TrainingArguments(transformers.TrainingArguments):
                     f"--group_by_length true contradicts --train_sampling_strategy {self.train_sampling_strategy}"
                 )
             self.train_sampling_strategy = "group_by_length"
+        self._checkpointing_by_this_transformers_name()
         super().__post_init__()
+
+    def _checkpointing_by_this_transformers_name(self):
+        """--gradient_checkpointing (the launchers' flag) and activation_checkpointing_kwargs mean the same
+        on every transformers we support. 5.2x renamed gradient checkpointing "activation checkpointing"
+        and warns (FutureWarning) when only the old name is set; 5.3 knows the old names only, and reads
+        its checkpointing kwargs from gradient_checkpointing_kwargs (None: reentrant checkpointing)."""
+        if "activation_checkpointing" in {f.name for f in dataclasses.fields(transformers.TrainingArguments)}:
+            if self.activation_checkpointing is None and self.gradient_checkpointing is not None:
+                self.activation_checkpointing, self.gradient_checkpointing = self.gradient_checkpointing, None
+        elif self.gradient_checkpointing_kwargs is None:
+            self.gradient_checkpointing_kwargs = self.activation_checkpointing_kwargs
 
 
 @dataclass
@@ -252,6 +268,8 @@ def parse_args(argv=None):
         args=distributed.adapt_deepspeed_argv(argv)
     )
     validate(training_args, lora_args)
+    if training_args.stop_at_eval_loss is not None and (not data_args.eval_data_path or training_args.eval_strategy == "no"):
+        raise UsageError("--stop_at_eval_loss needs evaluations: give --eval_data_path and --eval_strategy steps")
     return model_args, data_args, training_args, lora_args
 
 

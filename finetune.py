@@ -29,7 +29,7 @@ import run_folder
 from arguments import check_paths, compute_dtype, parse_args
 from dataset import DataError, PackedDataset, PreferenceCollator, load_records, log_sample
 from dpo import PreferenceTrainer, unsupported_reason
-from trainer import CPMTrainer
+from trainer import CPMTrainer, StopAtEvalLoss
 from usage import EXIT_USAGE, UsageError
 
 logger = logging.getLogger(__name__)
@@ -198,7 +198,8 @@ def train_in_folder(model_args, data_args, training_args, lora_args, resume_from
         eval_dataset=datasets["eval"],
         processing_class=processing,
         model_source=loading.model_source_dir(model_args.model_name_or_path, training_args.cache_dir),
-        callbacks=[resilience.PreemptionCallback()],
+        callbacks=[resilience.PreemptionCallback()]
+        + ([StopAtEvalLoss(training_args.stop_at_eval_loss)] if training_args.stop_at_eval_loss is not None else []),
         earlier_checkpoints=earlier_checkpoints,
     )
     if training_args.stage == "dpo":
@@ -218,6 +219,18 @@ def train_in_folder(model_args, data_args, training_args, lora_args, resume_from
     return trainer
 
 
+def set_up_logging(training_args):
+    """transformers' own logging follows --log_level, as its example scripts do (passive, the default:
+    its own level, warning; the model configs it logs at info stay out of the log). This project's lines
+    (checkpoint, preflight, parameters, LoRA modules) are logged at info on the main process unless
+    --log_level names a level, so a run's log starts with them; other processes follow --log_level_replica.
+    """
+    level = training_args.get_process_log_level()
+    ours = logging.INFO if training_args.log_level == "passive" and training_args.should_log else level
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=ours, force=True)
+    transformers.utils.logging.set_verbosity(level)
+
+
 def main(argv=None):
     """The command line: parse ``argv`` (default: sys.argv), set up this process's logging, train.
 
@@ -225,12 +238,7 @@ def main(argv=None):
     """
     try:
         model_args, data_args, training_args, lora_args = parse_args(argv)
-        logging.basicConfig(
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            level=training_args.get_process_log_level(),
-            force=True,
-        )
-        transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+        set_up_logging(training_args)
         trainer = train(model_args, data_args, training_args, lora_args)
     except (UsageError, loading.TransformersTooOld) as e:
         print(f"finetune.py: error: {e}", file=sys.stderr)

@@ -476,7 +476,7 @@ def _named_like(cls, published, module_name):
 
 # The transformers releases this project is tested on; requirements.txt states the same range (a
 # test checks that they agree). An error for a removed name without a stand-in names it.
-SUPPORTED_TRANSFORMERS = ">=5.3.0,<=5.24.0"
+SUPPORTED_TRANSFORMERS = ">=5.3.0,<=5.25.0"
 # Cache methods the published generation code calls (not imports): the class they belong on.
 CACHE_METHODS = {
     "from_legacy_cache": "DynamicCache",

@@ -214,3 +214,19 @@ class CPMTrainer(transformers.Trainer):
             # A model-only checkpoint: no optimizer or RNG files follow (the Trainer skips
             # _save_rng_state), so its files are all written now.
             self._files_written(output_dir)
+
+
+class StopAtEvalLoss(transformers.TrainerCallback):
+    """--stop_at_eval_loss: end training at the first evaluation whose loss is below the threshold (every
+    rank sees the same gathered loss, so all stop at the same step); the final model is saved as usual."""
+
+    def __init__(self, threshold):
+        self.threshold = threshold
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        loss = (metrics or {}).get("eval_loss")
+        if loss is not None and loss < self.threshold:
+            logger.info("Eval loss %.5f < %g at step %d: training stops (--stop_at_eval_loss)",
+                        loss, self.threshold, state.global_step)
+            control.should_training_stop = True
+        return control

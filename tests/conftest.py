@@ -1,9 +1,30 @@
 """Shared fixtures: tiny random MiniCPM-V checkpoints and a small dataset, built once per test session."""
 
+import logging
+
 import pytest
+import transformers
 
 import demo_data
 from tiny_models.build import build_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """finetune.main() and merge.main() set up their process's logging: a handler on sys.stderr as it is at
+    that moment, under pytest the test's capture, closed when the test ends. Each test gets the root
+    logger and transformers' verbosity back as they were, so later records never reach a closed stream
+    ("ValueError: I/O operation on closed file")."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    verbosity = transformers.utils.logging.get_verbosity()
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    transformers.utils.logging.set_verbosity(verbosity)
 
 
 @pytest.fixture(scope="session")

@@ -171,16 +171,19 @@ def dataset_as_trained(model_dir, data_path, *argv):
 
 
 def eval_loss(model, dataset, collator):
-    """Summed cross-entropy over all learned tokens of ``dataset``, divided by their count.
+    """Summed cross-entropy over all learned tokens of ``dataset``, divided by their count, and the
+    largest |logit| it was computed from.
 
     That is the Trainer's eval_loss when the whole eval set is one evaluation step (one sample
-    per process): with ``average_tokens_across_devices`` it weighs every token alike.
+    per process): with ``average_tokens_across_devices`` it weighs every token alike. The loss another
+    process reported differs by the rounding of logits of that size: compare with
+    ``numerics.approx(reported, scale=largest_logit)``.
     """
     import backends
     from trainer import CPMTrainer
 
     backend = backends.backend_for(model.config)  # remote code or native, as its config says
-    total, count = 0.0, 0
+    total, count, largest_logit = 0.0, 0, 0.0
     model.eval()
     with torch.no_grad():
         for i in range(len(dataset)):
@@ -189,4 +192,5 @@ def eval_loss(model, dataset, collator):
             logits = backend.forward(model, batch).logits
             total += CPMTrainer.token_loss(logits, labels, num_items=1).item()
             count += int(labels.ne(-100).sum())
-    return total / count
+            largest_logit = max(largest_logit, logits.abs().max().item())
+    return total / count, largest_logit

@@ -18,6 +18,7 @@ import backends
 import dpo
 import finetune
 import loading
+import numerics
 import preflight
 import resilience
 from dataset import DataCollator, PreferenceCollator, model_pixels
@@ -95,6 +96,7 @@ def full_logits_logps(model, dataset):
     return torch.tensor(logps["chosen"]), torch.tensor(logps["rejected"])
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("family", sorted(LLM_TYPE))
 def test_lora_step_0_is_ln2_and_reference_is_the_base_model(family, tiny_checkpoint, shapes, tmp_path):
     model_dir = tiny_checkpoint(family)
@@ -130,8 +132,9 @@ def test_lora_step_0_is_ln2_and_reference_is_the_base_model(family, tiny_checkpo
     base = loading.load_model(model_dir, loading.load_config(model_dir), dtype=torch.float32).train()
     with torch.no_grad():
         base_chosen, base_rejected = trainer.sequence_logps(base, batch)
-    torch.testing.assert_close(ref_chosen, base_chosen, rtol=0, atol=1e-6)
-    torch.testing.assert_close(ref_rejected, base_rejected, rtol=0, atol=1e-6)
+    # The base model loaded afresh trains all its parameters: other kernels (see above).
+    numerics.assert_close(ref_chosen, base_chosen)
+    numerics.assert_close(ref_rejected, base_rejected)
     assert (policy_chosen - base_chosen).abs().max() > 1e-3
     # The lean path (vision once per pair, the head on answer tokens only, 2B rows padded) equals
     # plain full logits with each row on its own, to fp32 rounding of sums of ~40 nats.
@@ -140,7 +143,7 @@ def test_lora_step_0_is_ln2_and_reference_is_the_base_model(family, tiny_checkpo
         with torch.no_grad():
             lean = trainer.sequence_logps(network, batch)
         for got, expected in zip(lean, full_logits_logps(network, dataset)):
-            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
+            numerics.assert_close(got, expected)
 
 
 def test_full_fine_tune_starts_at_ln2_against_a_frozen_copy(tiny_checkpoint, preferences, tmp_path):

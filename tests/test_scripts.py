@@ -13,6 +13,7 @@ from transformers import AutoModel
 import demo_data
 import infer
 import loading
+import numerics
 from backends import RemoteCodeBackend
 from dataset import DataCollator, data_settings, make_dataset, model_pixels
 from launch import LORA_ARGS, REPO, finetune_args, run, run_finetune, subprocess_env
@@ -94,7 +95,7 @@ def test_merge_is_standalone_and_matches_the_adapter(tiny_checkpoint, demo_set, 
         expected = wrapped(data=batch, use_cache=False).logits
         got = merged(data=batch, use_cache=False).logits
         untouched = plain(data=batch, use_cache=False).logits
-    assert (got - expected).abs().max().item() < 1e-5
+    numerics.assert_close(got, expected)  # merged weights: other sums than base + LoRA, to fp32 rounding
     assert (untouched - expected).abs().max().item() > 1e-2  # the adapter changed the model
 
 
@@ -132,6 +133,7 @@ def test_infer_cli_adapter_and_merged_model_answer_alike(tiny_checkpoint, demo_s
     assert answers(single) == answers(with_adapter)[:1]
 
 
+@pytest.mark.numerics
 @pytest.mark.launch
 def test_demo_learns_the_training_answers(tmp_path):
     """The README's first command, end to end: at least 90% of the answers reproduced exactly."""
