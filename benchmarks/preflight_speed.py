@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import arguments  # noqa: E402
+import backends  # noqa: E402
 import finetune  # noqa: E402
 import loading  # noqa: E402
 import preflight  # noqa: E402
@@ -53,12 +54,13 @@ def write_data(folder, records, images, size):
     return path, sum(len(r.get("image", {})) if isinstance(r.get("image"), dict) else int("image" in r) for r in data)
 
 
-def main():
+def main(argv=None):
+    """Run the benchmark; returns its figures (``records``, ``references``, ``decodes``, ``seconds``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=10_000)
     parser.add_argument("--images", type=int, default=10_000, help="distinct image files")
     parser.add_argument("--size", default="448x336", help="image width x height")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     size = tuple(int(v) for v in args.size.split("x"))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -81,8 +83,10 @@ def main():
             ["--model_name_or_path", str(model), "--data_path", str(path), "--output_dir", str(tmp / "out"),
              "--use_cpu", "true", "--llm_type", "qwen", "--report_to", "none"]
         )
-        config, tokenizer = loading.load_config(model), loading.load_tokenizer(model)
-        train, _ = finetune.build_datasets(data_args, training_args, tokenizer, config)
+        config = loading.load_config(model)
+        backend = backends.backend_for(config, training_args.llm_type)
+        processing = backend.load_processing(model)
+        train, _ = finetune.build_datasets(backend, data_args, training_args, processing, config)
         decodes = 0
         start = time.perf_counter()
         bad, _ = preflight.check_all({"train": train}, tmp / "out", skip_bad=False, preflight_only=True)
@@ -93,6 +97,7 @@ def main():
         f"{1000 * seconds / args.records:.3f} s per 1,000 records; {decodes} image decodes "
         f"({decodes / max(references, 1):.2f} per image reference)"
     )
+    return dict(records=args.records, references=references, decodes=decodes, seconds=seconds)
 
 
 if __name__ == "__main__":
