@@ -100,43 +100,118 @@ class BadLine:
         return f"<line {self.line_no}: not valid JSON>"
 
 
+def not_utf8(path, raw, error, offset=0):
+    """The DataError of a data file whose bytes ``raw`` (at ``offset`` in the file) are not UTF-8."""
+    guess = " (it starts with a UTF-16 byte-order mark)" if offset == 0 and raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+    return DataError(
+        f"not UTF-8 text{guess}: byte {raw[error.start]:#04x} at offset {offset + error.start} ({error.reason}); "
+        "save the file as UTF-8",
+        data_path=path,
+        code="bad_encoding",
+    )
+
+
+def unreadable(path, error):
+    return DataError(f"cannot read the file: {error.strerror or error}", data_path=path, code="unreadable_file")
+
+
 def read_text(path):
     """The text of a data file: UTF-8, with or without a byte-order mark, else a DataError saying why."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
-        raise DataError(f"cannot read the file: {e.strerror or e}", data_path=path, code="unreadable_file") from e
+        raise unreadable(path, e) from e
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        guess = " (it starts with a UTF-16 byte-order mark)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
-        raise DataError(
-            f"not UTF-8 text{guess}: byte {raw[e.start]:#04x} at offset {e.start} ({e.reason}); "
-            "save the file as UTF-8",
-            data_path=path,
-            code="bad_encoding",
-        ) from e
+        raise not_utf8(path, raw, e) from e
+
+
+# File names read as JSON Lines (compared in lower case); any other is one JSON document.
+JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def is_json_lines(path):
+    return os.fspath(path).lower().endswith(JSON_LINES_SUFFIXES)
+
+
+class JsonLines:
+    """The records of a JSON Lines file, read on demand: a sequence (``len``, ``[index]``) that holds
+    each record's byte offset and line number, not the records, so memory does not grow with the
+    file's text. Indexing reads one line and parses it; a line that is not valid JSON comes back
+    as a ``BadLine`` in its record's place.
+
+    Lines end at ``\n`` (``\r\n`` too) only: U+2028, U+0085 and the other characters that
+    ``str.splitlines()`` also cuts at are legal, unescaped, inside JSON strings. Blank lines are
+    no records. The whole file is checked to be UTF-8 (a BOM is allowed) when indexed, as
+    ``read_text`` checks a ``.json`` file. A copy sent to another process (a pickle) reopens the
+    file there.
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        offsets, line_numbers = [], []
+        try:
+            with open(self.path, "rb") as f:
+                offset = 0
+                for line_no, line in enumerate(f, 1):
+                    start = offset
+                    offset += len(line)
+                    if line_no == 1 and line.startswith(UTF8_BOM):
+                        line, start = line[len(UTF8_BOM):], start + len(UTF8_BOM)
+                    try:
+                        text = line.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise not_utf8(self.path, line, e, start) from e
+                    if text.strip():
+                        offsets.append(start)
+                        line_numbers.append(line_no)
+        except OSError as e:
+            raise unreadable(self.path, e) from e
+        # Compact arrays: 16 bytes a record, where Python ints in a list would take about 70.
+        self.offsets = np.array(offsets, dtype=np.int64)
+        self.line_numbers = np.array(line_numbers, dtype=np.int64)
+        self._file = None
+
+    def __len__(self):
+        return len(self.offsets)
+
+    def __getitem__(self, index):
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"record {index} of {len(self)}")
+        if self._file is None:
+            self._file = open(self.path, "rb")  # noqa: SIM115 (held for the dataset's life, reopened per process)
+        self._file.seek(int(self.offsets[index]))
+        line = self._file.readline().decode("utf-8")
+        try:
+            return json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nesting too deep to parse
+            return BadLine(int(self.line_numbers[index]), e)
+
+    def __iter__(self):
+        return (self[index] for index in range(len(self)))
+
+    def __getstate__(self):
+        return {**self.__dict__, "_file": None}
+
+    def __del__(self):
+        if getattr(self, "_file", None) is not None:
+            self._file.close()
 
 
 def load_records(path):
-    """Read a data file: ``.json`` holding a list of records, or ``.jsonl`` (one per line).
+    """Read a data file: ``.json`` holding a list of records (held in memory), or JSON Lines
+    (``.jsonl``, ``.ndjson``, in any case: one record per line, read on demand; see JsonLines).
 
     A file that cannot be read, is not UTF-8 or (``.json``) not a JSON list raises DataError.
-    A ``.jsonl`` line that is not valid JSON becomes a ``BadLine`` in its record's place.
+    A JSON Lines line that is not valid JSON becomes a ``BadLine`` in its record's place.
     """
     path = os.fspath(path)
+    if is_json_lines(path):
+        return JsonLines(path)
     text = read_text(path)
-    if path.endswith(".jsonl"):
-        records = []
-        for line_no, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                records.append(BadLine(line_no, e))
-        return records
     try:
         records = json.loads(text)
     except json.JSONDecodeError as e:
