@@ -12,24 +12,30 @@ loading.py (remote-code loading), dataset.py / native_data.py (records to tensor
 (the data check), lora.py (LoRA/QLoRA), trainer.py (CPMTrainer).
 """
 
-import logging
-import os
 import sys
 
-import torch
-import transformers
+import startup
 
-import backends
-import distributed
-import loading
-import lora
-import preflight
-import resilience
-from arguments import check_paths, compute_dtype, parse_args
-from dataset import DataError, PackedDataset, PreferenceCollator, load_records, log_sample
-from dpo import PreferenceTrainer, unsupported_reason
-from trainer import CPMTrainer
-from usage import EXIT_USAGE, UsageError
+if __name__ == "__main__":  # before transformers is imported: see startup.py
+    startup.keep_bitsandbytes_out(sys.argv[1:])
+
+import logging  # noqa: E402
+import os  # noqa: E402
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import backends  # noqa: E402
+import distributed  # noqa: E402
+import loading  # noqa: E402
+import lora  # noqa: E402
+import preflight  # noqa: E402
+import resilience  # noqa: E402
+from arguments import check_paths, compute_dtype, parse_args  # noqa: E402
+from dataset import DataError, PackedDataset, PreferenceCollator, load_records, log_sample  # noqa: E402
+from dpo import PreferenceTrainer, unsupported_reason  # noqa: E402
+from trainer import CPMTrainer  # noqa: E402
+from usage import EXIT_USAGE, UsageError  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -59,6 +59,7 @@ TINY = {
     "preflight_speed.py": ["--records", "41", "--images", "7", "--size", "64x48"],
     "padding.py": ["--records", "24", "--batch", "4", "--epochs", "1"],
     "pipeline.py": ["--repeats", "1", "--passes", "1", "--workers", "0", "--images", "8"],
+    "import_time.py": ["--repeats", "1"],
     "loss_memory.py": ["--vocabs", "512", "--lengths", "64", "--fractions", "0.2", "--dtypes", "float32"],
 }
 IN_PROCESS = {"gpu_train.py"}
@@ -112,3 +113,11 @@ def test_loss_memory_benchmark(tmp_path):
     assert (length, fraction, dtype) == ("64", "20%", "float32")
     # The same float32 loss by two summation orders over 64 x 0.2 positions: a few ulps apart.
     assert float(diff) <= 1e-5
+
+
+@pytest.mark.launch
+def test_import_time_benchmark(tmp_path):
+    out = run_benchmark("import_time.py", tmp_path)
+    rows = dict(re.findall(r"^\s*(.+?):\s+[\d.]+\s+\((bitsandbytes: \w+)", out, re.MULTILINE))
+    assert rows == {"--help": "bitsandbytes: no", "--help --q_lora true": "bitsandbytes: yes",
+                    "import finetune": "bitsandbytes: yes"}, out
