@@ -48,6 +48,11 @@ class DataArguments:
         default=False,
         metadata={"help": "Only check the data (no weights load): report problems, exit 1 if there are any."},
     )
+    preflight_workers: int = field(
+        default=None,
+        metadata={"help": "Worker processes each rank checks its share of the records with, in preflight (default: "
+                  "the node's cores divided among its ranks; 1: in the rank's own process)."},
+    )
     max_num_frames: int = field(
         default=None,
         metadata={"help": "Video (native models): the most frames sampled from a clip (default: the checkpoint's "
@@ -60,7 +65,7 @@ class DataArguments:
     )
 
     def __post_init__(self):
-        for name in ("max_num_frames", "stack_frames"):
+        for name in ("max_num_frames", "stack_frames", "preflight_workers"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be at least 1")
 

@@ -81,6 +81,7 @@ def prepare_data(backend, data_args, training_args, processing, config):
         skip_bad=data_args.skip_bad_samples,
         preflight_only=data_args.preflight_only,
         is_main=training_args.process_index == 0,
+        workers=data_args.preflight_workers,
     )
     if training_args.should_log and not data_args.preflight_only:
         log_sample(checked["train"], backend.tokenizer(processing))

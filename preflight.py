@@ -7,19 +7,23 @@ gathered, not only the first: the console gets a table (reason -> count, first r
 ``<output_dir>/preflight_report.json`` gets every one. Then the run stops before the weights
 load, or, with ``--skip_bad_samples``, trains without exactly the reported records.
 
-Only the main process checks; the others wait for its verdict, so every rank drops the same
-records. ``python finetune.py --preflight_only true ...`` runs the check alone (it needs the
+Every rank checks its share of the records, with a pool of worker processes (default: its share
+of the node's cores), and the results are gathered: every rank then holds all of them and drops
+the same records, and the report, the bad records and the lengths are the same whatever the
+number of ranks and workers. ``python finetune.py --preflight_only true ...`` runs the check alone (it needs the
 model's config and tokenizer, not its weights), e.g. on a laptop.
 """
 
 import datetime
 import json
 import logging
+import multiprocessing
 import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch.distributed as dist
 from torch.utils.data import Subset
 from tqdm import tqdm
@@ -77,7 +81,7 @@ REASONS = {
     "invalid_record": "the record is unusable",
 }
 EXAMPLES_PER_REASON = 3
-# The other ranks wait this long for the main process's check (default collectives time out
+# Ranks wait this long for the others to finish their shares (default collectives time out
 # after 10-30 minutes, less than a large dataset may need).
 WAIT_FOR_CHECK = datetime.timedelta(hours=12)
 
@@ -120,41 +124,122 @@ def file_problem(split, error):
     return [Problem.from_error(split, error)], stats, []
 
 
-def check_dataset(dataset, split, *, progress=True):
-    """Run ``dataset.check`` over every record; return ``(problems, stats, lengths)``, where
-    ``lengths[i]`` is record i's token count as trained (None for a bad record).
-
-    ``dataset`` may also be the DataError raised while reading its file: that is its one problem.
-    """
-    if isinstance(dataset, DataError):
-        return file_problem(split, dataset)
-    if not len(dataset):
-        return file_problem(split, DataError("the file holds no records", data_path=dataset.data_path, code="no_records"))
+def check_range(dataset, split, start, stop):
+    """Check records ``start`` to ``stop - 1`` of ``dataset``: a Share of them."""
+    lengths = np.full(stop - start, -1, dtype=np.int32)
     problems, truncated, longest = [], [], 0
-    lengths = [None] * len(dataset)
-    start = time.perf_counter()
-    for index in tqdm(range(len(dataset)), desc=f"preflight {split}", unit="rec", disable=not progress, mininterval=1):
+    for index in range(start, stop):
         try:
             info = dataset.check(index)
         except DataError as e:
             problems.append(Problem.from_error(split, e))
             continue
         longest = max(longest, info["tokens"])
-        lengths[index] = info["length"]
+        lengths[index - start] = info["length"]
         if info["truncated"]:
             truncated.append(index)
-    seconds = time.perf_counter() - start
+    return Share(lengths, problems, truncated, longest)
+
+
+@dataclass
+class Share:
+    """The check of consecutive records: each one's length as trained (-1: bad), the problems,
+    the truncated records' indices and the longest token count before truncation."""
+
+    lengths: np.ndarray
+    problems: list
+    truncated: list
+    longest: int
+
+    @classmethod
+    def join(cls, shares):
+        """The Share of consecutive shares, in their order."""
+        shares = list(shares)
+        return cls(
+            np.concatenate([s.lengths for s in shares]) if shares else np.zeros(0, dtype=np.int32),
+            [p for s in shares for p in s.problems],
+            [i for s in shares for i in s.truncated],
+            max((s.longest for s in shares), default=0),
+        )
+
+
+# A pool worker's datasets, set once as it starts (with fork, inherited, not copied): each task
+# then names only a split and a range of records.
+_worker_datasets = None
+
+
+def _start_worker(datasets):
+    global _worker_datasets
+    _worker_datasets = datasets
+
+
+def _check_task(task):
+    split, start, stop = task
+    return check_range(_worker_datasets[split], split, start, stop)
+
+
+def default_workers():
+    """Worker processes per rank: the cores this process may use, divided among the node's ranks."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def rank_range(count, rank, world_size):
+    """The records ``[start, stop)`` of ``count`` that rank ``rank`` checks: consecutive, sizes
+    differing by at most one."""
+    return count * rank // world_size, count * (rank + 1) // world_size
+
+
+def check_shares(datasets, ranges, workers, *, progress=True):
+    """``{split: Share}`` of the records ``ranges[split] = (start, stop)`` of each dataset, checked
+    by ``workers`` processes (1: in this process). The records go to the workers in consecutive
+    chunks, and their results come back in order."""
+    total = sum(stop - start for start, stop in ranges.values())
+    bar = tqdm(total=total, desc="preflight", unit="rec", disable=not progress, mininterval=1)
+    chunk = max(1, min(256, total // (4 * workers) or 1))
+    tasks = [
+        (split, at, min(at + chunk, stop))
+        for split, (start, stop) in ranges.items()
+        for at in range(start, stop, chunk)
+    ]
+    results = {split: [] for split in ranges}
+    if workers > 1 and len(tasks) > 1:
+        with multiprocessing.Pool(min(workers, len(tasks)), initializer=_start_worker, initargs=(datasets,)) as pool:
+            for task, share in zip(tasks, pool.imap(_check_task, tasks)):
+                results[task[0]].append(share)
+                bar.update(task[2] - task[1])
+    else:
+        for split, start, stop in tasks:
+            results[split].append(check_range(datasets[split], split, start, stop))
+            bar.update(stop - start)
+    bar.close()
+    return {split: Share.join(shares) for split, shares in results.items()}
+
+
+def check_dataset(dataset, split, *, progress=True, workers=1):
+    """Run ``dataset.check`` over every record (with ``workers`` processes, and every rank its
+    share where a process group runs); return ``(problems, stats, lengths)``, where ``lengths[i]``
+    is record i's token count as trained (None for a bad record).
+
+    ``dataset`` may also be the DataError raised while reading its file: that is its one problem.
+    """
+    return check_everywhere({split: dataset}, progress=progress, workers=workers)[split]
+
+
+def finish(dataset, split, share, seconds):
+    """``(problems, stats, lengths)`` of a dataset's whole Share, as check_dataset returns them."""
     stats = dict(
         split=split,
         file=dataset.data_path,
         records=len(dataset),
-        bad=len(problems),
-        truncated=truncated,
-        longest_tokens=longest,
+        bad=len(share.problems),
+        truncated=share.truncated,
+        longest_tokens=share.longest,
         max_length=dataset.max_length,
         seconds=round(seconds, 3),
     )
-    return problems, stats, lengths
+    lengths = [None if length < 0 else length for length in share.lengths.tolist()]
+    return share.problems, stats, lengths
 
 
 def summary_table(problems, stats):
@@ -215,43 +300,74 @@ def bad_indices(problems, splits):
     return bad
 
 
-def check_all(datasets, output_dir, *, skip_bad, preflight_only, progress=True):
-    """Check every dataset (main process); log the table, write the report; return
-    ``(bad_indices, {split: lengths})``."""
+def check_everywhere(datasets, *, progress=True, workers=None):
+    """Check every record of ``{split: dataset or DataError}``, each rank its share with a pool of
+    ``workers`` processes (default_workers), and gather the shares: ``{split: (problems, stats,
+    lengths)}`` as check_dataset returns them, the same on every rank and whatever the number of
+    ranks. No record is checked twice; a rank reads only the records of its share."""
+    rank, world_size = 0, 1
+    if dist.is_available() and dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    checked = {split: file_problem(split, dataset) for split, dataset in datasets.items() if isinstance(dataset, DataError)}
+    checked |= {
+        split: file_problem(split, DataError("the file holds no records", data_path=dataset.data_path, code="no_records"))
+        for split, dataset in datasets.items()
+        if split not in checked and not len(dataset)
+    }
+    todo = {split: dataset for split, dataset in datasets.items() if split not in checked}
+    ranges = {split: rank_range(len(dataset), rank, world_size) for split, dataset in todo.items()}
+    start = time.perf_counter()
+    mine = check_shares(todo, ranges, workers or default_workers(), progress=progress)
+    shares = gather((mine, time.perf_counter() - start), world_size)
+    seconds = max(took for _, took in shares)  # the pass takes as long as its slowest rank
+    for split, dataset in todo.items():
+        checked[split] = finish(dataset, split, Share.join(share[split] for share, _ in shares), seconds)
+    return {split: checked[split] for split in datasets}
+
+
+def gather(mine, world_size):
+    """Every rank's ``mine``, in rank order, on every rank (``[mine]`` without a process group)."""
+    if world_size == 1:
+        return [mine]
+    # A CPU (gloo) group with a long timeout: a rank that finishes its share first waits for the
+    # others, and an object gathered over NCCL would need the device set up first.
+    group = dist.new_group(backend="gloo", timeout=WAIT_FOR_CHECK)
+    shares = [None] * world_size
+    dist.all_gather_object(shares, mine, group=group)
+    dist.destroy_process_group(group)
+    return shares
+
+
+def check_all(datasets, output_dir, *, skip_bad, preflight_only, progress=True, is_main=True, workers=None):
+    """Check every dataset (every rank its share, see check_everywhere); on the main process log the
+    table and write the report; return ``(bad_indices, {split: lengths})``, the same on every rank."""
     problems, stats, lengths = [], [], {}
-    for split, dataset in datasets.items():
-        found, numbers, lengths[split] = check_dataset(dataset, split, progress=progress)
+    for split, (found, numbers, lengths[split]) in check_everywhere(datasets, progress=progress and is_main,
+                                                                     workers=workers).items():
         problems += found
         stats.append(numbers)
+    if is_main:
+        report(problems, stats, output_dir, skip_bad=skip_bad, preflight_only=preflight_only)
+    return bad_indices(problems, datasets), lengths
+
+
+def report(problems, stats, output_dir, *, skip_bad, preflight_only):
+    """Write the report and log the table of a finished check."""
     skippable = all(p.index is not None for p in problems)  # a whole unusable file cannot be skipped
     action = "passed" if not problems else ("skipped" if skip_bad and skippable and not preflight_only else "stopped")
     report_path = os.path.join(output_dir, REPORT_NAME)
-    report = write_report(report_path, problems, stats, action)
+    written = write_report(report_path, problems, stats, action)
     table = summary_table(problems, stats)
-    records = report["records"]
-    timing = f"{records} records in {report['seconds']:.1f} s ({report['seconds_per_1000_records']:.2f} s per 1,000)"
+    records = written["records"]
+    timing = f"{records} records in {written['seconds']:.1f} s ({written['seconds_per_1000_records']:.2f} s per 1,000)"
     if problems:
         (logger.warning if action == "skipped" else logger.error)("%s\nFull report: %s", table, report_path)
     else:
         logger.info("%s\nReport: %s", table, report_path)
     logger.info("Preflight checked %s", timing)
-    return bad_indices(problems, datasets), lengths
 
 
-def share(checked, is_main):
-    """The main process's results, on every rank (a no-op without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return checked
-    # A CPU (gloo) group with a long timeout: the others may wait a long time for the check,
-    # and an object broadcast over NCCL would need the device set up first.
-    group = dist.new_group(backend="gloo", timeout=WAIT_FOR_CHECK)
-    box = [checked if is_main else None]
-    dist.broadcast_object_list(box, src=0, group=group)
-    dist.destroy_process_group(group)
-    return box[0]
-
-
-def run(datasets, output_dir, *, skip_bad=False, preflight_only=False, is_main=True):
+def run(datasets, output_dir, *, skip_bad=False, preflight_only=False, is_main=True, workers=None):
     """Check ``{split: SupervisedDataset or None}`` and return them as training should see them.
 
     A split's value may also be the DataError its file raised when read (``load_records``):
@@ -262,8 +378,8 @@ def run(datasets, output_dir, *, skip_bad=False, preflight_only=False, is_main=T
     is bad, else PreflightFailed is not raised and the caller should return.
     """
     present = {split: dataset for split, dataset in datasets.items() if dataset is not None}
-    checked = check_all(present, output_dir, skip_bad=skip_bad, preflight_only=preflight_only) if is_main else None
-    bad, lengths = share(checked, is_main)
+    bad, lengths = check_all(present, output_dir, skip_bad=skip_bad, preflight_only=preflight_only, is_main=is_main,
+                             workers=workers)
     report = os.path.join(output_dir, REPORT_NAME)
     unusable = [split for split, indices in bad.items() if indices is None]
     if unusable:

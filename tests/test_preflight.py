@@ -222,7 +222,7 @@ def test_skip_bad_samples_trains_on_exactly_the_good_ones(corpus, tmp_path):
     good = len(records) - len(expected)
     report = json.loads((out / preflight.REPORT_NAME).read_text())
     assert report["action"] == "skipped" and report["dropped"] == {"train": sorted(expected)}
-    # Both ranks drop the same records (rank 1 gets the list from rank 0).
+    # Both ranks drop the same records (each checked its half; the results are gathered on both).
     line = f"--skip_bad_samples: dropping {len(expected)} of {len(records)} train records flagged by preflight; training on {good}"
     assert output.count(line) == 2, output[-3000:]
     # One epoch over the good records at one per rank and step: every one was trained on, no other
@@ -296,3 +296,82 @@ def test_unreadable_file_exits_1_with_the_table_and_no_traceback(tiny_checkpoint
     assert "Traceback" not in output
     assert "bad_encoding" in output and f"unusable data files: {path}" in output
     assert json.loads((out / preflight.REPORT_NAME).read_text())["reasons"] == {"bad_encoding": 1}
+
+
+# --------------------------------------------------------------------------------------------
+# Across ranks and cores
+
+
+@pytest.mark.parametrize("count", [0, 1, 5, 1000])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+def test_rank_ranges_cover_every_record_once(count, world_size):
+    ranges = [preflight.rank_range(count, rank, world_size) for rank in range(world_size)]
+    assert [i for start, stop in ranges for i in range(start, stop)] == list(range(count))
+    assert max(stop - start for start, stop in ranges) - min(stop - start for start, stop in ranges) <= 1
+
+
+class LoggedChecks:
+    """A dataset whose check appends the index to a file (from any process) and fails every 7th record."""
+
+    data_path = "logged.json"
+    max_length = 100
+
+    def __init__(self, log, count):
+        self.log, self.count = log, count
+
+    def __len__(self):
+        return self.count
+
+    def check(self, index):
+        with open(self.log, "a") as f:
+            f.write(f"{index} {os.getpid()}\n")
+        if index % 7 == 3:
+            raise dataset.DataError("bad", index=index, record_id=f"r{index}", data_path=self.data_path, code="bad_content")
+        return {"tokens": 10 + index, "length": min(10 + index, self.max_length), "truncated": 10 + index > self.max_length}
+
+
+def test_worker_processes_check_each_record_once_and_results_come_back_in_order(tmp_path):
+    log = tmp_path / "checks.log"
+    data = LoggedChecks(log, 300)
+    one = preflight.check_dataset(data, "train", progress=False, workers=1)
+    assert sorted(int(line.split()[0]) for line in log.read_text().splitlines()) == list(range(300))
+    log.unlink()
+    three = preflight.check_dataset(data, "train", progress=False, workers=3)
+    checks = [line.split() for line in log.read_text().splitlines()]
+    assert sorted(int(index) for index, _ in checks) == list(range(300))  # each once
+    assert len({pid for _, pid in checks} - {str(os.getpid())}) > 1  # in several other processes
+    (problems, stats, lengths), (problems1, stats1, lengths1) = three, one
+    assert problems == problems1 and lengths == lengths1
+    assert {**stats, "seconds": 0} == {**stats1, "seconds": 0}
+    assert [p.index for p in problems] == list(range(3, 300, 7))
+    assert stats["truncated"] == [i for i in range(91, 300) if i % 7 != 3] and stats["longest_tokens"] == 309
+
+
+@pytest.mark.launch
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # the bomb record, refused
+def test_two_ranks_with_two_workers_report_as_one_process(corpus, tmp_path):
+    """torchrun, 2 processes of 2 workers each: the report, the bad records and the lengths are
+    those of one process checking alone."""
+    model, path, records, expected = corpus
+    alone = tmp_path / "alone"
+    train = dataset_as_trained(model, path)[0]
+    bad, lengths = preflight.check_all({"train": train, "eval": dataset_as_trained(model, path)[0]}, alone,
+                                       skip_bad=False, preflight_only=True, progress=False, workers=1)
+    out = tmp_path / "ranks"
+    env = subprocess_env()
+    code, output = run(
+        [*torchrun_finetune(env), *finetune_args(model, path, out, "--eval_data_path", path, "--preflight_only", "true",
+                                                 "--preflight_workers", "2")],
+        env=env, expect_ok=False,
+    )
+    assert code == 1, output[-3000:]
+
+    def timeless(report):
+        report = {**report, "seconds": 0, "seconds_per_1000_records": 0}
+        report["files"] = [{**f, "seconds": 0} for f in report["files"]]
+        return report
+
+    ranks = json.loads((out / preflight.REPORT_NAME).read_text())
+    assert timeless(ranks) == timeless(json.loads((alone / preflight.REPORT_NAME).read_text()))
+    assert ranks["bad_records"] == 2 * len(expected)
+    assert output.count(f"Preflight: {2 * len(expected)} of {2 * len(records)} records are unusable") == 1
