@@ -53,6 +53,11 @@ class DataArguments:
         metadata={"help": "Worker processes each rank checks its share of the records with, in preflight (default: "
                   "the node's cores divided among its ranks; 1: in the rank's own process)."},
     )
+    preflight_cache: bool = field(
+        default=True,
+        metadata={"help": "Reuse the preflight results an earlier run kept in --output_dir when the data files "
+                  "(size, time, content hash) and the settings that decide them are the same (a restart, a resume)."},
+    )
     max_num_frames: int = field(
         default=None,
         metadata={"help": "Video (native models): the most frames sampled from a clip (default: the checkpoint's "

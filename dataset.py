@@ -17,6 +17,7 @@ which the tokenizer splits on before anything else, so the ids equal those of th
 
 import bisect
 import errno
+import hashlib
 import json
 import logging
 import math
@@ -677,6 +678,18 @@ def tokenize_minicpm(messages, tokenizer):
     return torch.tensor(ids, dtype=torch.long), torch.tensor(context, dtype=torch.int8)
 
 
+def tokenizer_fingerprint(tokenizer):
+    """A hash of all a tokenizer's output depends on: its full definition (vocabulary, merges,
+    normalizer, added tokens; the vocabulary where it has no such backend), special tokens and
+    chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    digest = hashlib.sha256(definition.encode())
+    digest.update(json.dumps([type(tokenizer).__name__, tokenizer.special_tokens_map, tokenizer.chat_template],
+                             sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
 def special_token_id(tokenizer, token, needed_for):
     """The id of ``token`` in the tokenizer's vocabulary, as one token; ValueError naming it if absent.
 
@@ -742,6 +755,12 @@ class RecordDataset(Dataset):
             reserved_tokens=self.reserved_tokens,
             special_tokens=self.special_tokens,
         )
+
+    def check_settings(self):
+        """Everything besides the data file that decides what ``check`` finds (JSON values): a
+        preflight result is reused only where these are equal (preflight's cache)."""
+        return dict(dataset=type(self).__name__, max_length=self.max_length, image_root=self.image_root,
+                    tokenizer=tokenizer_fingerprint(self.tokenizer))
 
     def special_tokens_of(self, tokenizer):
         """The tokenizer's special tokens that message text must not hold: all of them but the
@@ -836,6 +855,12 @@ class SupervisedDataset(RecordDataset):
 
     def __getitem__(self, index):
         return self._checked_build(index, True)
+
+    def check_settings(self):
+        return super().check_settings() | dict(
+            llm_type=self.llm_type, slice_config=self.slice_config, patch_size=self.patch_size,
+            query_num=self.query_num, batch_vision=self.batch_vision, use_image_id=self.use_image_id,
+        )
 
     def validate(self, record, index):
         super().validate(record, index)

@@ -82,6 +82,7 @@ def prepare_data(backend, data_args, training_args, processing, config):
         preflight_only=data_args.preflight_only,
         is_main=training_args.process_index == 0,
         workers=data_args.preflight_workers,
+        cache=data_args.preflight_cache,
     )
     if training_args.should_log and not data_args.preflight_only:
         log_sample(checked["train"], backend.tokenizer(processing))

@@ -15,6 +15,8 @@ model's config and tokenizer, not its weights), e.g. on a laptop.
 """
 
 import datetime
+import hashlib
+import inspect
 import json
 import logging
 import multiprocessing
@@ -300,14 +302,19 @@ def bad_indices(problems, splits):
     return bad
 
 
+def world():
+    """``(rank, world_size)`` of this process ((0, 1) without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def check_everywhere(datasets, *, progress=True, workers=None):
     """Check every record of ``{split: dataset or DataError}``, each rank its share with a pool of
     ``workers`` processes (default_workers), and gather the shares: ``{split: (problems, stats,
     lengths)}`` as check_dataset returns them, the same on every rank and whatever the number of
     ranks. No record is checked twice; a rank reads only the records of its share."""
-    rank, world_size = 0, 1
-    if dist.is_available() and dist.is_initialized():
-        rank, world_size = dist.get_rank(), dist.get_world_size()
+    rank, world_size = world()
     checked = {split: file_problem(split, dataset) for split, dataset in datasets.items() if isinstance(dataset, DataError)}
     checked |= {
         split: file_problem(split, DataError("the file holds no records", data_path=dataset.data_path, code="no_records"))
@@ -338,12 +345,120 @@ def gather(mine, world_size):
     return shares
 
 
-def check_all(datasets, output_dir, *, skip_bad, preflight_only, progress=True, is_main=True, workers=None):
+def from_main(value):
+    """The main process's ``value`` on every rank (``value`` without a process group)."""
+    _, world_size = world()
+    if world_size == 1:
+        return value
+    group = dist.new_group(backend="gloo", timeout=WAIT_FOR_CHECK)
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=group)
+    dist.destroy_process_group(group)
+    return box[0]
+
+
+# --------------------------------------------------------------------------------------------
+# The cache: a restart or a resume with the same data and settings reuses the check
+
+
+CACHE_NAME = "preflight_cache.json"
+HASHED_WHOLE = 16 << 20  # a data file up to this size is hashed whole; a larger one by its first and last MiB
+EDGE = 1 << 20
+
+
+def file_identity(path):
+    """What identifies a data file's content: path, size, modification time and a SHA-256 (see HASHED_WHOLE)."""
+    info = os.stat(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if info.st_size <= HASHED_WHOLE:
+            for block in iter(lambda: f.read(EDGE), b""):
+                digest.update(block)
+        else:
+            digest.update(f.read(EDGE))
+            f.seek(-EDGE, os.SEEK_END)
+            digest.update(f.read(EDGE))
+    return dict(path=os.path.abspath(path), size=info.st_size, mtime_ns=info.st_mtime_ns, sha256=digest.hexdigest())
+
+
+def code_identity(dataset):
+    """A hash of the source files of the dataset's classes and of this module: new checks, new results."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    files = {inspect.getfile(cls) for cls in type(dataset).__mro__ if cls.__module__ != "builtins"}
+    files = sorted(f for f in files | {os.path.abspath(__file__)} if os.path.dirname(os.path.abspath(f)) == here)
+    digest = hashlib.sha256()
+    for name in files:
+        with open(name, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
+def cache_key(datasets):
+    """The key of a check of ``{split: dataset}``: each data file's identity, each dataset's
+    check_settings (tokenizer, family, slicing, model_max_length, ...) and the checking code. None
+    where a split has no data file (records built in memory) or its file could not be read."""
+    if any(isinstance(d, DataError) or d.data_path is None for d in datasets.values()):
+        return None
+    identity = {
+        split: dict(file=file_identity(d.data_path), settings=d.check_settings(), code=code_identity(d))
+        for split, d in datasets.items()
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def load_cache(output_dir, key):
+    """The check cached under ``key`` in ``output_dir`` (as check_everywhere returns it), or None."""
+    path = os.path.join(output_dir, CACHE_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            cached = json.load(f)
+    except (OSError, ValueError):  # none yet, or unreadable (a run stopped while writing it): check afresh
+        return None
+    if cached.get("key") != key:
+        return None
+    return {
+        split: ([Problem(**p) for p in entry["problems"]], entry["stats"], entry["lengths"])
+        for split, entry in cached["checked"].items()
+    }
+
+
+def save_cache(output_dir, key, checked):
+    path = os.path.join(output_dir, CACHE_NAME)
+    os.makedirs(output_dir, exist_ok=True)
+    entries = {
+        split: dict(problems=[asdict(p) for p in problems], stats=stats, lengths=lengths)
+        for split, (problems, stats, lengths) in checked.items()
+    }
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(dict(key=key, checked=entries), f, ensure_ascii=False, default=str)
+    os.replace(path + ".tmp", path)  # whole or not at all
+
+
+def check_all(datasets, output_dir, *, skip_bad, preflight_only, progress=True, is_main=True, workers=None,
+              cache=True):
     """Check every dataset (every rank its share, see check_everywhere); on the main process log the
-    table and write the report; return ``(bad_indices, {split: lengths})``, the same on every rank."""
+    table and write the report; return ``(bad_indices, {split: lengths})``, the same on every rank.
+
+    With ``cache``, the result is also kept in ``<output_dir>/preflight_cache.json`` under
+    cache_key, and a later call with the same key (a restart or a resume of the run) reuses it
+    instead of checking again, and says so.
+    """
+    key = checked = None
+    if cache:  # the main process alone reads (and later writes) the cache; the others get what it found
+        key = cache_key(datasets) if is_main else None
+        checked = from_main(load_cache(output_dir, key) if key else None)
+    if checked is not None:
+        if is_main:
+            logger.info(
+                "Preflight: the data files and settings are those an earlier check saw; its results are reused "
+                "(%s; pass --preflight_cache false to check again)", os.path.join(output_dir, CACHE_NAME),
+            )
+    else:
+        checked = check_everywhere(datasets, progress=progress and is_main, workers=workers)
+        if key and is_main:
+            save_cache(output_dir, key, checked)
     problems, stats, lengths = [], [], {}
-    for split, (found, numbers, lengths[split]) in check_everywhere(datasets, progress=progress and is_main,
-                                                                     workers=workers).items():
+    for split, (found, numbers, lengths[split]) in checked.items():
         problems += found
         stats.append(numbers)
     if is_main:
@@ -367,7 +482,7 @@ def report(problems, stats, output_dir, *, skip_bad, preflight_only):
     logger.info("Preflight checked %s", timing)
 
 
-def run(datasets, output_dir, *, skip_bad=False, preflight_only=False, is_main=True, workers=None):
+def run(datasets, output_dir, *, skip_bad=False, preflight_only=False, is_main=True, workers=None, cache=True):
     """Check ``{split: SupervisedDataset or None}`` and return them as training should see them.
 
     A split's value may also be the DataError its file raised when read (``load_records``):
@@ -379,7 +494,7 @@ def run(datasets, output_dir, *, skip_bad=False, preflight_only=False, is_main=T
     """
     present = {split: dataset for split, dataset in datasets.items() if dataset is not None}
     bad, lengths = check_all(present, output_dir, skip_bad=skip_bad, preflight_only=preflight_only, is_main=is_main,
-                             workers=workers)
+                             workers=workers, cache=cache)
     report = os.path.join(output_dir, REPORT_NAME)
     unusable = [split for split, indices in bad.items() if indices is None]
     if unusable:

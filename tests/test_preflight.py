@@ -205,6 +205,16 @@ def test_preflight_only_exits_nonzero_with_table_and_report_before_weights(corpu
     assert {(p["split"], p["index"]) for p in report["problems"]} == {
         (split, i) for split in ("train", "eval") for i in expected
     }
+    # Run again (a restart): the check is reused, says so in one line, and stops as before.
+    code, again = run_finetune(
+        finetune_args(model, path, out, "--eval_data_path", path, "--preflight_only", "true"), expect_ok=False
+    )
+    assert code == 1 and again.count("its results are reused") == 1, again[-3000:]
+    assert f"Preflight: {2 * n_bad} of {total} records are unusable" in again
+    assert json.loads((out / preflight.REPORT_NAME).read_text()) == report
+    _, fresh = run_finetune(finetune_args(model, path, out, "--eval_data_path", path, "--preflight_only", "true",
+                                          "--preflight_cache", "false"), expect_ok=False)
+    assert "its results are reused" not in fresh and f"{2 * n_bad} of {total} records are unusable" in fresh
 
 
 @pytest.mark.launch
@@ -375,3 +385,61 @@ def test_two_ranks_with_two_workers_report_as_one_process(corpus, tmp_path):
     assert timeless(ranks) == timeless(json.loads((alone / preflight.REPORT_NAME).read_text()))
     assert ranks["bad_records"] == 2 * len(expected)
     assert output.count(f"Preflight: {2 * len(expected)} of {2 * len(records)} records are unusable") == 1
+
+
+# --------------------------------------------------------------------------------------------
+# The cache
+
+
+def test_cache_reuses_an_unchanged_check_and_anything_changed_checks_again(tiny_checkpoint, shapes, tmp_path, caplog,
+                                                                            monkeypatch):
+    model = tiny_checkpoint("minicpmv2_6")
+    data = tmp_path / "train.json"
+    data.write_text(shapes.read_text())
+    for image in shapes.parent.iterdir():
+        if image != shapes:
+            (tmp_path / image.name).symlink_to(image)
+    out = tmp_path / "out"
+    checks = []
+    counted = dataset.SupervisedDataset.check
+
+    def counting(self, index):
+        checks.append(index)
+        return counted(self, index)
+
+    monkeypatch.setattr(dataset.SupervisedDataset, "check", counting)
+
+    def check(**changes):
+        """One preflight pass over the data with these flags changed; True if it reused the cache."""
+        argv = [f"--{name}={value}" for name, value in changes.items()]
+        train = dataset_as_trained(model, data, *argv)[0]
+        before = len(checks)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="preflight"):
+            result = preflight.check_all({"train": train}, out, skip_bad=False, preflight_only=True, progress=False,
+                                         workers=1)
+        reused = "its results are reused" in caplog.text
+        assert reused == (len(checks) == before)  # the line says so exactly when nothing was checked
+        return reused, result
+
+    first, result = check()
+    assert not first and (out / preflight.CACHE_NAME).exists()
+    assert check() == (True, result)  # a restart: the same data and settings
+    assert sum("its results are reused" in r.getMessage() for r in caplog.records) == 1
+    assert not check(model_max_length=400)[0]
+    assert not check(max_slice_nums=1)[0]
+    assert check(max_slice_nums=1)[0]  # that check is the cached one now
+    stat = data.stat()
+    text = data.read_text()
+    data.write_text(text.replace("square", "sqware", 1))  # same size, then the same time: the hash differs
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert data.stat().st_size == stat.st_size
+    reused, changed = check(max_slice_nums=1)
+    assert not reused
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: checked again
+    assert not check(max_slice_nums=1)[0]
+    # Another tokenizer (one token more) is another check.
+    train = dataset_as_trained(model, data, "--max_slice_nums=1")[0]
+    key = preflight.cache_key({"train": train})
+    train.tokenizer.add_tokens(["<extra_token_for_the_test>"])
+    assert preflight.cache_key({"train": train}) != key
