@@ -18,6 +18,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 import distributed
 import resilience
 from backends import ALL_LLM_TYPES
+from data_source import check_columns
 from loss import DPO_LOSS_TYPES
 from usage import UsageError
 
@@ -34,7 +35,11 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    data_path: str = field(default=None, metadata={"help": "Training data: a .json list or a .jsonl of records."})
+    data_path: str = field(
+        default=None,
+        metadata={"help": "Training data: a .json list, a .jsonl / .ndjson of records, or a table: a .parquet or "
+                  ".arrow file, a folder of .parquet files or a datasets save_to_disk folder (see --data_columns)."},
+    )
     eval_data_path: str = field(default=None, metadata={"help": "Evaluation data, same format (optional)."})
     image_folder: str = field(
         default=None,
@@ -47,6 +52,12 @@ class DataArguments:
     preflight_only: bool = field(
         default=False,
         metadata={"help": "Only check the data (no weights load): report problems, exit 1 if there are any."},
+    )
+    data_columns: str = field(
+        default=None,
+        metadata={"help": "How a table's columns (or a JSON record's keys) become records: rlaif-v (image, question, "
+                  "chosen, rejected), sharegpt or llava (conversations of from/value), or KEY=COLUMN pairs "
+                  "separated by commas (default: they already have our names). See data_source.py."},
     )
     preflight_workers: int = field(
         default=None,
@@ -73,6 +84,9 @@ class DataArguments:
         for name in ("max_num_frames", "stack_frames", "preflight_workers"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be at least 1")
+        problem = check_columns(self.data_columns)
+        if problem:
+            raise UsageError(problem)
 
 
 @dataclass

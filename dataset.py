@@ -18,6 +18,7 @@ which the tokenizer splits on before anything else, so the ids equal those of th
 import bisect
 import errno
 import hashlib
+import io
 import json
 import logging
 import math
@@ -378,6 +379,24 @@ def regular_file_size(path, media="image", problem=ImageProblem):
     return info.st_size
 
 
+class EmbeddedImage(str):
+    """An image a record carries as bytes (a column of the ``datasets`` Image feature in a Parquet or
+    Arrow source, see data_source.py), not as a file.
+
+    It is a str, its name (the file name it was stored under, else its place in the table), so a
+    record keeps its form and messages can name it; ``data`` holds the encoded image, which is
+    decoded as a file's content would be.
+    """
+
+    def __new__(cls, name, data):
+        image = super().__new__(cls, name)
+        image.data = data
+        return image
+
+    def __reduce__(self):
+        return EmbeddedImage, (str(self), self.data)
+
+
 def open_rgb(path, max_pixels=MAX_IMAGE_PIXELS):
     """Open, fully decode and convert an image to RGB, or raise ImageProblem saying why not.
 
@@ -386,9 +405,12 @@ def open_rgb(path, max_pixels=MAX_IMAGE_PIXELS):
     transparency) is composited onto white; 16-bit greyscale is scaled to 8 bits rather than
     clipped; CMYK and other modes go through PIL's conversion.
     """
-    size = regular_file_size(path)
+    if isinstance(path, EmbeddedImage):
+        size, source = len(path.data), io.BytesIO(path.data)
+    else:
+        size, source = regular_file_size(path), path
     try:
-        image = Image.open(path)
+        image = Image.open(source)
     except UnidentifiedImageError as e:
         if size == 0:
             raise ImageProblem("empty_image", "the file is empty (0 bytes)") from e
@@ -785,7 +807,7 @@ class RecordDataset(Dataset):
         )
 
     def _full_path(self, path):
-        return path if os.path.isabs(path) else os.path.join(self.image_root, path)
+        return path if isinstance(path, EmbeddedImage) or os.path.isabs(path) else os.path.join(self.image_root, path)
 
     def _load_image(self, index, record, tag, path):
         full_path = self._full_path(path)

@@ -26,13 +26,14 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import backends  # noqa: E402
+import data_source  # noqa: E402
 import distributed  # noqa: E402
 import loading  # noqa: E402
 import lora  # noqa: E402
 import preflight  # noqa: E402
 import resilience  # noqa: E402
 from arguments import check_paths, compute_dtype, parse_args  # noqa: E402
-from dataset import DataError, PackedDataset, PreferenceCollator, load_records, log_sample  # noqa: E402
+from dataset import DataError, PackedDataset, PreferenceCollator, log_sample  # noqa: E402
 from dpo import PreferenceTrainer, unsupported_reason  # noqa: E402
 from trainer import CPMTrainer  # noqa: E402
 from usage import EXIT_USAGE, UsageError  # noqa: E402
@@ -49,7 +50,7 @@ def build_datasets(backend, data_args, training_args, processing, config):
 
     def make(path):
         try:
-            records = load_records(path)
+            records = data_source.load(path, data_args.data_columns)
         except DataError as e:
             return e
         return backend.make_dataset(

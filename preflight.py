@@ -367,7 +367,11 @@ EDGE = 1 << 20
 
 
 def file_identity(path):
-    """What identifies a data file's content: path, size, modification time and a SHA-256 (see HASHED_WHOLE)."""
+    """What identifies a data file's content: path, size, modification time and a SHA-256 (see
+    HASHED_WHOLE); of a folder (a table's files), those of every file in it."""
+    if os.path.isdir(path):
+        files = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
+        return dict(path=os.path.abspath(path), files=[file_identity(name) for name in files])
     info = os.stat(path)
     digest = hashlib.sha256()
     with open(path, "rb") as f:
