@@ -60,6 +60,7 @@ TINY = {
     "padding.py": ["--records", "24", "--batch", "4", "--epochs", "1"],
     "pipeline.py": ["--repeats", "1", "--passes", "1", "--workers", "0", "--images", "8"],
     "import_time.py": ["--repeats", "1"],
+    "startup.py": ["--records", "12", "--distinct", "4", "--world", "1"],
     "loss_memory.py": ["--vocabs", "512", "--lengths", "64", "--fractions", "0.2", "--dtypes", "float32"],
 }
 IN_PROCESS = {"gpu_train.py"}
@@ -121,3 +122,11 @@ def test_import_time_benchmark(tmp_path):
     rows = dict(re.findall(r"^\s*(.+?):\s+[\d.]+\s+\((bitsandbytes: \w+)", out, re.MULTILINE))
     assert rows == {"--help": "bitsandbytes: no", "--help --q_lora true": "bitsandbytes: yes",
                     "import finetune": "bitsandbytes: yes"}, out
+
+
+@pytest.mark.launch
+def test_startup_benchmark(tmp_path):
+    out = run_benchmark("startup.py", tmp_path)
+    rows = re.findall(r"^\s+12\s+1\s+new\s+(first|resumed)\s+([\d.]+)\s+([\d.]+)\s", out, re.MULTILINE)
+    assert [run for run, _, _ in rows] == ["first", "resumed"], out
+    assert all(float(seconds) > 0 and 0.1 < float(peak) < 64 for _, seconds, peak in rows)
