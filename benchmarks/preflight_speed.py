@@ -1,12 +1,12 @@
 """Time preflight over a generated dataset and count image decodes.
 
-    python benchmarks/preflight_speed.py [--records 10000] [--images 10000] [--size 448x336]
+    python benchmarks/preflight_speed.py [--records 10000] [--images 10000] [--size 448x336] [--workers 1 2]
 
 Writes JPEG images of the given size (noise plus shapes: real decode work) and a JSON file of
 single-image records (every 20th has two images, every 50th none) into a temporary folder,
 builds the dataset as finetune.py does for a tiny MiniCPM-V 2.6 checkpoint (its tokenizer is
-small; the real one's BPE vocabulary is larger), runs the preflight check and prints the time
-per 1,000 records and how many image decodes it did.
+small; the real one's BPE vocabulary is larger), runs the preflight check with each --workers count (worker processes
+of one rank) and prints the time per 1,000 records and how many image decodes it did.
 """
 
 import argparse
@@ -60,6 +60,7 @@ def main(argv=None):
     parser.add_argument("--records", type=int, default=10_000)
     parser.add_argument("--images", type=int, default=10_000, help="distinct image files")
     parser.add_argument("--size", default="448x336", help="image width x height")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1], help="worker processes, one pass each")
     args = parser.parse_args(argv)
     size = tuple(int(v) for v in args.size.split("x"))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -87,17 +88,24 @@ def main(argv=None):
         backend = backends.backend_for(config, training_args.llm_type)
         processing = backend.load_processing(model)
         train, _ = finetune.build_datasets(backend, data_args, training_args, processing, config)
-        decodes = 0
-        start = time.perf_counter()
-        bad, _ = preflight.check_all({"train": train}, tmp / "out", skip_bad=False, preflight_only=True)
-        seconds = time.perf_counter() - start
-    assert not bad["train"], bad
-    print(
-        f"preflight: {args.records} records ({references} image references) in {seconds:.2f} s = "
-        f"{1000 * seconds / args.records:.3f} s per 1,000 records; {decodes} image decodes "
-        f"({decodes / max(references, 1):.2f} per image reference)"
-    )
-    return dict(records=args.records, references=references, decodes=decodes, seconds=seconds)
+        results = []
+        for workers in args.workers:
+            decodes = 0
+            start = time.perf_counter()
+            bad, _ = preflight.check_all({"train": train}, tmp / "out", skip_bad=False, preflight_only=True,
+                                         workers=workers, cache=False)
+            seconds = time.perf_counter() - start
+            assert not bad["train"], bad
+            # Decodes in worker processes are not counted here: with workers, only the time is.
+            counted = f"; {decodes} image decodes ({decodes / max(references, 1):.2f} per image reference)"
+            print(
+                f"preflight, {workers} worker{'s' * (workers > 1)}: {args.records} records ({references} image "
+                f"references) in {seconds:.2f} s = {1000 * seconds / args.records:.3f} s per 1,000 records"
+                f"{counted if workers == 1 else ''}"
+            )
+            results.append(dict(workers=workers, records=args.records, references=references, decodes=decodes,
+                                seconds=seconds))
+    return results
 
 
 if __name__ == "__main__":

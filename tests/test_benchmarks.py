@@ -56,7 +56,7 @@ def test_reduced_run_on_cpu(tmp_path):
 # Every script under benchmarks/ runs here at a tiny size, as a user launches it, so none can rot.
 # gpu_train.py runs in-process above (test_reduced_run_on_cpu).
 TINY = {
-    "preflight_speed.py": ["--records", "41", "--images", "7", "--size", "64x48"],
+    "preflight_speed.py": ["--records", "41", "--images", "7", "--size", "64x48", "--workers", "1", "2"],
     "padding.py": ["--records", "24", "--batch", "4", "--epochs", "1"],
     "pipeline.py": ["--repeats", "1", "--passes", "1", "--workers", "0", "--images", "8"],
     "import_time.py": ["--repeats", "1"],
@@ -82,12 +82,13 @@ def run_benchmark(name, tmp_path):
 @pytest.mark.launch
 def test_preflight_speed_decodes_each_image_reference_once(tmp_path):
     out = run_benchmark("preflight_speed.py", tmp_path)
-    found = re.search(r"preflight: 41 records \((\d+) image references\).* (\d+) image decodes", out)
+    found = re.search(r"preflight, 1 worker: 41 records \((\d+) image references\).* (\d+) image decodes", out)
     assert found, out
     references, decodes = map(int, found.groups())
     # 41 records: every 20th has two images, every 50th (n % 50 == 1) none, the rest one.
     assert references == 3 * 2 + 41 - 3 - 1
     assert decodes == references
+    assert re.search(r"preflight, 2 workers: 41 records .* s per 1,000 records", out)
 
 
 @pytest.mark.launch
