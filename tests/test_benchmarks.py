@@ -60,6 +60,7 @@ TINY = {
     "padding.py": ["--records", "24", "--batch", "4", "--epochs", "1"],
     "pipeline.py": ["--repeats", "1", "--passes", "1", "--workers", "0", "--images", "8"],
     "import_time.py": ["--repeats", "1"],
+    "records_memory.py": ["--records", "5000"],
     "startup.py": ["--records", "12", "--distinct", "4", "--world", "1"],
     "loss_memory.py": ["--vocabs", "512", "--lengths", "64", "--fractions", "0.2", "--dtypes", "float32"],
 }
@@ -131,3 +132,12 @@ def test_startup_benchmark(tmp_path):
     rows = re.findall(r"^\s+12\s+1\s+new\s+(first|resumed)\s+([\d.]+)\s+([\d.]+)\s", out, re.MULTILINE)
     assert [run for run, _, _ in rows] == ["first", "resumed"], out
     assert all(float(seconds) > 0 and 0.1 < float(peak) < 64 for _, seconds, peak in rows)
+
+
+@pytest.mark.launch
+def test_records_memory_benchmark(tmp_path):
+    out = run_benchmark("records_memory.py", tmp_path)
+    growth = {way: float(mib) for way, mib in re.findall(r"^\s+5000\s+[\d.]+\s+(\w+)\s+([\d.]+)", out, re.MULTILINE)}
+    assert set(growth) == {"parsed", "indexed"}, out
+    # 5,000 parsed records hold several MiB; their offsets 80 kB.
+    assert growth["indexed"] < growth["parsed"] / 4, out
