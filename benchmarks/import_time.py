@@ -3,7 +3,7 @@
     python benchmarks/import_time.py [--repeats 5]
 
 Each case runs in a fresh process (``python -X importtime finetune.py ...``), the cases
-interleaved, and the median wall time is reported, with whether bitsandbytes and
+interleaved, and the median wall and CPU times are reported, with whether bitsandbytes and
 torch._inductor's compiler (torch._inductor.compile_fx, which bitsandbytes' import brings in)
 were imported:
 
@@ -13,6 +13,7 @@ were imported:
 """
 
 import argparse
+import resource
 import statistics
 import subprocess
 import sys
@@ -28,11 +29,16 @@ CASES = {
 WATCHED = ("bitsandbytes", "torch._inductor.compile_fx")
 
 
+def cpu_seconds():
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_case(args):
-    """``(seconds, {watched module: imported?})`` of one fresh process."""
-    start = time.perf_counter()
+    """``((wall seconds, CPU seconds), {watched module: imported?})`` of one fresh process."""
+    start, cpu = time.perf_counter(), cpu_seconds()
     done = subprocess.run([sys.executable, "-X", "importtime", *args], capture_output=True, text=True, cwd=ROOT)
-    seconds = time.perf_counter() - start
+    seconds = (time.perf_counter() - start, cpu_seconds() - cpu)
     if done.returncode:
         raise RuntimeError(f"{args} failed:\n{done.stderr[-2000:]}")
     # importtime lines: "import time: self | cumulative | name"; a module marked absent is listed
@@ -55,10 +61,13 @@ def main(argv=None):
         for name, case in CASES.items():  # interleaved: load on a shared machine hits every case alike
             took, imported[name] = run_case(case)
             seconds[name].append(took)
-    print(f"median of {args.repeats} fresh processes (seconds):")
+    # CPU seconds (user + system) vary less than wall seconds on a machine shared with other work.
+    print(f"median of {args.repeats} fresh processes (wall seconds, CPU seconds):")
     for name, values in seconds.items():
         modules = ", ".join(f"{module}: {'yes' if imported[name][module] else 'no'}" for module in WATCHED)
-        print(f"  {name:>22}: {statistics.median(values):6.2f}   ({modules}; runs: {', '.join(f'{v:.2f}' for v in values)})")
+        wall, cpu = (statistics.median(v[n] for v in values) for n in range(2))
+        print(f"  {name:>22}: {wall:6.2f} {cpu:6.2f}   ({modules}; "
+              f"CPU runs: {', '.join(f'{v[1]:.2f}' for v in values)})")
 
 
 if __name__ == "__main__":

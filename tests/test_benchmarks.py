@@ -121,7 +121,7 @@ def test_loss_memory_benchmark(tmp_path):
 @pytest.mark.launch
 def test_import_time_benchmark(tmp_path):
     out = run_benchmark("import_time.py", tmp_path)
-    rows = dict(re.findall(r"^\s*(.+?):\s+[\d.]+\s+\((bitsandbytes: \w+)", out, re.MULTILINE))
+    rows = dict(re.findall(r"^\s*(.+?):\s+[\d.]+\s+[\d.]+\s+\((bitsandbytes: \w+)", out, re.MULTILINE))
     assert rows == {"--help": "bitsandbytes: no", "--help --q_lora true": "bitsandbytes: yes",
                     "import finetune": "bitsandbytes: yes"}, out
 
