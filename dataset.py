@@ -15,6 +15,7 @@ which the tokenizer splits on before anything else, so the ids equal those of th
 (a test checks this for every family) at a fraction of the tokenizing cost.
 """
 
+import array
 import bisect
 import errno
 import hashlib
@@ -154,7 +155,8 @@ class JsonLines:
 
     def __init__(self, path):
         self.path = os.fspath(path)
-        offsets, line_numbers = [], []
+        # Compact arrays, 16 bytes a record, from the start: Python ints in lists would take about 70.
+        offsets, line_numbers = array.array("q"), array.array("q")
         try:
             with open(self.path, "rb") as f:
                 offset = 0
@@ -172,9 +174,8 @@ class JsonLines:
                         line_numbers.append(line_no)
         except OSError as e:
             raise unreadable(self.path, e) from e
-        # Compact arrays: 16 bytes a record, where Python ints in a list would take about 70.
-        self.offsets = np.array(offsets, dtype=np.int64)
-        self.line_numbers = np.array(line_numbers, dtype=np.int64)
+        self.offsets = np.frombuffer(offsets, dtype=np.int64)
+        self.line_numbers = np.frombuffer(line_numbers, dtype=np.int64)
         self._file = None
 
     def __len__(self):
