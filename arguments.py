@@ -19,6 +19,7 @@ import distributed
 import lora
 import resilience
 from backends import ALL_LLM_TYPES
+from data_source import check_columns
 from loss import DPO_LOSS_TYPES
 from usage import UsageError
 
@@ -35,7 +36,11 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    data_path: str = field(default=None, metadata={"help": "Training data: a .json list or a .jsonl of records."})
+    data_path: str = field(
+        default=None,
+        metadata={"help": "Training data: a .json list, a .jsonl / .ndjson of records, or a table: a .parquet or "
+                  ".arrow file, a folder of .parquet files or a datasets save_to_disk folder (see --data_columns)."},
+    )
     eval_data_path: str = field(default=None, metadata={"help": "Evaluation data, same format (optional)."})
     image_folder: str = field(
         default=None,
@@ -49,6 +54,22 @@ class DataArguments:
         default=False,
         metadata={"help": "Only check the data (no weights load): report problems, exit 1 if there are any."},
     )
+    data_columns: str = field(
+        default=None,
+        metadata={"help": "How a table's columns (or a JSON record's keys) become records: rlaif-v (image, question, "
+                  "chosen, rejected), sharegpt or llava (conversations of from/value), or KEY=COLUMN pairs "
+                  "separated by commas (default: they already have our names). See data_source.py."},
+    )
+    preflight_workers: int = field(
+        default=None,
+        metadata={"help": "Worker processes each rank checks its share of the records with, in preflight (default: "
+                  "the node's cores divided among its ranks; 1: in the rank's own process)."},
+    )
+    preflight_cache: bool = field(
+        default=True,
+        metadata={"help": "Reuse the preflight results an earlier run kept in --output_dir when the data files "
+                  "(size, time, content hash) and the settings that decide them are the same (a restart, a resume)."},
+    )
     max_num_frames: int = field(
         default=None,
         metadata={"help": "Video (native models): the most frames sampled from a clip (default: the checkpoint's "
@@ -61,9 +82,12 @@ class DataArguments:
     )
 
     def __post_init__(self):
-        for name in ("max_num_frames", "stack_frames"):
+        for name in ("max_num_frames", "stack_frames", "preflight_workers"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be at least 1")
+        problem = check_columns(self.data_columns)
+        if problem:
+            raise UsageError(problem)
 
 
 @dataclass

@@ -15,9 +15,12 @@ which the tokenizer splits on before anything else, so the ids equal those of th
 (a test checks this for every family) at a fraction of the tokenizing cost.
 """
 
+import array
 import bisect
 import difflib
 import errno
+import hashlib
+import io
 import json
 import logging
 import math
@@ -101,23 +104,105 @@ class BadLine:
         return f"<line {self.line_no}: not valid JSON>"
 
 
+def not_utf8(path, raw, error, offset=0):
+    """The DataError of a data file whose bytes ``raw`` (at ``offset`` in the file) are not UTF-8."""
+    guess = " (it starts with a UTF-16 byte-order mark)" if offset == 0 and raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+    return DataError(
+        f"not UTF-8 text{guess}: byte {raw[error.start]:#04x} at offset {offset + error.start} ({error.reason}); "
+        "save the file as UTF-8",
+        data_path=path,
+        code="bad_encoding",
+    )
+
+
+def unreadable(path, error):
+    return DataError(f"cannot read the file: {error.strerror or error}", data_path=path, code="unreadable_file")
+
+
 def read_text(path):
     """The text of a data file: UTF-8, with or without a byte-order mark, else a DataError saying why."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
-        raise DataError(f"cannot read the file: {e.strerror or e}", data_path=path, code="unreadable_file") from e
+        raise unreadable(path, e) from e
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        guess = " (it starts with a UTF-16 byte-order mark)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
-        raise DataError(
-            f"not UTF-8 text{guess}: byte {raw[e.start]:#04x} at offset {e.start} ({e.reason}); "
-            "save the file as UTF-8",
-            data_path=path,
-            code="bad_encoding",
-        ) from e
+        raise not_utf8(path, raw, e) from e
+
+
+# File names read as JSON Lines (compared in lower case); any other is one JSON document.
+JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def is_json_lines(path):
+    return os.fspath(path).lower().endswith(JSON_LINES_SUFFIXES)
+
+
+class JsonLines:
+    """The records of a JSON Lines file, read on demand: a sequence (``len``, ``[index]``) that holds
+    each record's byte offset and line number, not the records, so memory does not grow with the
+    file's text. Indexing reads one line and parses it; a line that is not valid JSON comes back
+    as a ``BadLine`` in its record's place.
+
+    Lines end at ``\n`` (``\r\n`` too) only: U+2028, U+0085 and the other characters that
+    ``str.splitlines()`` also cuts at are legal, unescaped, inside JSON strings. Blank lines are
+    no records. The whole file is checked to be UTF-8 (a BOM is allowed) when indexed, as
+    ``read_text`` checks a ``.json`` file. A copy sent to another process (a pickle) reopens the
+    file there.
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        # Compact arrays, 16 bytes a record, from the start: Python ints in lists would take about 70.
+        offsets, line_numbers = array.array("q"), array.array("q")
+        try:
+            with open(self.path, "rb") as f:
+                offset = 0
+                for line_no, line in enumerate(f, 1):
+                    start = offset
+                    offset += len(line)
+                    if line_no == 1 and line.startswith(UTF8_BOM):
+                        line, start = line[len(UTF8_BOM):], start + len(UTF8_BOM)
+                    try:
+                        text = line.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise not_utf8(self.path, line, e, start) from e
+                    if text.strip():
+                        offsets.append(start)
+                        line_numbers.append(line_no)
+        except OSError as e:
+            raise unreadable(self.path, e) from e
+        self.offsets = np.frombuffer(offsets, dtype=np.int64)
+        self.line_numbers = np.frombuffer(line_numbers, dtype=np.int64)
+        self._file = None
+
+    def __len__(self):
+        return len(self.offsets)
+
+    def __getitem__(self, index):
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"record {index} of {len(self)}")
+        if self._file is None:
+            self._file = open(self.path, "rb")  # noqa: SIM115 (held for the dataset's life, reopened per process)
+        self._file.seek(int(self.offsets[index]))
+        line = self._file.readline().decode("utf-8")
+        try:
+            return parse_json(line)
+        except json.JSONDecodeError as e:  # parse_json: nesting too deep to parse is one too
+            return BadLine(int(self.line_numbers[index]), e)
+
+    def __iter__(self):
+        return (self[index] for index in range(len(self)))
+
+    def __getstate__(self):
+        return {**self.__dict__, "_file": None}
+
+    def __del__(self):
+        if getattr(self, "_file", None) is not None:
+            self._file.close()
 
 
 class DuplicateKeys(dict):
@@ -148,23 +233,16 @@ def parse_json(text):
 
 
 def load_records(path):
-    """Read a data file: ``.json`` holding a list of records, or ``.jsonl`` (one per line).
+    """Read a data file: ``.json`` holding a list of records (held in memory), or JSON Lines
+    (``.jsonl``, ``.ndjson``, in any case: one record per line, read on demand; see JsonLines).
 
     A file that cannot be read, is not UTF-8 or (``.json``) not a JSON list raises DataError.
-    A ``.jsonl`` line that is not valid JSON becomes a ``BadLine`` in its record's place.
+    A JSON Lines line that is not valid JSON becomes a ``BadLine`` in its record's place.
     """
     path = os.fspath(path)
+    if is_json_lines(path):
+        return JsonLines(path)
     text = read_text(path)
-    if path.endswith(".jsonl"):
-        records = []
-        for line_no, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(parse_json(line))
-            except json.JSONDecodeError as e:
-                records.append(BadLine(line_no, e))
-        return records
     try:
         records = parse_json(text)
     except json.JSONDecodeError as e:
@@ -440,6 +518,24 @@ def regular_file_size(path, media="image", problem=ImageProblem):
     return info.st_size
 
 
+class EmbeddedImage(str):
+    """An image a record carries as bytes (a column of the ``datasets`` Image feature in a Parquet or
+    Arrow source, see data_source.py), not as a file.
+
+    It is a str, its name (the file name it was stored under, else its place in the table), so a
+    record keeps its form and messages can name it; ``data`` holds the encoded image, which is
+    decoded as a file's content would be.
+    """
+
+    def __new__(cls, name, data):
+        image = super().__new__(cls, name)
+        image.data = data
+        return image
+
+    def __reduce__(self):
+        return EmbeddedImage, (str(self), self.data)
+
+
 def open_image(path, max_pixels=MAX_IMAGE_PIXELS):
     """Open and fully decode an image, or raise ImageProblem saying why not; its mode is kept.
 
@@ -448,9 +544,12 @@ def open_image(path, max_pixels=MAX_IMAGE_PIXELS):
     mode is left for the model's processor to convert (check_mode: only where that is faithful);
     the remote-code dataset converts as that processor would (open_rgb).
     """
-    size = regular_file_size(path)
+    if isinstance(path, EmbeddedImage):
+        size, source = len(path.data), io.BytesIO(path.data)
+    else:
+        size, source = regular_file_size(path), path
     try:
-        image = Image.open(path)
+        image = Image.open(source)
     except UnidentifiedImageError as e:
         if size == 0:
             raise ImageProblem("empty_image", "the file is empty (0 bytes)") from e
@@ -761,6 +860,18 @@ def tokenize_minicpm(messages, tokenizer):
     return torch.tensor(ids, dtype=torch.long), torch.tensor(context, dtype=torch.int8)
 
 
+def tokenizer_fingerprint(tokenizer):
+    """A hash of all a tokenizer's output depends on: its full definition (vocabulary, merges,
+    normalizer, added tokens; the vocabulary where it has no such backend), special tokens and
+    chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    digest = hashlib.sha256(definition.encode())
+    digest.update(json.dumps([type(tokenizer).__name__, tokenizer.special_tokens_map, tokenizer.chat_template],
+                             sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
 def special_token_id(tokenizer, token, needed_for):
     """The id of ``token`` in the tokenizer's vocabulary, as one token; ValueError naming it if absent.
 
@@ -832,6 +943,12 @@ class RecordDataset(Dataset):
             system=self.takes_system,
         )
 
+    def check_settings(self):
+        """Everything besides the data file that decides what ``check`` finds (JSON values): a
+        preflight result is reused only where these are equal (preflight's cache)."""
+        return dict(dataset=type(self).__name__, max_length=self.max_length, image_root=self.image_root,
+                    tokenizer=tokenizer_fingerprint(self.tokenizer))
+
     def special_tokens_of(self, tokenizer):
         """The tokenizer's special tokens that message text must not hold: all of them but the
         image tag, the reserved tokens (refused with their own reason) and CONTENT_MARKUP."""
@@ -855,7 +972,7 @@ class RecordDataset(Dataset):
         )
 
     def _full_path(self, path):
-        return path if os.path.isabs(path) else os.path.join(self.image_root, path)
+        return path if isinstance(path, EmbeddedImage) or os.path.isabs(path) else os.path.join(self.image_root, path)
 
     def _open_image(self, path):
         """A decoded image as this dataset hands it on (remote code: RGB as its processor converts it)."""
@@ -930,6 +1047,12 @@ class SupervisedDataset(RecordDataset):
 
     def __getitem__(self, index):
         return self._checked_build(index, True)
+
+    def check_settings(self):
+        return super().check_settings() | dict(
+            llm_type=self.llm_type, slice_config=self.slice_config, patch_size=self.patch_size,
+            query_num=self.query_num, batch_vision=self.batch_vision, use_image_id=self.use_image_id,
+        )
 
     def validate(self, record, index):
         super().validate(record, index)

@@ -12,25 +12,32 @@ loading.py (remote-code loading), dataset.py / native_data.py (records to tensor
 (the data check), lora.py (LoRA/QLoRA), trainer.py (CPMTrainer).
 """
 
-import logging
-import os
 import sys
 
-import torch
-import transformers
+import startup
 
-import backends
-import distributed
-import loading
-import lora
-import preflight
-import resilience
-import run_folder
-from arguments import check_paths, compute_dtype, parse_args
-from dataset import DataError, PackedDataset, PreferenceCollator, load_records, log_sample
-from dpo import PreferenceTrainer, unsupported_reason
-from trainer import CPMTrainer, StopAtEvalLoss
-from usage import EXIT_USAGE, UsageError
+if __name__ == "__main__":  # before transformers is imported: see startup.py
+    startup.keep_bitsandbytes_out(sys.argv[1:])
+
+import logging  # noqa: E402
+import os  # noqa: E402
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import backends  # noqa: E402
+import data_source  # noqa: E402
+import distributed  # noqa: E402
+import loading  # noqa: E402
+import lora  # noqa: E402
+import preflight  # noqa: E402
+import resilience  # noqa: E402
+import run_folder  # noqa: E402
+from arguments import check_paths, compute_dtype, parse_args  # noqa: E402
+from dataset import DataError, PackedDataset, PreferenceCollator, log_sample  # noqa: E402
+from dpo import PreferenceTrainer, unsupported_reason  # noqa: E402
+from trainer import CPMTrainer, StopAtEvalLoss  # noqa: E402
+from usage import EXIT_USAGE, UsageError  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +51,7 @@ def build_datasets(backend, data_args, training_args, processing, config):
 
     def make(path):
         try:
-            records = load_records(path)
+            records = data_source.load(path, data_args.data_columns)
         except DataError as e:
             return e
         return backend.make_dataset(
@@ -76,6 +83,8 @@ def prepare_data(backend, data_args, training_args, processing, config):
         skip_bad=data_args.skip_bad_samples,
         preflight_only=data_args.preflight_only,
         is_main=training_args.process_index == 0,
+        workers=data_args.preflight_workers,
+        cache=data_args.preflight_cache,
     )
     if training_args.should_log and not data_args.preflight_only:
         log_sample(checked["train"], backend.tokenizer(processing))

@@ -213,6 +213,11 @@ class NativeDataset(RecordDataset):
         sample, _ = self._checked_build(index, True)
         return sample
 
+    def check_settings(self):
+        # The processor's settings (image and video processors, chat template) as it would save them.
+        return super().check_settings() | dict(processor=self.processor.to_json_string(), images=self.images_kwargs,
+                                               videos=self.videos_kwargs)
+
     def check(self, index):
         """Build record ``index`` as training does (every image and the video decoded).
 

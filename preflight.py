@@ -7,19 +7,25 @@ gathered, not only the first: the console gets a table (reason -> count, first r
 ``<output_dir>/preflight_report.json`` gets every one. Then the run stops before the weights
 load, or, with ``--skip_bad_samples``, trains without exactly the reported records.
 
-Only the main process checks; the others wait for its verdict, so every rank drops the same
-records. ``python finetune.py --preflight_only true ...`` runs the check alone (it needs the
+Every rank checks its share of the records, with a pool of worker processes (default: its share
+of the node's cores), and the results are gathered: every rank then holds all of them and drops
+the same records, and the report, the bad records and the lengths are the same whatever the
+number of ranks and workers. ``python finetune.py --preflight_only true ...`` runs the check alone (it needs the
 model's config and tokenizer, not its weights), e.g. on a laptop.
 """
 
 import datetime
+import hashlib
+import inspect
 import json
 import logging
+import multiprocessing
 import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch.distributed as dist
 from torch.utils.data import Subset
 from tqdm import tqdm
@@ -91,7 +97,7 @@ EXAMPLES_PER_REASON = 3
 # is a RuntimeError, a UnicodeError a ValueError). Each becomes that record's problem (check_failed),
 # so one odd record never ends the check of the others with a traceback.
 RECORD_ERRORS = (ValueError, TypeError, LookupError, AttributeError, ArithmeticError, RuntimeError, OSError)
-# The other ranks wait this long for the main process's check (default collectives time out
+# Ranks wait this long for the others to finish their shares (default collectives time out
 # after 10-30 minutes, less than a large dataset may need).
 WAIT_FOR_CHECK = datetime.timedelta(hours=12)
 
@@ -134,20 +140,11 @@ def file_problem(split, error):
     return [Problem.from_error(split, error)], stats, []
 
 
-def check_dataset(dataset, split, *, progress=True):
-    """Run ``dataset.check`` over every record; return ``(problems, stats, lengths)``, where
-    ``lengths[i]`` is record i's token count as trained (None for a bad record).
-
-    ``dataset`` may also be the DataError raised while reading its file: that is its one problem.
-    """
-    if isinstance(dataset, DataError):
-        return file_problem(split, dataset)
-    if not len(dataset):
-        return file_problem(split, DataError("the file holds no records", data_path=dataset.data_path, code="no_records"))
+def check_range(dataset, split, start, stop):
+    """Check records ``start`` to ``stop - 1`` of ``dataset``: a Share of them."""
+    lengths = np.full(stop - start, -1, dtype=np.int32)
     problems, truncated, longest = [], [], 0
-    lengths = [None] * len(dataset)
-    start = time.perf_counter()
-    for index in tqdm(range(len(dataset)), desc=f"preflight {split}", unit="rec", disable=not progress, mininterval=1):
+    for index in range(start, stop):
         try:
             info = dataset.check(index)
         except DataError as e:
@@ -158,21 +155,111 @@ def check_dataset(dataset, split, *, progress=True):
             problems.append(Problem.from_error(split, unforeseen(dataset, index, e)))
             continue
         longest = max(longest, info["tokens"])
-        lengths[index] = info["length"]
+        lengths[index - start] = info["length"]
         if info["truncated"]:
             truncated.append(index)
-    seconds = time.perf_counter() - start
+    return Share(lengths, problems, truncated, longest)
+
+
+@dataclass
+class Share:
+    """The check of consecutive records: each one's length as trained (-1: bad), the problems,
+    the truncated records' indices and the longest token count before truncation."""
+
+    lengths: np.ndarray
+    problems: list
+    truncated: list
+    longest: int
+
+    @classmethod
+    def join(cls, shares):
+        """The Share of consecutive shares, in their order."""
+        shares = list(shares)
+        return cls(
+            np.concatenate([s.lengths for s in shares]) if shares else np.zeros(0, dtype=np.int32),
+            [p for s in shares for p in s.problems],
+            [i for s in shares for i in s.truncated],
+            max((s.longest for s in shares), default=0),
+        )
+
+
+# A pool worker's datasets, set once as it starts (with fork, inherited, not copied): each task
+# then names only a split and a range of records.
+_worker_datasets = None
+
+
+def _start_worker(datasets):
+    global _worker_datasets
+    _worker_datasets = datasets
+
+
+def _check_task(task):
+    split, start, stop = task
+    return check_range(_worker_datasets[split], split, start, stop)
+
+
+def default_workers():
+    """Worker processes per rank: the cores this process may use, divided among the node's ranks."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def rank_range(count, rank, world_size):
+    """The records ``[start, stop)`` of ``count`` that rank ``rank`` checks: consecutive, sizes
+    differing by at most one."""
+    return count * rank // world_size, count * (rank + 1) // world_size
+
+
+def check_shares(datasets, ranges, workers, *, progress=True):
+    """``{split: Share}`` of the records ``ranges[split] = (start, stop)`` of each dataset, checked
+    by ``workers`` processes (1: in this process). The records go to the workers in consecutive
+    chunks, and their results come back in order."""
+    total = sum(stop - start for start, stop in ranges.values())
+    bar = tqdm(total=total, desc="preflight", unit="rec", disable=not progress, mininterval=1)
+    chunk = max(1, min(256, total // (4 * workers) or 1))
+    tasks = [
+        (split, at, min(at + chunk, stop))
+        for split, (start, stop) in ranges.items()
+        for at in range(start, stop, chunk)
+    ]
+    results = {split: [] for split in ranges}
+    if workers > 1 and len(tasks) > 1:
+        with multiprocessing.Pool(min(workers, len(tasks)), initializer=_start_worker, initargs=(datasets,)) as pool:
+            for task, share in zip(tasks, pool.imap(_check_task, tasks)):
+                results[task[0]].append(share)
+                bar.update(task[2] - task[1])
+    else:
+        for split, start, stop in tasks:
+            results[split].append(check_range(datasets[split], split, start, stop))
+            bar.update(stop - start)
+    bar.close()
+    return {split: Share.join(shares) for split, shares in results.items()}
+
+
+def check_dataset(dataset, split, *, progress=True, workers=1):
+    """Run ``dataset.check`` over every record (with ``workers`` processes, and every rank its
+    share where a process group runs); return ``(problems, stats, lengths)``, where ``lengths[i]``
+    is record i's token count as trained (None for a bad record).
+
+    ``dataset`` may also be the DataError raised while reading its file: that is its one problem.
+    """
+    return check_everywhere({split: dataset}, progress=progress, workers=workers)[split]
+
+
+def finish(dataset, split, share, seconds):
+    """``(problems, stats, lengths)`` of a dataset's whole Share, as check_dataset returns them."""
     stats = dict(
         split=split,
         file=dataset.data_path,
         records=len(dataset),
-        bad=len(problems),
-        truncated=truncated,
-        longest_tokens=longest,
+        bad=len(share.problems),
+        truncated=share.truncated,
+        longest_tokens=share.longest,
         max_length=dataset.max_length,
         seconds=round(seconds, 3),
     )
-    return problems, stats, lengths
+    lengths = [None if length < 0 else length for length in share.lengths.tolist()]
+    return share.problems, stats, lengths
 
 
 def unforeseen(dataset, index, error):
@@ -251,43 +338,191 @@ def bad_indices(problems, splits):
     return bad
 
 
-def check_all(datasets, output_dir, *, skip_bad, preflight_only, progress=True):
-    """Check every dataset (main process); log the table, write the report; return
-    ``(bad_indices, {split: lengths})``."""
-    problems, stats, lengths = [], [], {}
-    for split, dataset in datasets.items():
-        found, numbers, lengths[split] = check_dataset(dataset, split, progress=progress)
-        problems += found
-        stats.append(numbers)
-    skippable = all(p.index is not None for p in problems)  # a whole unusable file cannot be skipped
-    action = "passed" if not problems else ("skipped" if skip_bad and skippable and not preflight_only else "stopped")
-    report_path = os.path.join(output_dir, REPORT_NAME)
-    report = write_report(report_path, problems, stats, action)
-    table = summary_table(problems, stats)
-    records = report["records"]
-    timing = f"{records} records in {report['seconds']:.1f} s ({report['seconds_per_1000_records']:.2f} s per 1,000)"
-    if problems:
-        (logger.warning if action == "skipped" else logger.error)("%s\nFull report: %s", table, report_path)
-    else:
-        logger.info("%s\nReport: %s", table, report_path)
-    logger.info("Preflight checked %s", timing)
-    return bad_indices(problems, datasets), lengths
+def world():
+    """``(rank, world_size)`` of this process ((0, 1) without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
-def share(checked, is_main):
-    """The main process's results, on every rank (a no-op without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return checked
-    # A CPU (gloo) group with a long timeout: the others may wait a long time for the check,
-    # and an object broadcast over NCCL would need the device set up first.
+def check_everywhere(datasets, *, progress=True, workers=None):
+    """Check every record of ``{split: dataset or DataError}``, each rank its share with a pool of
+    ``workers`` processes (default_workers), and gather the shares: ``{split: (problems, stats,
+    lengths)}`` as check_dataset returns them, the same on every rank and whatever the number of
+    ranks. No record is checked twice; a rank reads only the records of its share."""
+    rank, world_size = world()
+    checked = {split: file_problem(split, dataset) for split, dataset in datasets.items() if isinstance(dataset, DataError)}
+    checked |= {
+        split: file_problem(split, DataError("the file holds no records", data_path=dataset.data_path, code="no_records"))
+        for split, dataset in datasets.items()
+        if split not in checked and not len(dataset)
+    }
+    todo = {split: dataset for split, dataset in datasets.items() if split not in checked}
+    ranges = {split: rank_range(len(dataset), rank, world_size) for split, dataset in todo.items()}
+    start = time.perf_counter()
+    mine = check_shares(todo, ranges, workers or default_workers(), progress=progress)
+    shares = gather((mine, time.perf_counter() - start), world_size)
+    seconds = max(took for _, took in shares)  # the pass takes as long as its slowest rank
+    for split, dataset in todo.items():
+        checked[split] = finish(dataset, split, Share.join(share[split] for share, _ in shares), seconds)
+    return {split: checked[split] for split in datasets}
+
+
+def gather(mine, world_size):
+    """Every rank's ``mine``, in rank order, on every rank (``[mine]`` without a process group)."""
+    if world_size == 1:
+        return [mine]
+    # A CPU (gloo) group with a long timeout: a rank that finishes its share first waits for the
+    # others, and an object gathered over NCCL would need the device set up first.
     group = dist.new_group(backend="gloo", timeout=WAIT_FOR_CHECK)
-    box = [checked if is_main else None]
+    shares = [None] * world_size
+    dist.all_gather_object(shares, mine, group=group)
+    dist.destroy_process_group(group)
+    return shares
+
+
+def from_main(value):
+    """The main process's ``value`` on every rank (``value`` without a process group)."""
+    _, world_size = world()
+    if world_size == 1:
+        return value
+    group = dist.new_group(backend="gloo", timeout=WAIT_FOR_CHECK)
+    box = [value]
     dist.broadcast_object_list(box, src=0, group=group)
     dist.destroy_process_group(group)
     return box[0]
 
 
-def run(datasets, output_dir, *, skip_bad=False, preflight_only=False, is_main=True):
+# --------------------------------------------------------------------------------------------
+# The cache: a restart or a resume with the same data and settings reuses the check
+
+
+CACHE_NAME = "preflight_cache.json"
+HASHED_WHOLE = 16 << 20  # a data file up to this size is hashed whole; a larger one by its first and last MiB
+EDGE = 1 << 20
+
+
+def file_identity(path):
+    """What identifies a data file's content: path, size, modification time and a SHA-256 (see
+    HASHED_WHOLE); of a folder (a table's files), those of every file in it."""
+    if os.path.isdir(path):
+        files = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
+        return dict(path=os.path.abspath(path), files=[file_identity(name) for name in files])
+    info = os.stat(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if info.st_size <= HASHED_WHOLE:
+            for block in iter(lambda: f.read(EDGE), b""):
+                digest.update(block)
+        else:
+            digest.update(f.read(EDGE))
+            f.seek(-EDGE, os.SEEK_END)
+            digest.update(f.read(EDGE))
+    return dict(path=os.path.abspath(path), size=info.st_size, mtime_ns=info.st_mtime_ns, sha256=digest.hexdigest())
+
+
+def code_identity(dataset):
+    """A hash of the source files of the dataset's classes and of this module: new checks, new results."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    files = {inspect.getfile(cls) for cls in type(dataset).__mro__ if cls.__module__ != "builtins"}
+    files = sorted(f for f in files | {os.path.abspath(__file__)} if os.path.dirname(os.path.abspath(f)) == here)
+    digest = hashlib.sha256()
+    for name in files:
+        with open(name, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
+def cache_key(datasets):
+    """The key of a check of ``{split: dataset}``: each data file's identity, each dataset's
+    check_settings (tokenizer, family, slicing, model_max_length, ...) and the checking code. None
+    where a split has no data file (records built in memory) or its file could not be read."""
+    if any(isinstance(d, DataError) or d.data_path is None for d in datasets.values()):
+        return None
+    identity = {
+        split: dict(file=file_identity(d.data_path), settings=d.check_settings(), code=code_identity(d))
+        for split, d in datasets.items()
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def load_cache(output_dir, key):
+    """The check cached under ``key`` in ``output_dir`` (as check_everywhere returns it), or None."""
+    path = os.path.join(output_dir, CACHE_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            cached = json.load(f)
+    except (OSError, ValueError):  # none yet, or unreadable (a run stopped while writing it): check afresh
+        return None
+    if cached.get("key") != key:
+        return None
+    return {
+        split: ([Problem(**p) for p in entry["problems"]], entry["stats"], entry["lengths"])
+        for split, entry in cached["checked"].items()
+    }
+
+
+def save_cache(output_dir, key, checked):
+    path = os.path.join(output_dir, CACHE_NAME)
+    os.makedirs(output_dir, exist_ok=True)
+    entries = {
+        split: dict(problems=[asdict(p) for p in problems], stats=stats, lengths=lengths)
+        for split, (problems, stats, lengths) in checked.items()
+    }
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(dict(key=key, checked=entries), f, ensure_ascii=False, default=str)
+    os.replace(path + ".tmp", path)  # whole or not at all
+
+
+def check_all(datasets, output_dir, *, skip_bad, preflight_only, progress=True, is_main=True, workers=None,
+              cache=True):
+    """Check every dataset (every rank its share, see check_everywhere); on the main process log the
+    table and write the report; return ``(bad_indices, {split: lengths})``, the same on every rank.
+
+    With ``cache``, the result is also kept in ``<output_dir>/preflight_cache.json`` under
+    cache_key, and a later call with the same key (a restart or a resume of the run) reuses it
+    instead of checking again, and says so.
+    """
+    key = checked = None
+    if cache:  # the main process alone reads (and later writes) the cache; the others get what it found
+        key = cache_key(datasets) if is_main else None
+        checked = from_main(load_cache(output_dir, key) if key else None)
+    if checked is not None:
+        if is_main:
+            logger.info(
+                "Preflight: the data files and settings are those an earlier check saw; its results are reused "
+                "(%s; pass --preflight_cache false to check again)", os.path.join(output_dir, CACHE_NAME),
+            )
+    else:
+        checked = check_everywhere(datasets, progress=progress and is_main, workers=workers)
+        if key and is_main:
+            save_cache(output_dir, key, checked)
+    problems, stats, lengths = [], [], {}
+    for split, (found, numbers, lengths[split]) in checked.items():
+        problems += found
+        stats.append(numbers)
+    if is_main:
+        report(problems, stats, output_dir, skip_bad=skip_bad, preflight_only=preflight_only)
+    return bad_indices(problems, datasets), lengths
+
+
+def report(problems, stats, output_dir, *, skip_bad, preflight_only):
+    """Write the report and log the table of a finished check."""
+    skippable = all(p.index is not None for p in problems)  # a whole unusable file cannot be skipped
+    action = "passed" if not problems else ("skipped" if skip_bad and skippable and not preflight_only else "stopped")
+    report_path = os.path.join(output_dir, REPORT_NAME)
+    written = write_report(report_path, problems, stats, action)
+    table = summary_table(problems, stats)
+    records = written["records"]
+    timing = f"{records} records in {written['seconds']:.1f} s ({written['seconds_per_1000_records']:.2f} s per 1,000)"
+    if problems:
+        (logger.warning if action == "skipped" else logger.error)("%s\nFull report: %s", table, report_path)
+    else:
+        logger.info("%s\nReport: %s", table, report_path)
+    logger.info("Preflight checked %s", timing)
+
+
+def run(datasets, output_dir, *, skip_bad=False, preflight_only=False, is_main=True, workers=None, cache=True):
     """Check ``{split: SupervisedDataset or None}`` and return them as training should see them.
 
     A split's value may also be the DataError its file raised when read (``load_records``):
@@ -298,8 +533,8 @@ def run(datasets, output_dir, *, skip_bad=False, preflight_only=False, is_main=T
     is bad, else PreflightFailed is not raised and the caller should return.
     """
     present = {split: dataset for split, dataset in datasets.items() if dataset is not None}
-    checked = check_all(present, output_dir, skip_bad=skip_bad, preflight_only=preflight_only) if is_main else None
-    bad, lengths = share(checked, is_main)
+    bad, lengths = check_all(present, output_dir, skip_bad=skip_bad, preflight_only=preflight_only, is_main=is_main,
+                             workers=workers, cache=cache)
     report = os.path.join(output_dir, REPORT_NAME)
     unusable = [split for split, indices in bad.items() if indices is None]
     if unusable:

@@ -20,7 +20,6 @@ into the folder), and every rank gets its verdict (``preflight.share``), so all 
 
 import contextlib
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -35,14 +34,13 @@ logger = logging.getLogger(__name__)
 LOCK_NAME = "run.lock"
 RECORD_NAME = "run_record.json"
 # What a new run may write over without asking: what a run writes before it has trained anything
-# (preflight's report, the record, the lock) and TensorBoard's logs (one new subfolder per run).
-HARMLESS = {preflight.REPORT_NAME, RECORD_NAME, LOCK_NAME, "runs"}
+# (preflight's report and its cache, the record, the lock) and TensorBoard's logs (one new subfolder per run).
+HARMLESS = {preflight.REPORT_NAME, preflight.CACHE_NAME, RECORD_NAME, LOCK_NAME, "runs"}
 # The training arguments that, with the training file's content, fix which samples make which batch.
 BATCH_ORDER_ARGS = (
     "packing", "model_max_length", "train_sampling_strategy", "seed", "data_seed", "world_size",
     "per_device_train_batch_size", "gradient_accumulation_steps", "dataloader_drop_last",
 )
-HASH_CHUNK = 2**20
 
 
 class Refused(resilience.StopRun):
@@ -254,38 +252,39 @@ class Lock:
 # The batch-order record
 
 
-def file_identity(path):
-    """Size, modification time and SHA-256 of the file at ``path``."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            digest.update(chunk)
-    info = os.stat(path)
-    modified = datetime.datetime.fromtimestamp(info.st_mtime, datetime.timezone.utc).isoformat(timespec="seconds")
-    return dict(path=os.path.abspath(path), size=info.st_size, modified=modified, sha256=digest.hexdigest())
-
-
 def batch_order(data_args, training_args):
     """What decides which samples make which batch, as JSON values."""
     settings = {name: getattr(training_args, name) for name in BATCH_ORDER_ARGS}
     settings["train_sampling_strategy"] = str(settings["train_sampling_strategy"])
     settings["skip_bad_samples"] = data_args.skip_bad_samples
     # A file that cannot be read is preflight's to report.
-    readable = data_args.data_path and os.path.isfile(data_args.data_path) and os.access(data_args.data_path, os.R_OK)
-    settings["data"] = file_identity(data_args.data_path) if readable else None
+    readable = data_args.data_path and os.path.exists(data_args.data_path) and os.access(data_args.data_path, os.R_OK)
+    settings["data"] = preflight.file_identity(data_args.data_path) if readable else None
     return settings
+
+
+def content_of(identity):
+    """What of a data file's identity is its content (a touched or moved file is the same data)."""
+    if "files" in identity:
+        return [content_of(f) for f in identity["files"]]
+    return identity["size"], identity["sha256"]
+
+
+def describe_data(identity):
+    """A data file's identity (preflight.file_identity) in a phrase; a folder by its file count."""
+    if "files" in identity:
+        return f"{identity['path']} ({len(identity['files'])} files)"
+    modified = datetime.datetime.fromtimestamp(identity["mtime_ns"] / 1e9, datetime.timezone.utc)
+    return (f"{identity['path']} ({identity['size']} bytes, modified {modified.isoformat(timespec='seconds')}, "
+            f"sha256 {identity['sha256'][:12]})")
 
 
 def changes(recorded, current):
     """The differences between two ``batch_order`` results, one phrase each ([] if none matter)."""
     found = []
     old, new = recorded.get("data"), current.get("data")
-    if old and new and old["sha256"] != new["sha256"]:
-        found.append(
-            f"the training data: {old['path']} ({old['size']} bytes, modified {old['modified']}, sha256 "
-            f"{old['sha256'][:12]}) is now {new['path']} ({new['size']} bytes, modified {new['modified']}, sha256 "
-            f"{new['sha256'][:12]})"
-        )
+    if old and new and content_of(old) != content_of(new):
+        found.append(f"the training data: {describe_data(old)} is now {describe_data(new)}")
     for name in sorted(set(recorded) | set(current)):
         if name != "data" and recorded.get(name) != current.get(name):
             label = "the number of processes (world size)" if name == "world_size" else f"--{name}"

@@ -1,6 +1,7 @@
 """Peak memory of the loss: full logits (the old path) vs the output head on labelled positions only.
 
     python benchmarks/loss_memory.py [--hidden 256] [--batch 1] [--budget-gib 12]
+                                     [--vocabs ...] [--lengths ...] [--fractions ...] [--dtypes ...]
 
 Each case runs in a fresh process: hidden states ``[batch, L, hidden]`` that need a gradient (as
 the LLM's do), a frozen output head ``hidden -> vocab`` (LoRA's case), labels at a given fraction
@@ -87,6 +88,10 @@ def main():
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--budget-gib", type=float, default=12.0)
+    parser.add_argument("--vocabs", type=int, nargs="+", default=VOCABS)
+    parser.add_argument("--lengths", type=int, nargs="+", default=LENGTHS)
+    parser.add_argument("--fractions", type=float, nargs="+", default=FRACTIONS)
+    parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=DTYPES)
     parser.add_argument("--one", nargs=5, metavar=("PATH", "VOCAB", "LENGTH", "FRACTION", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -96,10 +101,10 @@ def main():
 
     print(f"batch {args.batch}, hidden {args.hidden}, frozen head; peak GiB above inputs and weights")
     print(f"{'vocab':>8} {'L':>5} {'labelled':>8} {'dtype':>9} {'old':>8} {'new':>8} {'old/new':>8} {'loss rel diff':>13}")
-    for vocab in VOCABS:
-        for length in LENGTHS:
-            for fraction in FRACTIONS:
-                for dtype in DTYPES:
+    for vocab in args.vocabs:
+        for length in args.lengths:
+            for fraction in args.fractions:
+                for dtype in args.dtypes:
                     row = f"{vocab:>8} {length:>5} {fraction:>8.0%} {dtype:>9}"
                     need = old_path_estimate_gib(vocab, length, args.batch, dtype)
                     paths = ("old", "new") if need <= args.budget_gib else ("new",)

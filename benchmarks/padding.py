@@ -71,13 +71,13 @@ def batches_of(order, size):
     return [order[i : i + size] for i in range(0, len(order), size)]
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=240)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rows", type=int, default=2, help="packed rows per batch")
     parser.add_argument("--epochs", type=int, default=5)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -1,8 +1,8 @@
 """Throughput of the remote-code data pipeline: uint8 pixels (now) vs float pixels (the path before).
 
-    python benchmarks/pipeline.py [--repeats 5] [--passes 3] [--workers 0 1 2]
+    python benchmarks/pipeline.py [--repeats 5] [--passes 3] [--workers 0 1 2] [--images 48]
 
-Writes 48 JPEGs (noise and shapes, 448x448 up to 2000x500) and one-image records into a temporary
+Writes --images JPEGs (48; noise and shapes, 448x448 up to 2000x500) and one-image records into a temporary
 folder and builds the dataset as training does for MiniCPM-V 2.6 (qwen template, max_slice_nums 9,
 scale_resolution 448, patch 14, 64 queries; the tiny 2.6 checkpoint's tokenizer). Two pipelines run
 on the same images:
@@ -52,10 +52,10 @@ SETTINGS = dataset.DataSettings(
 )
 
 
-def write_data(folder):
+def write_data(folder, images=IMAGES):
     rng = np.random.default_rng(0)
     records = []
-    for n in range(IMAGES):
+    for n in range(images):
         width, height = SIZES[n % len(SIZES)]
         # Smooth noise (upscaled) with a shape: JPEG work like a photo's, not like pure noise's.
         noise = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
@@ -130,17 +130,18 @@ def through_loader(data, collator, workers, passes):
     return count / wall, (main + workers - start_workers) / count, main / count
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--passes", type=int, default=3, help="passes over the 48 samples per DataLoader timing")
+    parser.add_argument("--images", type=int, default=IMAGES, help="images (and records), sizes in turn from SIZES")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        records = write_data(tmp)
+        records = write_data(tmp, args.images)
         tokenizer = loading.load_tokenizer(str(build_checkpoint("minicpmv2_6", tmp / "model")))
         kwargs = dict(llm_type="qwen", max_length=4096, image_root=tmp)
         pipelines = {
@@ -149,8 +150,8 @@ def main():
                                        query_num=64, batch_vision=True, use_image_id=True, **kwargs),
         }
         check_identical(pipelines["uint8"], pipelines["float"])
-        views = sum(len(pipelines["uint8"][i]["pixel_values"]) for i in range(IMAGES))
-        print(f"{IMAGES} images, {views} views (source + slices); uint8 and float outputs identical "
+        views = sum(len(pipelines["uint8"][i]["pixel_values"]) for i in range(args.images))
+        print(f"{args.images} images, {views} views (source + slices); uint8 and float outputs identical "
               "(float32 bit for bit, bfloat16 as the float32 cast)")
         collator = dataset.DataCollator(4096)
 
@@ -166,7 +167,7 @@ def main():
         print(f"  uint8 / float: {medians['uint8'] / medians['float']:.2f}x (median of the paired repeats' "
               f"ratios: {paired:.2f}x)")
 
-        print(f"\nDataLoader, batches of {BATCH}, {args.passes} passes over the {IMAGES}, median of {args.repeats}:")
+        print(f"\nDataLoader, batches of {BATCH}, {args.passes} passes over the {args.images}, median of {args.repeats}:")
         loader = {(workers, name): [] for workers in args.workers for name in pipelines}
         longer = {key: [] for key in loader}
         for _ in range(args.repeats):

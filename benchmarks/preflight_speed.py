@@ -1,12 +1,12 @@
 """Time preflight over a generated dataset and count image decodes.
 
-    python benchmarks/preflight_speed.py [--records 10000] [--images 10000] [--size 448x336]
+    python benchmarks/preflight_speed.py [--records 10000] [--images 10000] [--size 448x336] [--workers 1 2]
 
 Writes JPEG images of the given size (noise plus shapes: real decode work) and a JSON file of
 single-image records (every 20th has two images, every 50th none) into a temporary folder,
 builds the dataset as finetune.py does for a tiny MiniCPM-V 2.6 checkpoint (its tokenizer is
-small; the real one's BPE vocabulary is larger), runs the preflight check and prints the time
-per 1,000 records and how many image decodes it did.
+small; the real one's BPE vocabulary is larger), runs the preflight check with each --workers count (worker processes
+of one rank) and prints the time per 1,000 records and how many image decodes it did.
 """
 
 import argparse
@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import arguments  # noqa: E402
+import backends  # noqa: E402
 import finetune  # noqa: E402
 import loading  # noqa: E402
 import preflight  # noqa: E402
@@ -53,12 +54,14 @@ def write_data(folder, records, images, size):
     return path, sum(len(r.get("image", {})) if isinstance(r.get("image"), dict) else int("image" in r) for r in data)
 
 
-def main():
+def main(argv=None):
+    """Run the benchmark; returns its figures (``records``, ``references``, ``decodes``, ``seconds``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=10_000)
     parser.add_argument("--images", type=int, default=10_000, help="distinct image files")
     parser.add_argument("--size", default="448x336", help="image width x height")
-    args = parser.parse_args()
+    parser.add_argument("--workers", type=int, nargs="+", default=[1], help="worker processes, one pass each")
+    args = parser.parse_args(argv)
     size = tuple(int(v) for v in args.size.split("x"))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -81,18 +84,28 @@ def main():
             ["--model_name_or_path", str(model), "--data_path", str(path), "--output_dir", str(tmp / "out"),
              "--use_cpu", "true", "--llm_type", "qwen", "--report_to", "none"]
         )
-        config, tokenizer = loading.load_config(model), loading.load_tokenizer(model)
-        train, _ = finetune.build_datasets(data_args, training_args, tokenizer, config)
-        decodes = 0
-        start = time.perf_counter()
-        bad, _ = preflight.check_all({"train": train}, tmp / "out", skip_bad=False, preflight_only=True)
-        seconds = time.perf_counter() - start
-    assert not bad["train"], bad
-    print(
-        f"preflight: {args.records} records ({references} image references) in {seconds:.2f} s = "
-        f"{1000 * seconds / args.records:.3f} s per 1,000 records; {decodes} image decodes "
-        f"({decodes / max(references, 1):.2f} per image reference)"
-    )
+        config = loading.load_config(model)
+        backend = backends.backend_for(config, training_args.llm_type)
+        processing = backend.load_processing(model)
+        train, _ = finetune.build_datasets(backend, data_args, training_args, processing, config)
+        results = []
+        for workers in args.workers:
+            decodes = 0
+            start = time.perf_counter()
+            bad, _ = preflight.check_all({"train": train}, tmp / "out", skip_bad=False, preflight_only=True,
+                                         workers=workers, cache=False)
+            seconds = time.perf_counter() - start
+            assert not bad["train"], bad
+            # Decodes in worker processes are not counted here: with workers, only the time is.
+            counted = f"; {decodes} image decodes ({decodes / max(references, 1):.2f} per image reference)"
+            print(
+                f"preflight, {workers} worker{'s' * (workers > 1)}: {args.records} records ({references} image "
+                f"references) in {seconds:.2f} s = {1000 * seconds / args.records:.3f} s per 1,000 records"
+                f"{counted if workers == 1 else ''}"
+            )
+            results.append(dict(workers=workers, records=args.records, references=references, decodes=decodes,
+                                seconds=seconds))
+    return results
 
 
 if __name__ == "__main__":

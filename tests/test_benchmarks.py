@@ -1,10 +1,16 @@
-"""benchmarks/gpu_train.py: the full-size model is the published 2.6 one, and the script runs on
-CPU at reduced size (its numbers are measured, not asserted)."""
+"""The scripts under benchmarks/, each at a tiny size so none can rot. gpu_train.py: the full-size
+model is the published 2.6 one, and the script runs on CPU at reduced size (its numbers are
+measured, not asserted); the others run as a user launches them, and what they print is checked."""
 
 import importlib.util
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_train.py"
@@ -45,3 +51,93 @@ def test_reduced_run_on_cpu(tmp_path):
         assert all(torch.isfinite(torch.tensor(case["losses"])))
     # Training moved every LoRA tensor (lora_B starts at zero).
     assert result["lora_tensors"] > 0 and result["lora_changed"] == result["lora_tensors"]
+
+
+# Every script under benchmarks/ runs here at a tiny size, as a user launches it, so none can rot.
+# gpu_train.py runs in-process above (test_reduced_run_on_cpu).
+TINY = {
+    "preflight_speed.py": ["--records", "41", "--images", "7", "--size", "64x48", "--workers", "1", "2"],
+    "padding.py": ["--records", "24", "--batch", "4", "--epochs", "1"],
+    "pipeline.py": ["--repeats", "1", "--passes", "1", "--workers", "0", "--images", "8"],
+    "import_time.py": ["--repeats", "1"],
+    "records_memory.py": ["--records", "5000"],
+    "startup.py": ["--records", "12", "--distinct", "4", "--world", "1"],
+    "loss_memory.py": ["--vocabs", "512", "--lengths", "64", "--fractions", "0.2", "--dtypes", "float32"],
+}
+IN_PROCESS = {"gpu_train.py"}
+
+
+def test_every_benchmark_runs_in_the_suite():
+    scripts = {path.name for path in SCRIPT.parent.glob("*.py")}
+    assert scripts == set(TINY) | IN_PROCESS
+
+
+def run_benchmark(name, tmp_path):
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / name), *TINY[name]], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.launch
+def test_preflight_speed_decodes_each_image_reference_once(tmp_path):
+    out = run_benchmark("preflight_speed.py", tmp_path)
+    found = re.search(r"preflight, 1 worker: 41 records \((\d+) image references\).* (\d+) image decodes", out)
+    assert found, out
+    references, decodes = map(int, found.groups())
+    # 41 records: every 20th has two images, every 50th (n % 50 == 1) none, the rest one.
+    assert references == 3 * 2 + 41 - 3 - 1
+    assert decodes == references
+    assert re.search(r"preflight, 2 workers: 41 records .* s per 1,000 records", out)
+
+
+@pytest.mark.launch
+def test_padding_benchmark(tmp_path):
+    out = run_benchmark("padding.py", tmp_path)
+    shares = dict(re.findall(r"^\s*([a-z ]+): ([\d.]+)% ", out, re.MULTILINE))
+    assert set(shares) == {"random order", "length grouping", "packing", "sorted globally"}, out
+    assert all(0 < float(v) <= 100 for v in shares.values())
+
+
+@pytest.mark.launch
+def test_pipeline_benchmark(tmp_path):
+    out = run_benchmark("pipeline.py", tmp_path)
+    assert "uint8 and float outputs identical" in out  # printed after check_identical's assertions
+    assert "0 workers, uint8:" in out and "0 workers, float:" in out
+
+
+@pytest.mark.launch
+def test_loss_memory_benchmark(tmp_path):
+    out = run_benchmark("loss_memory.py", tmp_path)
+    row = [line.split() for line in out.splitlines() if line.split()[:1] == ["512"]]
+    assert len(row) == 1, out
+    vocab, length, fraction, dtype, old, new, ratio, diff = row[0]
+    assert (length, fraction, dtype) == ("64", "20%", "float32")
+    # The same float32 loss by two summation orders over 64 x 0.2 positions: a few ulps apart.
+    assert float(diff) <= 1e-5
+
+
+@pytest.mark.launch
+def test_import_time_benchmark(tmp_path):
+    out = run_benchmark("import_time.py", tmp_path)
+    rows = dict(re.findall(r"^\s*(.+?):\s+[\d.]+\s+[\d.]+\s+\((bitsandbytes: \w+)", out, re.MULTILINE))
+    assert rows == {"--help": "bitsandbytes: no", "--help --q_lora true": "bitsandbytes: yes",
+                    "import finetune": "bitsandbytes: yes"}, out
+
+
+@pytest.mark.launch
+def test_startup_benchmark(tmp_path):
+    out = run_benchmark("startup.py", tmp_path)
+    rows = re.findall(r"^\s+12\s+1\s+new\s+(first|resumed)\s+([\d.]+)\s+([\d.]+)\s", out, re.MULTILINE)
+    assert [run for run, _, _ in rows] == ["first", "resumed"], out
+    assert all(float(seconds) > 0 and 0.1 < float(peak) < 64 for _, seconds, peak in rows)
+
+
+@pytest.mark.launch
+def test_records_memory_benchmark(tmp_path):
+    out = run_benchmark("records_memory.py", tmp_path)
+    growth = {way: float(mib) for way, mib in re.findall(r"^\s+5000\s+[\d.]+\s+(\w+)\s+([\d.]+)", out, re.MULTILINE)}
+    assert set(growth) == {"parsed", "indexed"}, out
+    # 5,000 parsed records hold several MiB; their offsets 80 kB.
+    assert growth["indexed"] < growth["parsed"] / 4, out

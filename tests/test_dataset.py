@@ -1,6 +1,7 @@
 """dataset.py: slicing, placeholder layouts, chat templates, labels, image bounds, collator, errors."""
 
 import json
+import pickle
 import re
 from pathlib import Path
 
@@ -403,7 +404,7 @@ def test_load_records_accepts_a_utf8_byte_order_mark(tmp_path):
     (tmp_path / "bom.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8-sig")
     (tmp_path / "bom.jsonl").write_text(json.dumps(records[0], ensure_ascii=False) + "\n", encoding="utf-8-sig")
     assert dataset.load_records(tmp_path / "bom.json") == records
-    assert dataset.load_records(tmp_path / "bom.jsonl") == records
+    assert list(dataset.load_records(tmp_path / "bom.jsonl")) == records
 
 
 def test_load_records_json_and_jsonl(tmp_path):
@@ -411,7 +412,51 @@ def test_load_records_json_and_jsonl(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps(records))
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
     assert dataset.load_records(tmp_path / "d.json") == records
-    assert dataset.load_records(str(tmp_path / "d.jsonl")) == records
+    assert list(dataset.load_records(str(tmp_path / "d.jsonl"))) == records
+
+
+@pytest.mark.parametrize("name", ["d.JSONL", "d.ndjson", "d.NDJson", "d.Jsonl"])
+def test_json_lines_by_extension_in_any_case(tmp_path, name):
+    records = [two_turn_record(), {"id": "t", "conversations": []}]
+    assert dataset.is_json_lines(name)
+    (tmp_path / name).write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    loaded = dataset.load_records(tmp_path / name)
+    assert isinstance(loaded, dataset.JsonLines) and list(loaded) == records
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\u0085"])
+def test_json_lines_split_at_newline_only(tmp_path, separator):
+    # Characters str.splitlines() cuts at, but legal unescaped inside a JSON string.
+    record = {"id": "a", "conversations": conv(f"one{separator}two", "b")}
+    other = two_turn_record()
+    path = tmp_path / "d.jsonl"
+    path.write_bytes((json.dumps(record, ensure_ascii=False) + "\r\n" + json.dumps(other) + "\n").encode())
+    assert separator in path.read_text(encoding="utf-8")  # written raw, not escaped
+    assert list(dataset.load_records(path)) == [record, other]
+
+
+def test_json_lines_are_read_on_demand(tmp_path):
+    records = [{"id": n, "conversations": conv(f"q{n}", "a" * 1000 + str(n))} for n in range(50)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n\n".join(json.dumps(r) for r in records) + "\n")
+    loaded = dataset.load_records(path)
+    # All it holds (what a copy to another process carries): 16 bytes a record, not the 50 kB of text.
+    shipped = pickle.dumps(loaded)
+    assert len(shipped) < 16 * len(records) + 1000 < path.stat().st_size // 20
+    copy = pickle.loads(shipped)
+    assert copy[49] == records[49] and copy[-1] == records[-1] and loaded[7] == records[7]
+    with pytest.raises(IndexError):
+        loaded[50]
+    assert loaded.line_numbers[3] == 7  # blank lines between records are counted, not records
+
+
+def test_json_lines_encoding_is_checked_when_indexed(tmp_path):
+    path = tmp_path / "d.jsonl"
+    first = json.dumps(two_turn_record()).encode() + b"\n"
+    path.write_bytes(first + b'{"id": "\xe9"}\n')
+    with pytest.raises(DataError, match=rf"not UTF-8 text: byte 0xe9 at offset {len(first) + 8} ") as info:
+        dataset.load_records(path)
+    assert info.value.code == "bad_encoding"
 
 
 def test_image_paths_resolve_against_image_root_and_absolute_paths_stay(tokenizers, tmp_path):

@@ -251,6 +251,16 @@ def test_preflight_only_exits_nonzero_with_table_and_report_before_weights(corpu
     assert {(p["split"], p["index"]) for p in report["problems"]} == {
         (split, i) for split in ("train", "eval") for i in expected
     }
+    # Run again (a restart): the check is reused, says so in one line, and stops as before.
+    code, again = run_finetune(
+        finetune_args(model, path, out, "--eval_data_path", path, "--preflight_only", "true"), expect_ok=False
+    )
+    assert code == 1 and again.count("its results are reused") == 1, again[-3000:]
+    assert f"Preflight: {2 * n_bad} of {total} records are unusable" in again
+    assert json.loads((out / preflight.REPORT_NAME).read_text()) == report
+    _, fresh = run_finetune(finetune_args(model, path, out, "--eval_data_path", path, "--preflight_only", "true",
+                                          "--preflight_cache", "false"), expect_ok=False)
+    assert "its results are reused" not in fresh and f"{2 * n_bad} of {total} records are unusable" in fresh
 
 
 @pytest.mark.launch
@@ -268,7 +278,7 @@ def test_skip_bad_samples_trains_on_exactly_the_good_ones(corpus, tmp_path):
     good = len(records) - len(expected)
     report = json.loads((out / preflight.REPORT_NAME).read_text())
     assert report["action"] == "skipped" and report["dropped"] == {"train": sorted(expected)}
-    # Both ranks drop the same records (rank 1 gets the list from rank 0).
+    # Both ranks drop the same records (each checked its half; the results are gathered on both).
     line = f"--skip_bad_samples: dropping {len(expected)} of {len(records)} train records flagged by preflight; training on {good}"
     assert output.count(line) == 2, output[-3000:]
     # One epoch over the good records at one per rank and step: every one was trained on, no other
@@ -458,3 +468,140 @@ def test_any_error_checking_a_record_is_that_records_problem(tiny_checkpoint, tm
     [problem] = json.loads((tmp_path / preflight.REPORT_NAME).read_text())["problems"]
     assert problem["reason"] == "check_failed" and problem["record_id"] == 1
     assert problem["message"] == f"record 1 (id 1) of {path}: checking it raised RecursionError: maximum recursion depth exceeded"
+
+
+# --------------------------------------------------------------------------------------------
+# Across ranks and cores
+
+
+@pytest.mark.parametrize("count", [0, 1, 5, 1000])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+def test_rank_ranges_cover_every_record_once(count, world_size):
+    ranges = [preflight.rank_range(count, rank, world_size) for rank in range(world_size)]
+    assert [i for start, stop in ranges for i in range(start, stop)] == list(range(count))
+    assert max(stop - start for start, stop in ranges) - min(stop - start for start, stop in ranges) <= 1
+
+
+class LoggedChecks:
+    """A dataset whose check appends the index to a file (from any process) and fails every 7th record."""
+
+    data_path = "logged.json"
+    max_length = 100
+
+    def __init__(self, log, count):
+        self.log, self.count = log, count
+
+    def __len__(self):
+        return self.count
+
+    def check(self, index):
+        with open(self.log, "a") as f:
+            f.write(f"{index} {os.getpid()}\n")
+        if index % 7 == 3:
+            raise dataset.DataError("bad", index=index, record_id=f"r{index}", data_path=self.data_path, code="bad_content")
+        return {"tokens": 10 + index, "length": min(10 + index, self.max_length), "truncated": 10 + index > self.max_length}
+
+
+def test_worker_processes_check_each_record_once_and_results_come_back_in_order(tmp_path):
+    log = tmp_path / "checks.log"
+    data = LoggedChecks(log, 300)
+    one = preflight.check_dataset(data, "train", progress=False, workers=1)
+    assert sorted(int(line.split()[0]) for line in log.read_text().splitlines()) == list(range(300))
+    log.unlink()
+    three = preflight.check_dataset(data, "train", progress=False, workers=3)
+    checks = [line.split() for line in log.read_text().splitlines()]
+    assert sorted(int(index) for index, _ in checks) == list(range(300))  # each once
+    assert len({pid for _, pid in checks} - {str(os.getpid())}) > 1  # in several other processes
+    (problems, stats, lengths), (problems1, stats1, lengths1) = three, one
+    assert problems == problems1 and lengths == lengths1
+    assert {**stats, "seconds": 0} == {**stats1, "seconds": 0}
+    assert [p.index for p in problems] == list(range(3, 300, 7))
+    assert stats["truncated"] == [i for i in range(91, 300) if i % 7 != 3] and stats["longest_tokens"] == 309
+
+
+@pytest.mark.launch
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # the bomb record, refused
+def test_two_ranks_with_two_workers_report_as_one_process(corpus, tmp_path):
+    """torchrun, 2 processes of 2 workers each: the report, the bad records and the lengths are
+    those of one process checking alone."""
+    model, path, records, expected = corpus
+    alone = tmp_path / "alone"
+    train = dataset_as_trained(model, path)[0]
+    bad, lengths = preflight.check_all({"train": train, "eval": dataset_as_trained(model, path)[0]}, alone,
+                                       skip_bad=False, preflight_only=True, progress=False, workers=1)
+    out = tmp_path / "ranks"
+    env = subprocess_env()
+    code, output = run(
+        [*torchrun_finetune(env), *finetune_args(model, path, out, "--eval_data_path", path, "--preflight_only", "true",
+                                                 "--preflight_workers", "2")],
+        env=env, expect_ok=False,
+    )
+    assert code == 1, output[-3000:]
+
+    def timeless(report):
+        report = {**report, "seconds": 0, "seconds_per_1000_records": 0}
+        report["files"] = [{**f, "seconds": 0} for f in report["files"]]
+        return report
+
+    ranks = json.loads((out / preflight.REPORT_NAME).read_text())
+    assert timeless(ranks) == timeless(json.loads((alone / preflight.REPORT_NAME).read_text()))
+    assert ranks["bad_records"] == 2 * len(expected)
+    assert output.count(f"Preflight: {2 * len(expected)} of {2 * len(records)} records are unusable") == 1
+
+
+# --------------------------------------------------------------------------------------------
+# The cache
+
+
+def test_cache_reuses_an_unchanged_check_and_anything_changed_checks_again(tiny_checkpoint, shapes, tmp_path, caplog,
+                                                                            monkeypatch):
+    model = tiny_checkpoint("minicpmv2_6")
+    data = tmp_path / "train.json"
+    data.write_text(shapes.read_text())
+    for image in shapes.parent.iterdir():
+        if image != shapes:
+            (tmp_path / image.name).symlink_to(image)
+    out = tmp_path / "out"
+    checks = []
+    counted = dataset.SupervisedDataset.check
+
+    def counting(self, index):
+        checks.append(index)
+        return counted(self, index)
+
+    monkeypatch.setattr(dataset.SupervisedDataset, "check", counting)
+
+    def check(**changes):
+        """One preflight pass over the data with these flags changed; True if it reused the cache."""
+        argv = [f"--{name}={value}" for name, value in changes.items()]
+        train = dataset_as_trained(model, data, *argv)[0]
+        before = len(checks)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="preflight"):
+            result = preflight.check_all({"train": train}, out, skip_bad=False, preflight_only=True, progress=False,
+                                         workers=1)
+        reused = "its results are reused" in caplog.text
+        assert reused == (len(checks) == before)  # the line says so exactly when nothing was checked
+        return reused, result
+
+    first, result = check()
+    assert not first and (out / preflight.CACHE_NAME).exists()
+    assert check() == (True, result)  # a restart: the same data and settings
+    assert sum("its results are reused" in r.getMessage() for r in caplog.records) == 1
+    assert not check(model_max_length=400)[0]
+    assert not check(max_slice_nums=1)[0]
+    assert check(max_slice_nums=1)[0]  # that check is the cached one now
+    stat = data.stat()
+    text = data.read_text()
+    data.write_text(text.replace("square", "sqware", 1))  # same size, then the same time: the hash differs
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert data.stat().st_size == stat.st_size
+    reused, changed = check(max_slice_nums=1)
+    assert not reused
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: checked again
+    assert not check(max_slice_nums=1)[0]
+    # Another tokenizer (one token more) is another check.
+    train = dataset_as_trained(model, data, "--max_slice_nums=1")[0]
+    key = preflight.cache_key({"train": train})
+    train.tokenizer.add_tokens(["<extra_token_for_the_test>"])
+    assert preflight.cache_key({"train": train}) != key

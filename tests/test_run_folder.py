@@ -123,10 +123,11 @@ def test_a_folder_holding_an_earlier_run_is_refused_byte_for_byte_unchanged(tiny
     assert "--overwrite_output_dir true" in line and "another --output_dir" in line
     assert folder_hashes(out) == before  # no lock, record or report left behind either
 
-    # What a run writes before it trains (preflight's report, the record) does not make a folder taken.
+    # What a run writes before it trains (preflight's report and cache, the record) does not make a folder taken.
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     (fresh / preflight.REPORT_NAME).write_text("{}")
+    (fresh / preflight.CACHE_NAME).write_text("{}")
     code, err = call_main(finetune_args(model, shapes, fresh), monkeypatch, capsys)
     assert code is None, err
     assert not (fresh / run_folder.LOCK_NAME).exists()  # released when the run stopped

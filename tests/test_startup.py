@@ -1,0 +1,54 @@
+"""startup.py: bitsandbytes stays out of a run that does not use it, and in one that may."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import startup
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(
+    "argv, needed",
+    [
+        (["--help"], False),
+        (["--model_name_or_path", "m", "--preflight_only", "true", "--optim", "adamw_torch"], False),
+        (["--optim=adafactor", "--use_lora", "true"], False),
+        (["--q_lora", "true"], True),
+        (["--q_lora=false"], True),  # conservative: any --q_lora keeps it
+        (["--q_lora"], True),
+        (["--optim", "adamw_bnb_8bit"], True),
+        (["--optim=paged_adamw_32bit"], True),
+        (["--optim"], True),
+        (["args.json"], True),  # arguments from a file: not read here
+    ],
+)
+def test_needs_bitsandbytes(argv, needed):
+    assert startup.needs_bitsandbytes(argv) is needed
+
+
+def imported_modules(*args):
+    """The modules a fresh ``python finetune.py ARGS`` imported (exit status 0 asserted)."""
+    done = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "finetune.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return {line.split("|")[2].strip(): int(line.split("|")[1]) for line in done.stderr.splitlines()
+            if line.startswith("import time:") and line.split("|")[1].strip().isdigit()}
+
+
+@pytest.mark.launch
+def test_help_does_not_import_the_quantiser():
+    plain = imported_modules("--help")
+    # Listed at a few microseconds: the lookup that found it marked absent, nothing loaded.
+    assert plain.get(startup.QUANTISER, 0) < 1000 and "bitsandbytes.functional" not in plain
+    assert "torch._inductor.compile_fx" not in plain and "peft" in plain  # transformers still imports peft
+    qlora = imported_modules("--help", "--q_lora", "true")
+    assert "bitsandbytes.functional" in qlora and "torch._inductor.compile_fx" in qlora
+
+
+def test_a_module_already_imported_is_left_alone(monkeypatch):
+    monkeypatch.setitem(sys.modules, startup.QUANTISER, object())
+    assert startup.keep_bitsandbytes_out(["--help"]) is False
