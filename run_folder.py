@@ -1,7 +1,7 @@
 """The output folder: one run at a time writes into it, never over what a user has.
 
 ``claim`` runs on the main process before the weights load (before preflight writes its report
-into the folder), and every rank gets its verdict (``preflight.share``), so all stop together:
+into the folder), and every rank gets its verdict (``preflight.from_main``), so all stop together:
 - ``--output_dir`` must be a folder or a path that can become one (not a file, not under a file),
   and never the folder of a model the run reads (``--model_name_or_path``, ``--dpo_ref_model``,
   ``--lora_weight_path``), a folder inside it or one that contains it, symlinks resolved,
@@ -395,7 +395,7 @@ def claim(model_args, data_args, training_args, lora_args, resume_from):
         except OSError as e:  # the others wait for a verdict: this is one
             lock.release()
             verdict = refuse(f"--output_dir {training_args.output_dir}: {e}", status=1)
-    verdict = preflight.share(verdict, is_main)
+    verdict = preflight.from_main(verdict)
     if "refused" in verdict:
         raise Refused(verdict["refused"], verdict["status"], report=is_main)
     try:
