@@ -41,7 +41,10 @@ def load_config(name_or_path, cache_dir=None):
     check_transformers_for(name_or_path, cache_dir)
     # The config's remote code imports the model's (2.6: SigLIP's config lives in the vision file).
     remote_code_repairs.repair_removed_names(name_or_path, cache_dir)
-    return transformers.AutoConfig.from_pretrained(name_or_path, trust_remote_code=True, cache_dir=cache_dir)
+    config = transformers.AutoConfig.from_pretrained(name_or_path, trust_remote_code=True, cache_dir=cache_dir)
+    # Before the model's __init__ reads it.
+    remote_code_repairs.repair_legacy_rope_scaling(type(config), remote_code_repairs.remote_code_files(name_or_path, cache_dir))
+    return config
 
 
 class TransformersTooOld(ValueError):
@@ -112,6 +115,7 @@ def load_model(name_or_path, config, *, dtype, cache_dir=None, device_map=None, 
     if reference is not None:
         remote_code_repairs.restore_non_persistent_buffers(model, reference)
     remote_code_repairs.repair_generation_inputs(model)
+    remote_code_repairs.repair_tied_weights_keys(model)
     return model
 
 

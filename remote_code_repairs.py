@@ -52,6 +52,7 @@ import importlib.util
 import inspect
 import json
 import logging
+import re
 import sys
 import types
 import typing
@@ -423,6 +424,9 @@ def repaired_config_class(published, module_name):
     """`published` (a config class) unchanged, but defined in `module_name`: saving a config of this
     class names `module_name` in its `auto_map`, so a saved folder keeps loading through the repairs."""
 
+    module_file = sys.modules[module_name].__file__  # the saved folder's repaired_classes.py, importing now
+    repair_legacy_rope_scaling(published, [module_file, *dynamic_module_utils.get_relative_import_files(module_file)])
+
     class Repaired(published):
         # Its own __init__: transformers would give a config subclass without one a generated one.
         def __init__(self, *args, **kwargs):
@@ -455,6 +459,7 @@ def repaired_model_class(published, config_class, module_name):
                     )
                 self.post_init()
             repair_generation_inputs(self)
+            repair_tied_weights_keys(self)
 
         @classmethod
         def from_pretrained(cls, *args, **kwargs):
@@ -895,3 +900,82 @@ def supply_removed_names(files, checkpoint):
             file_name, name, module_name, transformers.__version__,
         )
     return sorted(missing)
+
+
+# ---- defect 6: the rope_scaling of transformers 4.x -------------------------------------------
+# (Kept apart from the repairs above: issue 22, found by the conformance run of the published files.)
+
+# How remote code written for transformers 4.x reads a scaled rope: `config.rope_scaling["type"]`
+# (MiniCPM-V 2.0's modeling_minicpm.py, `_init_rope`), after testing `rope_scaling is None`.
+LEGACY_ROPE_READ = re.compile(r"""rope_scaling\[\s*["']type["']\s*\]""")
+
+
+def _legacy_rope_scaling(config):
+    """`rope_scaling` as transformers 4.x held it: None for an unscaled rope, else {"type", "factor", ...}."""
+    parameters = config.rope_parameters
+    if not parameters or parameters.get("rope_type", "default") == "default":
+        return None
+    legacy = {key: value for key, value in parameters.items() if key not in ("rope_type", "rope_theta")}
+    return {"type": parameters["rope_type"], **legacy}
+
+
+def legacy_rope_readers(files):
+    """The names of the remote-code `files` that read `rope_scaling["type"]`."""
+    return sorted({Path(file).name for file in files
+                   if Path(file).name != Path(__file__).name and LEGACY_ROPE_READ.search(Path(file).read_text(encoding="utf-8"))})
+
+
+def repair_legacy_rope_scaling(config_class, files):
+    """Defect 6. transformers 5 keeps rope settings in `rope_parameters` and makes `rope_scaling` an
+    alias of it, so a published `"rope_scaling": null` reads back as {"rope_type": "default", ...},
+    and code that tests `rope_scaling is None`, then reads `rope_scaling["type"]`, raises KeyError.
+    Detected by reading the checkpoint's remote-code `files`; repaired by giving the config class (of
+    remote code) a `rope_scaling` that reads as transformers 4.x's did (setting it is unchanged).
+    Returns the files that read it (empty: nothing changed)."""
+    if getattr(config_class, "__legacy_rope_scaling__", False) or config_class.__module__.startswith("transformers."):
+        return []
+    readers = legacy_rope_readers(files)
+    if not readers:
+        return []
+    config_class.rope_scaling = property(_legacy_rope_scaling, transformers.PretrainedConfig.rope_scaling.fset)
+    config_class.__legacy_rope_scaling__ = True
+    logger.warning(
+        "Remote code %s reads config.rope_scaling[\"type\"] (transformers 4.x's layout), which transformers %s "
+        "keeps as rope_parameters with rope_type: %s.rope_scaling now reads as 4.x's did (None when unscaled).",
+        ", ".join(readers), transformers.__version__, config_class.__name__,
+    )
+    return readers
+
+
+# ---- defect 7: a list of tied weights ---------------------------------------------------------
+
+
+def repair_tied_weights_keys(model):
+    """Defect 7. transformers 4.x's `_tied_weights_keys` was a list of output weights tied to the input
+    embeddings (MiniCPM-V 2.0's `MiniCPMForCausalLM`: ["lm_head.weight"]); transformers 5 reads a
+    {target: source} dict, and `save_pretrained` fails on a list (AttributeError: 'list' object has no
+    attribute 'keys'). Detected per module of `model`; repaired on that module (not its class) with the
+    dict 4.x meant: each listed weight -> the module's input-embedding weight. Returns the modules'
+    class names repaired."""
+    repaired = []
+    for module in model.modules():
+        keys = getattr(module, "_tied_weights_keys", None)
+        if not isinstance(keys, (list, tuple)):
+            continue
+        embeddings = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
+        names = {sub: name for name, sub in module.named_modules()}
+        if embeddings not in names:
+            raise TypeError(f"{type(module).__name__}._tied_weights_keys is a list {keys}, and its input embeddings "
+                            "are not among its modules: cannot tell what they are tied to")
+        module._tied_weights_keys = {key: f"{names[embeddings]}.weight" for key in keys}
+        if type(module).__name__ not in _tied_keys_logged:
+            _tied_keys_logged.add(type(module).__name__)
+            logger.warning(
+                "Remote code %s._tied_weights_keys is a list (transformers 4.x's layout): read as %s, the mapping "
+                "transformers 5 expects.", type(module).__name__, module._tied_weights_keys,
+            )
+        repaired.append(type(module).__name__)
+    return repaired
+
+
+_tied_keys_logged = set()
