@@ -289,9 +289,9 @@ def free_port():
 
 def first_error_line(output):
     """The line that says what went wrong: the last exception or error line, else the last line."""
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    lines = [re.sub(r"^\[rank\d+\]:\s*", "", line.strip()) for line in output.splitlines() if line.strip()]
     for line in reversed(lines):
-        if re.match(r"^([\w.]+(Error|Exception|Exit|Failed)\b|error:|.*: error:)", line):
+        if re.match(r"^([\w.]+(Error|Exception|Exit|Failed)\b|.*\berror: )", line):
             return line[:300]
     return lines[-1][:300] if lines else "(no output)"
 

@@ -116,6 +116,7 @@ def load_model(name_or_path, config, *, dtype, cache_dir=None, device_map=None, 
         remote_code_repairs.restore_non_persistent_buffers(model, reference)
     remote_code_repairs.repair_generation_inputs(model)
     remote_code_repairs.repair_tied_weights_keys(model)
+    remote_code_repairs.repair_input_embeddings(model)
     return model
 
 
@@ -219,3 +220,60 @@ def write_repaired_classes(folder):
         REPAIRED_MODULE, folder, ", ".join(classes),
     )
     return [f"{REPAIRED_MODULE}.py", "remote_code_repairs.py", "config.json"]
+
+
+# ---- A saved folder names only files it holds (issue 22) ---------------------------------------
+# A tokenizer saved into an adapter folder keeps the published tokenizer_config.json auto_map, which
+# can name the processor's file (2.6: AutoProcessor -> processing_minicpmv.MiniCPMVProcessor) that
+# only the model folder holds; loading the tokenizer or processor from such a folder then fails.
+
+SETTINGS_WITH_AUTO_MAP = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
+
+
+def named_files_missing(folder):
+    """[(settings file, module file)] for every module an ``auto_map`` in ``folder`` names (and those
+    modules' relative imports) that ``folder`` does not hold."""
+    folder = Path(folder)
+    missing = []
+    for settings in SETTINGS_WITH_AUTO_MAP:
+        path = folder / settings
+        if not path.is_file():
+            continue
+        auto_map = json.loads(path.read_text(encoding="utf-8")).get("auto_map") or {}
+        pending = []
+        for value in auto_map.values():
+            for reference in value if isinstance(value, list) else [value]:
+                if reference and "--" not in reference:  # "repo--module.Class" lives in another repository
+                    pending.append(reference.rpartition(".")[0] + ".py")
+        seen = set()
+        while pending:
+            name = pending.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            if not (folder / name).is_file():
+                missing.append((settings, name))
+                continue
+            pending.extend(f"{module}.py" for module in dynamic_module_utils.get_relative_imports(str(folder / name)))
+    return missing
+
+
+def copy_named_files(source_dir, folder):
+    """Copy into ``folder`` from ``source_dir`` the remote code its settings name but it lacks, with the
+    processor's settings where a processor file comes (and what those name in turn); ValueError if
+    ``source_dir`` lacks one too. Returns the names copied."""
+    source_dir, folder = Path(source_dir), Path(folder)
+    copied = []
+    while missing := named_files_missing(folder):
+        for settings, name in missing:
+            if not (source_dir / name).is_file():
+                raise ValueError(f"{folder / settings} names {name}, which neither {folder} nor {source_dir} holds")
+            shutil.copy2(source_dir / name, folder / name)
+            copied.append(name)
+        for settings in ("preprocessor_config.json", "processor_config.json"):
+            if not (folder / settings).exists() and (source_dir / settings).is_file():
+                shutil.copy2(source_dir / settings, folder / settings)
+                copied.append(settings)
+    if copied:
+        logger.info("Copied into %s the files its settings name: %s", folder, ", ".join(copied))
+    return copied

@@ -460,6 +460,7 @@ def repaired_model_class(published, config_class, module_name):
                 self.post_init()
             repair_generation_inputs(self)
             repair_tied_weights_keys(self)
+            repair_input_embeddings(self)
 
         @classmethod
         def from_pretrained(cls, *args, **kwargs):
@@ -979,3 +980,26 @@ def repair_tied_weights_keys(model):
 
 
 _tied_keys_logged = set()
+
+
+# ---- defect 8: input embeddings out of reach ---------------------------------------------------
+
+
+def repair_input_embeddings(model):
+    """Defect 8. The published MiniCPM-V 2.0 `get_input_embeddings` returns `self.llm.embed_tokens`,
+    which its LLM (`MiniCPMForCausalLM`, embeddings under `.model`) does not have: AttributeError
+    wherever transformers or peft reach the token embeddings (gradient checkpointing's
+    `enable_input_require_grads`, LoRA). Detected by calling it; repaired on `model` (not its class)
+    by the LLM's own get/set_input_embeddings. A model without such a method is left alone (the LoRA
+    setup gives it one). Returns True when repaired."""
+    if not hasattr(model, "get_input_embeddings") or not hasattr(model, "llm"):
+        return False
+    try:
+        model.get_input_embeddings()
+    except AttributeError as e:
+        model.get_input_embeddings = model.llm.get_input_embeddings
+        model.set_input_embeddings = model.llm.set_input_embeddings
+        logger.warning("Remote code %s.get_input_embeddings fails (%s): using its LLM's get/set_input_embeddings.",
+                       type(model).__name__, e)
+        return True
+    return False
