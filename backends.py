@@ -270,7 +270,10 @@ class RemoteCodeBackend:
         args, kwargs = generate_call(unwrap_peft(model).generate, inputs)
         output = model.generate(*args, tokenizer=processing, max_new_tokens=max_new_tokens, **kwargs)
         if isinstance(output, torch.Tensor):  # token ids: 2.0 decodes in chat(), not in generate
-            return processing.decode(output[0], skip_special_tokens=True).strip()
+            ids = output[0].tolist()
+            if processing.eos_token_id in ids:  # where its generate stopped, as its chat() cuts
+                ids = ids[: ids.index(processing.eos_token_id)]
+            return processing.decode(ids).strip()
         return output[0].strip()
 
 

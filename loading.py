@@ -93,6 +93,8 @@ def load_model(name_or_path, config, *, dtype, cache_dir=None, device_map=None, 
         for key, value in init_kwargs.items():
             setattr(config, key, value)
     model_class = remote_code_repairs.import_model_class(name_or_path, config, cache_dir=cache_dir)
+    if model_class is not None:
+        remote_code_repairs.repair_cuda_under_zero3(model_class)
     reference, missed_post_init = None, False
     if model_class is not None:
         reference, missed_post_init = remote_code_repairs.build_reference(model_class, config, dtype)

@@ -176,6 +176,7 @@ def sample(config):
         "pixel_values": [[image]],
         "tgt_sizes": [torch.tensor([[2, 3]], dtype=torch.int32)],
         "image_bound": [torch.tensor([[3, 3 + config.query_num]])],
+        "image_bounds": [torch.tensor([[3, 3 + config.query_num]])],  # as DataCollator: 2.0 reads this name
     }
 
 
