@@ -259,10 +259,10 @@ def test_forward_mixes_sliced_images_and_text_only_samples(tiny_checkpoint, fami
         changed = model(data=other).logits
         assert not torch.allclose(changed[0], logits[0])
         assert torch.equal(changed[1], logits[1])
-        text_only = dict(batch, pixel_values=[[], []], tgt_sizes=[[], []], image_bound=[[], []])
+        text_only = dict(batch, pixel_values=[[], []], tgt_sizes=[[], []], image_bound=[[], []], image_bounds=[[], []])
         assert torch.isfinite(model(data=text_only).logits).all()
     model.train()
-    loss = loss_of(model, dict(batch, pixel_values=[[], []], tgt_sizes=[[], []], image_bound=[[], []]))
+    loss = loss_of(model, text_only)
     loss.backward()  # a text-only batch in train mode still touches every vision weight (DDP)
     assert model.vpm.embeddings.patch_embedding.weight.grad is not None
     assert model.resampler.query.grad is not None
