@@ -220,8 +220,15 @@ class RemoteCodeBackend:
         return ["embed_tokens", "resampler"] + (["vpm"] if tune_vision else [])
 
     def prepare_zero3(self, model):
-        """Nothing beyond what every model gets before the ZeRO-3 engine hooks it
-        (trainer.register_zero3_external_parameters)."""
+        """Beyond what every model gets before the ZeRO-3 engine hooks it
+        (trainer.register_zero3_external_parameters): the vision tower's own parameters (not its
+        submodules') become external parameters of the model. The published MiniCPM-V 2.0 calls its
+        timm tower's ``forward_features``, never its ``forward``, so ZeRO-3's hooks would leave
+        ``pos_embed`` and ``cls_token`` partitioned (backward: "size of tensor a (0) must match")."""
+        import deepspeed
+
+        for param in model.vpm.parameters(recurse=False):
+            deepspeed.zero.register_external_parameter(model, param)
 
     def forward(self, model, batch, base=None):
         """The model's output for a batch of this backend's collator. ``model`` may be wrapped (peft,
@@ -250,6 +257,7 @@ class RemoteCodeBackend:
         if copied:
             logger.info("Copied remote code into %s: %s", output_dir, ", ".join(copied))
         loading.write_repaired_classes(output_dir)
+        loading.write_repaired_tokenizer(output_dir)
 
     def prompt_inputs(self, sample, device):
         """A training sample cut just before its first learned token: the prompt the model answers."""

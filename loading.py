@@ -66,7 +66,9 @@ def check_transformers_for(name_or_path, cache_dir=None):
 def load_tokenizer(name_or_path, cache_dir=None):
     # AutoTokenizer reads the model config too, importing its remote code.
     remote_code_repairs.repair_removed_names(name_or_path, cache_dir)
-    return transformers.AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True, cache_dir=cache_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True, cache_dir=cache_dir)
+    remote_code_repairs.repair_sentencepiece_ids(tokenizer)
+    return tokenizer
 
 
 def init_kwargs_for(config):
@@ -95,6 +97,7 @@ def load_model(name_or_path, config, *, dtype, cache_dir=None, device_map=None, 
     model_class = remote_code_repairs.import_model_class(name_or_path, config, cache_dir=cache_dir)
     if model_class is not None:
         remote_code_repairs.repair_cuda_under_zero3(model_class)
+        remote_code_repairs.repair_generation_mixin(model_class)
     reference, missed_post_init = None, False
     if model_class is not None:
         reference, missed_post_init = remote_code_repairs.build_reference(model_class, config, dtype)
@@ -279,3 +282,45 @@ def copy_named_files(source_dir, folder):
     if copied:
         logger.info("Copied into %s the files its settings name: %s", folder, ", ".join(copied))
     return copied
+
+
+# ---- A saved folder's tokenizer with the repairs (issue 22) ------------------------------------
+
+REPAIRED_TOKENIZER_MODULE = "repaired_tokenizer"
+
+
+def write_repaired_tokenizer(folder):
+    """Point ``folder``'s tokenizer_config.json auto_map at a generated ``repaired_tokenizer.py`` that
+    wraps the published tokenizer class with remote_code_repairs' tokenizer repair (defect 11), when
+    that class needs it; the published targets stay under ``published_auto_map``. Run after
+    write_repaired_classes (which copies remote_code_repairs.py). Returns the files written."""
+    folder = Path(folder)
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return []
+    tokenizer_config = json.loads(path.read_text(encoding="utf-8"))
+    published = tokenizer_config.get(PUBLISHED_AUTO_MAP) or tokenizer_config.get("auto_map") or {}
+    targets = [target for target in published.get("AutoTokenizer") or [] if target and "--" not in target]
+    needed = [target for target in targets
+              if remote_code_repairs.SENTENCEPIECE_READ.search((folder / f"{target.rpartition('.')[0]}.py").read_text(encoding="utf-8"))]
+    if not needed:
+        return []
+    lines = ['"""Written by the MiniCPM-V fine-tuner when it saved this folder: the tokenizer class that\n'
+             "tokenizer_config.json's auto_map points to, the published one named in `published_auto_map` with\n"
+             'remote_code_repairs.py\'s tokenizer repair (ids it reads from a sentencepiece model)."""\n\n',
+             "from .remote_code_repairs import repaired_tokenizer_class\n"]
+    for target in needed:
+        module_name, _, class_name = target.rpartition(".")
+        lines.append(f"from .{module_name} import {class_name} as _Published{class_name}\n")
+    lines.append("\n")
+    for target in needed:
+        class_name = target.rpartition(".")[2]
+        lines.append(f"{class_name} = repaired_tokenizer_class(_Published{class_name}, __name__)\n")
+    (folder / f"{REPAIRED_TOKENIZER_MODULE}.py").write_text("".join(lines))
+    tokenizer_config["auto_map"] = {
+        key: [f"{REPAIRED_TOKENIZER_MODULE}.{t.rpartition('.')[2]}" if t in needed else t for t in value]
+        if key == "AutoTokenizer" else value for key, value in published.items()
+    }
+    tokenizer_config[PUBLISHED_AUTO_MAP] = published
+    path.write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
+    return [f"{REPAIRED_TOKENIZER_MODULE}.py", "tokenizer_config.json"]

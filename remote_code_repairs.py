@@ -446,6 +446,7 @@ def repaired_model_class(published, config_class, module_name):
     """
     logged = []
     repair_cuda_under_zero3(published)
+    repair_generation_mixin(published)
 
     class Repaired(published):
         def __init__(self, config, *args, **kwargs):
@@ -1035,3 +1036,104 @@ def repair_cuda_under_zero3(model_class):
                        "they stay where they go without ZeRO-3.", Path(file).name)
         repaired.append(module.__name__)
     return repaired
+
+
+# ---- defect 10: a language model that generates without GenerationMixin ------------------------
+
+
+def repair_generation_mixin(model_class):
+    """Defect 10. Up to transformers 4.49 every PreTrainedModel inherited `generate`; since 4.50 only
+    classes deriving from GenerationMixin have it. The published MiniCPM-V 2.0's LLM,
+    `MiniCPMForCausalLM(MiniCPMPreTrainedModel)`, defines `prepare_inputs_for_generation` and has no
+    GenerationMixin, so its model's `generate` fails (AttributeError: no attribute 'generate').
+    Detected on the classes of the modules beside `model_class`'s (a PreTrainedModel subclass of the
+    remote code with its own prepare_inputs_for_generation and no GenerationMixin); repaired by adding
+    GenerationMixin after its bases, where transformers asks for it. Returns the names of the classes."""
+    folder = Path(inspect.getfile(model_class)).parent
+    repaired = []
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if not file or Path(file).parent != folder:
+            continue
+        for cls in list(vars(module).values()):
+            if (isinstance(cls, type) and cls.__module__ == module.__name__
+                    and issubclass(cls, transformers.PreTrainedModel)
+                    and "prepare_inputs_for_generation" in cls.__dict__
+                    and not issubclass(cls, transformers.GenerationMixin)):
+                cls.__bases__ = (*cls.__bases__, transformers.GenerationMixin)
+                logger.warning("Remote code %s defines prepare_inputs_for_generation without GenerationMixin (which "
+                               "transformers 4.49 and older gave every model): added GenerationMixin to its bases, so "
+                               "it generates.", cls.__qualname__)
+                repaired.append(cls.__name__)
+    return repaired
+
+
+# ---- defect 11: a tokenizer reading sentencepiece's ids ---------------------------------------
+
+SENTENCEPIECE_READ = re.compile(r"self\.sp_model\.(bos|eos|unk|pad)_id\(\)|self\._convert_token_to_id\(")
+
+
+class SentencePieceIds:
+    """What remote code reads of a sentencepiece model's ids, from the tokenizer's own special tokens
+    (sentencepiece's -1 where the tokenizer has none)."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def _id(self, name):
+        value = getattr(self._tokenizer, f"{name}_token_id")
+        return -1 if value is None else value
+
+    def bos_id(self):
+        return self._id("bos")
+
+    def eos_id(self):
+        return self._id("eos")
+
+    def unk_id(self):
+        return self._id("unk")
+
+    def pad_id(self):
+        return self._id("pad")
+
+
+def needs_sentencepiece_ids(tokenizer_class):
+    """Whether `tokenizer_class` or a remote-code class it derives from reads `self.sp_model.*_id()`."""
+    return any(SENTENCEPIECE_READ.search(inspect.getsource(sys.modules[cls.__module__]))
+               for cls in tokenizer_class.__mro__
+               if cls.__module__.partition(".")[0] not in ("transformers", "builtins", "tokenizers"))
+
+
+def repair_sentencepiece_ids(tokenizer):
+    """Defect 11. The published MiniCPM-V 2.0 tokenizer (a LlamaTokenizer subclass) reads its ids from
+    `self.sp_model.bos_id()` and the like; transformers 5's LlamaTokenizer is backed by `tokenizers` and
+    has no `sp_model`, so `tokenizer.bos_id` gives no id (its processor then fails building input ids).
+    Its `im_start_id` calls the slow tokenizers' `_convert_token_to_id`, which it lacks too.
+    Detected by reading the tokenizer's remote code, on a tokenizer without an sp_model; repaired by
+    giving it one that answers those ids from its own special tokens, and `convert_tokens_to_ids` as
+    `_convert_token_to_id`. Returns True when repaired."""
+    if getattr(tokenizer, "sp_model", None) is not None or not needs_sentencepiece_ids(type(tokenizer)):
+        return False
+    tokenizer.sp_model = SentencePieceIds(tokenizer)
+    if not hasattr(type(tokenizer), "_convert_token_to_id"):
+        tokenizer._convert_token_to_id = tokenizer.convert_tokens_to_ids
+    if type(tokenizer).__name__ not in _sentencepiece_logged:
+        _sentencepiece_logged.add(type(tokenizer).__name__)
+        logger.warning("Remote code %s reads its ids from sp_model, which transformers %s's tokenizers-backed "
+                       "tokenizer lacks: they come from its own special tokens.", type(tokenizer).__name__,
+                       transformers.__version__)
+    return True
+
+
+_sentencepiece_logged = set()
+
+
+def repaired_tokenizer_class(published, module_name):
+    """`published` (a tokenizer class) with defect 11 repaired on every instance, defined in `module_name`."""
+
+    class Repaired(published):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            repair_sentencepiece_ids(self)
+
+    return _named_like(Repaired, published, module_name)
