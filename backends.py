@@ -221,14 +221,17 @@ class RemoteCodeBackend:
 
     def prepare_zero3(self, model):
         """Beyond what every model gets before the ZeRO-3 engine hooks it
-        (trainer.register_zero3_external_parameters): the vision tower's own parameters (not its
-        submodules') become external parameters of the model. The published MiniCPM-V 2.0 calls its
-        timm tower's ``forward_features``, never its ``forward``, so ZeRO-3's hooks would leave
-        ``pos_embed`` and ``cls_token`` partitioned (backward: "size of tensor a (0) must match")."""
-        import deepspeed
-
-        for param in model.vpm.parameters(recurse=False):
-            deepspeed.zero.register_external_parameter(model, param)
+        (trainer.register_zero3_external_parameters): a timm vision tower's ``forward_features`` goes
+        through the module call. The published MiniCPM-V 2.0 calls ``vpm.forward_features`` directly, so
+        ZeRO-3's module hooks, which gather a module's own parameters for its forward and backward, never
+        run for the tower: ``pos_embed`` and ``cls_token`` stay partitioned (backward: "size of tensor a
+        (0) must match"). With ``forward`` set to the tower's ``forward_features`` and ``forward_features``
+        to the module call, the published call runs the same code under the hooks."""
+        tower = model.vpm
+        if hasattr(tower, "forward_features") and not getattr(tower, "_features_through_call", False):
+            tower.forward = tower.forward_features
+            tower.forward_features = tower.__call__
+            tower._features_through_call = True
 
     def forward(self, model, batch, base=None):
         """The model's output for a batch of this backend's collator. ``model`` may be wrapped (peft,

@@ -322,7 +322,8 @@ model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.fl
 tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
 image = Image.new("RGB", (112, 112), (200, 40, 40))
 msgs = [{"role": "user", "content": "What is this?"}]
-kwargs = dict(image=image, msgs=msgs, tokenizer=tokenizer, sampling=False, max_new_tokens=4)
+torch.manual_seed(0)
+kwargs = dict(image=image, msgs=msgs, tokenizer=tokenizer, sampling=True, max_new_tokens=4)  # as the model cards call it
 params = inspect.signature(model.chat).parameters
 # As each model card calls it: 2.0's chat also takes the running context and the processor.
 if "context" in params:
