@@ -41,6 +41,8 @@ import torch
 import transformers
 
 import demo_data
+import loading
+import remote_code_repairs
 from tiny_models.build import OUTPUT_HEAD_STD, TOKENIZER_SPECS, train_bpe
 
 REPO = Path(__file__).resolve().parent
@@ -160,13 +162,13 @@ def published_files(copies):
 
 def shrink_config(config, vocab_size, token_ids):
     """The published config.json at tiny size: only sizes and token ids change, nulls stay."""
-    config = json.loads(json.dumps(config))
+    published, config = config, json.loads(json.dumps(config))
     for key, value in LLM_SIZES.items():
         if key in config:
             config[key] = value
     if "num_key_value_heads" in config:
-        # Grouped-query attention stays grouped; plain multi-head stays plain.
-        grouped = config["num_key_value_heads"] < config.get("num_attention_heads", 0) or config.get("num_attention_heads") is None
+        # Grouped-query attention stays grouped (2.5, 2.6); plain multi-head stays plain (2.0).
+        grouped = published["num_key_value_heads"] < published["num_attention_heads"]
         config["num_key_value_heads"] = 2 if grouped else LLM_SIZES["num_attention_heads"]
     config["vocab_size"] = vocab_size
     for key in TOKEN_ID_FIELDS:
@@ -258,9 +260,6 @@ def write_random_weights(out_dir, seed):
     """Random weights of the published model class, built through this project's loading path (the
     repairs published code needs on this transformers), the output head at a trained head's scale as
     tiny_models.build gives it."""
-    import loading
-    import remote_code_repairs
-
     config = loading.load_config(str(out_dir))
     model_class = remote_code_repairs.import_model_class(str(out_dir), config)
     torch.manual_seed(seed)

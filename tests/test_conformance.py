@@ -66,6 +66,7 @@ def test_build_keeps_code_bytes_and_nulls_and_shrinks_sizes_only(published_like,
     changed = {key for key in published if built[key] != published[key]}
     allowed = set(conformance.LLM_SIZES) | {"num_key_value_heads", "vocab_size", "vision_config", *conformance.TOKEN_ID_FIELDS}
     assert changed <= allowed
+    assert built["num_key_value_heads"] < built["num_attention_heads"]  # grouped-query attention stays grouped
     tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
     assert tokenizer_config["auto_map"] == json.loads(files["tokenizer_config.json"])["auto_map"]
     # It loads through this project's loader, and the token ids name the same tokens as published.
