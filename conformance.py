@@ -74,6 +74,8 @@ STEPS = ("build", "preflight", "lora", "infer_adapter", "merge", "infer_merged",
 # A step that needs another's output is not run when that one failed.
 NEEDS = {"preflight": "build", "lora": "build", "infer_adapter": "lora", "merge": "lora", "infer_merged": "merge",
          "plain_chat": "merge", "full": "build", "infer_full": "full", "dpo": "build"}
+# The folder each step writes (under the copy's work folder), checked to hold every file it names.
+WRITES = {"lora": "lora", "merge": "merged", "full": "full", "dpo": "dpo"}
 STEP_TIMEOUT_S = 900
 # Each launch is as short as the step allows: a tiny run proves the path, not the learning.
 FAST_ARGS = ["--report_to", "none", "--max_slice_nums", "2", "--model_max_length", "512",
@@ -393,6 +395,11 @@ def check(label, copies, work, steps=STEPS):
             continue
         argv, env_extra = commands[step]
         results[step] = run_step(argv, env_extra, work / f"{step}.log")
+        written = WRITES.get(step)
+        if results[step][0] and written and loading.named_files_missing(work / written):
+            # A folder we write must hold every file its settings name (issue 22: 2.6 adapters did not).
+            missing = ", ".join(f"{settings} -> {name}" for settings, name in loading.named_files_missing(work / written))
+            results[step] = (False, f"{written}/ names files it lacks: {missing}")
         print(f"{label}: {step} {'ok' if results[step][0] else 'FAILED: ' + results[step][1]}", flush=True)
     return results
 
