@@ -31,6 +31,11 @@ five ways; each repair below first detects its defect and does nothing when it i
    Detected by its signature (`past_key_values`, none of `LATER_GENERATION_PARAMETERS`); repaired
    by wrapping it so that it is called as 4.36's generate called it.
 
+Defects 6 to 11 (at the end of this module) were found by running the published files through the
+user journey (conformance.py): `rope_scaling` read as transformers 4.x held it, a list of tied weights,
+a `get_input_embeddings` that fails, 'cuda' under ZeRO-3 on a machine without CUDA, a language model
+without GenerationMixin, a tokenizer reading sentencepiece's ids.
+
 Every repair is logged at WARNING level, naming what was repaired; a model without defects
 loads untouched and nothing is logged.
 
