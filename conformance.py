@@ -378,7 +378,9 @@ def check(label, copies, work, steps=STEPS):
     work.mkdir(parents=True, exist_ok=True)
     results = {}
     try:
-        checkpoint = build(copies, work / "checkpoint")
+        # A name of its own: transformers 5.3 names its module cache after the folder, so copies built
+        # in one process under one name would share (stale) modules.
+        checkpoint = build(copies, work / f"tiny-{work.name}")
         results["build"] = (True, "")
     except Exception as e:  # noqa: BLE001 (any failure of the published code is a result of this step)
         (work / "build.log").write_text(repr(e))
