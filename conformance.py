@@ -431,7 +431,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     root = os.environ.get(PUBLISHED_ENV)
     if args.copies:
-        specs = {spec: spec for spec in args.copies}
+        known = {spec: label for label, spec in KNOWN_COPIES.items()}
+        specs = {known.get(spec, spec): spec for spec in args.copies}
     else:
         if not root:
             parser.error(f"name the copies, or set ${PUBLISHED_ENV} to the folder of mirrors")
