@@ -12,6 +12,7 @@ Everything that differs between the two lives here, as two classes with the same
 its methods and never ask which kind they hold.
 """
 
+import inspect
 import logging
 from pathlib import Path
 
@@ -102,8 +103,13 @@ def load_for_inference(model_path, adapter=None, dtype=torch.float32, device="cp
     backend_for)."""
     config = loading.load_config(model_path)
     backend = backend_for(config, llm_type)
-    # The adapter folder carries the tokenizer (and processor) the run trained with.
+    # The adapter folder carries the tokenizer (and processor) the run trained with, unless it was saved
+    # without them, or (saved before copy_named_files) names files it lacks: then the base model's.
     trained_with = adapter and (Path(adapter) / "tokenizer_config.json").exists()
+    if trained_with and loading.named_files_missing(adapter):
+        logger.warning("%s names files it lacks (%s): taking the tokenizer and processor from %s", adapter,
+                       ", ".join(name for _, name in loading.named_files_missing(adapter)), model_path)
+        trained_with = False
     processing = backend.load_processing(adapter if trained_with else model_path)
     model = backend.load_model(model_path, config, dtype=dtype)
     if adapter:
@@ -143,6 +149,23 @@ def _encode_vision(model, args, kwargs):
     parts = {"image": features[:image_count], "video": features[image_count:]}
     kwargs["mm_encoder_outputs"] = {kind: BaseModelOutputWithPooling(pooler_output=[parts[kind]]) for kind, _, _ in present}
     return args, kwargs
+
+
+def generate_call(generate, inputs):
+    """``(args, kwargs)`` for a published MiniCPM-V ``generate`` given prompt_inputs' ``inputs``.
+
+    The families' signatures differ: Llama3-V 2.5 takes one ``model_inputs`` dict first; MiniCPM-V
+    2.0 takes ``image_bounds`` and returns token ids; 2.6 and later take keywords and decode with
+    ``decode_text=True``. Read from the signature, not from the version: a revision decides.
+    """
+    parameters = inspect.signature(generate).parameters
+    decode = {"decode_text": True} if "decode_text" in parameters or "model_inputs" in parameters else {}
+    if "model_inputs" in parameters:
+        return (dict(inputs),), decode
+    if "image_bounds" in parameters:
+        inputs = {**inputs, "image_bounds": inputs["image_bound"]}
+        del inputs["image_bound"]
+    return (), {**inputs, **decode}
 
 
 class RemoteCodeBackend:
@@ -197,8 +220,18 @@ class RemoteCodeBackend:
         return ["embed_tokens", "resampler"] + (["vpm"] if tune_vision else [])
 
     def prepare_zero3(self, model):
-        """Nothing beyond what every model gets before the ZeRO-3 engine hooks it
-        (trainer.register_zero3_external_parameters)."""
+        """Beyond what every model gets before the ZeRO-3 engine hooks it
+        (trainer.register_zero3_external_parameters): a timm vision tower's ``forward_features`` goes
+        through the module call. The published MiniCPM-V 2.0 calls ``vpm.forward_features`` directly, so
+        ZeRO-3's module hooks, which gather a module's own parameters for its forward and backward, never
+        run for the tower: ``pos_embed`` and ``cls_token`` stay partitioned (backward: "size of tensor a
+        (0) must match"). With ``forward`` set to the tower's ``forward_features`` and ``forward_features``
+        to the module call, the published call runs the same code under the hooks."""
+        tower = model.vpm
+        if hasattr(tower, "forward_features") and not getattr(tower, "_features_through_call", False):
+            tower.forward = tower.forward_features
+            tower.forward_features = tower.__call__
+            tower._features_through_call = True
 
     def forward(self, model, batch, base=None):
         """The model's output for a batch of this backend's collator. ``model`` may be wrapped (peft,
@@ -227,6 +260,7 @@ class RemoteCodeBackend:
         if copied:
             logger.info("Copied remote code into %s: %s", output_dir, ", ".join(copied))
         loading.write_repaired_classes(output_dir)
+        loading.write_repaired_tokenizer(output_dir)
 
     def prompt_inputs(self, sample, device):
         """A training sample cut just before its first learned token: the prompt the model answers."""
@@ -242,8 +276,16 @@ class RemoteCodeBackend:
         )
 
     def generate(self, model, processing, inputs, max_new_tokens):
-        text = model.generate(**inputs, tokenizer=processing, max_new_tokens=max_new_tokens, decode_text=True)
-        return text[0].strip()
+        """The answer of the model's own ``generate`` to ``inputs`` (prompt_inputs), in the form that
+        family's published ``generate`` takes (see generate_call)."""
+        args, kwargs = generate_call(unwrap_peft(model).generate, inputs)
+        output = model.generate(*args, tokenizer=processing, max_new_tokens=max_new_tokens, **kwargs)
+        if isinstance(output, torch.Tensor):  # token ids: 2.0 decodes in chat(), not in generate
+            ids = output[0].tolist()
+            if processing.eos_token_id in ids:  # where its generate stopped, as its chat() cuts
+                ids = ids[: ids.index(processing.eos_token_id)]
+            return processing.decode(ids).strip()
+        return output[0].strip()
 
 
 class NativeBackend:

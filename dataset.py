@@ -1320,6 +1320,9 @@ class DataCollator:
             "attention_mask": pad("attention_mask", False),
             "pixel_values": [e["pixel_values"] for e in examples],
             "image_bound": [e["image_bound"] for e in examples],
+            # The same list under the name the published MiniCPM-V 2.0 forward reads (its revision
+            # "adapt for transformers processing", HwwwwwwwH/MiniCPM-V-2@84ce9b0); the others read image_bound.
+            "image_bounds": [e["image_bound"] for e in examples],
             "tgt_sizes": [e["tgt_sizes"] for e in examples],
             # A packed row (pack_samples) names all the records it holds.
             "records": [record for e in examples for record in (e["records"] if "records" in e else [e["record"]])],

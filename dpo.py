@@ -96,7 +96,7 @@ class PreferenceTrainer(CPMTrainer):
         pairs = len(inputs["pixel_values"])
         network = self.accelerator.unwrap_model(model)
         network = network.get_base_model() if isinstance(network, PeftModel) else network
-        prompt = {key: inputs[key][:pairs] for key in ("input_ids", "position_ids", "image_bound", "tgt_sizes")}
+        prompt = {key: inputs[key][:pairs] for key in ("input_ids", "position_ids", "image_bound", "image_bounds", "tgt_sizes")}
         prompt["pixel_values"] = self.backend.model_pixels(inputs["pixel_values"], network)
         _, vision = network.get_vllm_embedding(prompt)  # the vision tower, once per pair
         data = {**inputs, "vision_hidden_states": list(vision) * 2}

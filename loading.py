@@ -41,7 +41,10 @@ def load_config(name_or_path, cache_dir=None):
     check_transformers_for(name_or_path, cache_dir)
     # The config's remote code imports the model's (2.6: SigLIP's config lives in the vision file).
     remote_code_repairs.repair_removed_names(name_or_path, cache_dir)
-    return transformers.AutoConfig.from_pretrained(name_or_path, trust_remote_code=True, cache_dir=cache_dir)
+    config = transformers.AutoConfig.from_pretrained(name_or_path, trust_remote_code=True, cache_dir=cache_dir)
+    # Before the model's __init__ reads it.
+    remote_code_repairs.repair_legacy_rope_scaling(type(config), remote_code_repairs.remote_code_files(name_or_path, cache_dir))
+    return config
 
 
 class TransformersTooOld(ValueError):
@@ -63,7 +66,9 @@ def check_transformers_for(name_or_path, cache_dir=None):
 def load_tokenizer(name_or_path, cache_dir=None):
     # AutoTokenizer reads the model config too, importing its remote code.
     remote_code_repairs.repair_removed_names(name_or_path, cache_dir)
-    return transformers.AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True, cache_dir=cache_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True, cache_dir=cache_dir)
+    remote_code_repairs.repair_sentencepiece_ids(tokenizer)
+    return tokenizer
 
 
 def init_kwargs_for(config):
@@ -90,6 +95,9 @@ def load_model(name_or_path, config, *, dtype, cache_dir=None, device_map=None, 
         for key, value in init_kwargs.items():
             setattr(config, key, value)
     model_class = remote_code_repairs.import_model_class(name_or_path, config, cache_dir=cache_dir)
+    if model_class is not None:
+        remote_code_repairs.repair_cuda_under_zero3(model_class)
+        remote_code_repairs.repair_generation_mixin(model_class)
     reference, missed_post_init = None, False
     if model_class is not None:
         reference, missed_post_init = remote_code_repairs.build_reference(model_class, config, dtype)
@@ -112,6 +120,8 @@ def load_model(name_or_path, config, *, dtype, cache_dir=None, device_map=None, 
     if reference is not None:
         remote_code_repairs.restore_non_persistent_buffers(model, reference)
     remote_code_repairs.repair_generation_inputs(model)
+    remote_code_repairs.repair_tied_weights_keys(model)
+    remote_code_repairs.repair_input_embeddings(model)
     return model
 
 
@@ -215,3 +225,102 @@ def write_repaired_classes(folder):
         REPAIRED_MODULE, folder, ", ".join(classes),
     )
     return [f"{REPAIRED_MODULE}.py", "remote_code_repairs.py", "config.json"]
+
+
+# ---- A saved folder names only files it holds (issue 22) ---------------------------------------
+# A tokenizer saved into an adapter folder keeps the published tokenizer_config.json auto_map, which
+# can name the processor's file (2.6: AutoProcessor -> processing_minicpmv.MiniCPMVProcessor) that
+# only the model folder holds; loading the tokenizer or processor from such a folder then fails.
+
+SETTINGS_WITH_AUTO_MAP = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
+
+
+def named_files_missing(folder):
+    """[(settings file, module file)] for every module an ``auto_map`` in ``folder`` names (and those
+    modules' relative imports) that ``folder`` does not hold."""
+    folder = Path(folder)
+    missing = []
+    for settings in SETTINGS_WITH_AUTO_MAP:
+        path = folder / settings
+        if not path.is_file():
+            continue
+        auto_map = json.loads(path.read_text(encoding="utf-8")).get("auto_map") or {}
+        pending = []
+        for value in auto_map.values():
+            for reference in value if isinstance(value, list) else [value]:
+                if reference and "--" not in reference:  # "repo--module.Class" lives in another repository
+                    pending.append(reference.rpartition(".")[0] + ".py")
+        seen = set()
+        while pending:
+            name = pending.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            if not (folder / name).is_file():
+                missing.append((settings, name))
+                continue
+            pending.extend(f"{module}.py" for module in dynamic_module_utils.get_relative_imports(str(folder / name)))
+    return missing
+
+
+def copy_named_files(source_dir, folder):
+    """Copy into ``folder`` from ``source_dir`` the remote code its settings name but it lacks, with the
+    processor's settings where a processor file comes (and what those name in turn); ValueError if
+    ``source_dir`` lacks one too. Returns the names copied."""
+    source_dir, folder = Path(source_dir), Path(folder)
+    copied = []
+    while missing := named_files_missing(folder):
+        for settings, name in missing:
+            if not (source_dir / name).is_file():
+                raise ValueError(f"{folder / settings} names {name}, which neither {folder} nor {source_dir} holds")
+            shutil.copy2(source_dir / name, folder / name)
+            copied.append(name)
+        for settings in ("preprocessor_config.json", "processor_config.json"):
+            if not (folder / settings).exists() and (source_dir / settings).is_file():
+                shutil.copy2(source_dir / settings, folder / settings)
+                copied.append(settings)
+    if copied:
+        logger.info("Copied into %s the files its settings name: %s", folder, ", ".join(copied))
+    return copied
+
+
+# ---- A saved folder's tokenizer with the repairs (issue 22) ------------------------------------
+
+REPAIRED_TOKENIZER_MODULE = "repaired_tokenizer"
+
+
+def write_repaired_tokenizer(folder):
+    """Point ``folder``'s tokenizer_config.json auto_map at a generated ``repaired_tokenizer.py`` that
+    wraps the published tokenizer class with remote_code_repairs' tokenizer repair (defect 11), when
+    that class needs it; the published targets stay under ``published_auto_map``. Run after
+    write_repaired_classes (which copies remote_code_repairs.py). Returns the files written."""
+    folder = Path(folder)
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return []
+    tokenizer_config = json.loads(path.read_text(encoding="utf-8"))
+    published = tokenizer_config.get(PUBLISHED_AUTO_MAP) or tokenizer_config.get("auto_map") or {}
+    targets = [target for target in published.get("AutoTokenizer") or [] if target and "--" not in target]
+    needed = [target for target in targets
+              if remote_code_repairs.SENTENCEPIECE_READ.search((folder / f"{target.rpartition('.')[0]}.py").read_text(encoding="utf-8"))]
+    if not needed:
+        return []
+    lines = ['"""Written by the MiniCPM-V fine-tuner when it saved this folder: the tokenizer class that\n'
+             "tokenizer_config.json's auto_map points to, the published one named in `published_auto_map` with\n"
+             'remote_code_repairs.py\'s tokenizer repair (ids it reads from a sentencepiece model)."""\n\n',
+             "from .remote_code_repairs import repaired_tokenizer_class\n"]
+    for target in needed:
+        module_name, _, class_name = target.rpartition(".")
+        lines.append(f"from .{module_name} import {class_name} as _Published{class_name}\n")
+    lines.append("\n")
+    for target in needed:
+        class_name = target.rpartition(".")[2]
+        lines.append(f"{class_name} = repaired_tokenizer_class(_Published{class_name}, __name__)\n")
+    (folder / f"{REPAIRED_TOKENIZER_MODULE}.py").write_text("".join(lines))
+    tokenizer_config["auto_map"] = {
+        key: [f"{REPAIRED_TOKENIZER_MODULE}.{t.rpartition('.')[2]}" if t in needed else t for t in value]
+        if key == "AutoTokenizer" else value for key, value in published.items()
+    }
+    tokenizer_config[PUBLISHED_AUTO_MAP] = published
+    path.write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
+    return [f"{REPAIRED_TOKENIZER_MODULE}.py", "tokenizer_config.json"]

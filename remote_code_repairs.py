@@ -31,6 +31,11 @@ five ways; each repair below first detects its defect and does nothing when it i
    Detected by its signature (`past_key_values`, none of `LATER_GENERATION_PARAMETERS`); repaired
    by wrapping it so that it is called as 4.36's generate called it.
 
+Defects 6 to 11 (at the end of this module) were found by running the published files through the
+user journey (conformance.py): `rope_scaling` read as transformers 4.x held it, a list of tied weights,
+a `get_input_embeddings` that fails, 'cuda' under ZeRO-3 on a machine without CUDA, a language model
+without GenerationMixin, a tokenizer reading sentencepiece's ids.
+
 Every repair is logged at WARNING level, naming what was repaired; a model without defects
 loads untouched and nothing is logged.
 
@@ -52,6 +57,7 @@ import importlib.util
 import inspect
 import json
 import logging
+import re
 import sys
 import types
 import typing
@@ -423,6 +429,9 @@ def repaired_config_class(published, module_name):
     """`published` (a config class) unchanged, but defined in `module_name`: saving a config of this
     class names `module_name` in its `auto_map`, so a saved folder keeps loading through the repairs."""
 
+    module_file = sys.modules[module_name].__file__  # the saved folder's repaired_classes.py, importing now
+    repair_legacy_rope_scaling(published, [module_file, *dynamic_module_utils.get_relative_import_files(module_file)])
+
     class Repaired(published):
         # Its own __init__: transformers would give a config subclass without one a generated one.
         def __init__(self, *args, **kwargs):
@@ -441,6 +450,8 @@ def repaired_model_class(published, config_class, module_name):
     Defect 5: every construction wraps a legacy prepare_inputs_for_generation of its classes.
     """
     logged = []
+    repair_cuda_under_zero3(published)
+    repair_generation_mixin(published)
 
     class Repaired(published):
         def __init__(self, config, *args, **kwargs):
@@ -455,6 +466,8 @@ def repaired_model_class(published, config_class, module_name):
                     )
                 self.post_init()
             repair_generation_inputs(self)
+            repair_tied_weights_keys(self)
+            repair_input_embeddings(self)
 
         @classmethod
         def from_pretrained(cls, *args, **kwargs):
@@ -895,3 +908,237 @@ def supply_removed_names(files, checkpoint):
             file_name, name, module_name, transformers.__version__,
         )
     return sorted(missing)
+
+
+# ---- defect 6: the rope_scaling of transformers 4.x -------------------------------------------
+# (Kept apart from the repairs above: issue 22, found by the conformance run of the published files.)
+
+# How remote code written for transformers 4.x reads a scaled rope: `config.rope_scaling["type"]`
+# (MiniCPM-V 2.0's modeling_minicpm.py, `_init_rope`), after testing `rope_scaling is None`.
+LEGACY_ROPE_READ = re.compile(r"""rope_scaling\[\s*["']type["']\s*\]""")
+
+
+def _legacy_rope_scaling(config):
+    """`rope_scaling` as transformers 4.x held it: None for an unscaled rope, else {"type", "factor", ...}."""
+    parameters = config.rope_parameters
+    if not parameters or parameters.get("rope_type", "default") == "default":
+        return None
+    legacy = {key: value for key, value in parameters.items() if key not in ("rope_type", "rope_theta")}
+    return {"type": parameters["rope_type"], **legacy}
+
+
+def legacy_rope_readers(files):
+    """The names of the remote-code `files` that read `rope_scaling["type"]`."""
+    return sorted({Path(file).name for file in files
+                   if Path(file).name != Path(__file__).name and LEGACY_ROPE_READ.search(Path(file).read_text(encoding="utf-8"))})
+
+
+def repair_legacy_rope_scaling(config_class, files):
+    """Defect 6. transformers 5 keeps rope settings in `rope_parameters` and makes `rope_scaling` an
+    alias of it, so a published `"rope_scaling": null` reads back as {"rope_type": "default", ...},
+    and code that tests `rope_scaling is None`, then reads `rope_scaling["type"]`, raises KeyError.
+    Detected by reading the checkpoint's remote-code `files`; repaired by giving the config class (of
+    remote code) a `rope_scaling` that reads as transformers 4.x's did (setting it is unchanged).
+    Returns the files that read it (empty: nothing changed)."""
+    if getattr(config_class, "__legacy_rope_scaling__", False) or config_class.__module__.startswith("transformers."):
+        return []
+    readers = legacy_rope_readers(files)
+    if not readers:
+        return []
+    config_class.rope_scaling = property(_legacy_rope_scaling, transformers.PretrainedConfig.rope_scaling.fset)
+    config_class.__legacy_rope_scaling__ = True
+    logger.warning(
+        "Remote code %s reads config.rope_scaling[\"type\"] (transformers 4.x's layout), which transformers %s "
+        "keeps as rope_parameters with rope_type: %s.rope_scaling now reads as 4.x's did (None when unscaled).",
+        ", ".join(readers), transformers.__version__, config_class.__name__,
+    )
+    return readers
+
+
+# ---- defect 7: a list of tied weights ---------------------------------------------------------
+
+
+def repair_tied_weights_keys(model):
+    """Defect 7. transformers 4.x's `_tied_weights_keys` was a list of output weights tied to the input
+    embeddings (MiniCPM-V 2.0's `MiniCPMForCausalLM`: ["lm_head.weight"]); transformers 5 reads a
+    {target: source} dict, and `save_pretrained` fails on a list (AttributeError: 'list' object has no
+    attribute 'keys'). Detected per module of `model`; repaired on that module (not its class) with the
+    dict 4.x meant: each listed weight -> the module's input-embedding weight. Returns the modules'
+    class names repaired."""
+    repaired = []
+    for module in model.modules():
+        keys = getattr(module, "_tied_weights_keys", None)
+        if not isinstance(keys, (list, tuple)):
+            continue
+        embeddings = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
+        names = {sub: name for name, sub in module.named_modules()}
+        if embeddings not in names:
+            raise TypeError(f"{type(module).__name__}._tied_weights_keys is a list {keys}, and its input embeddings "
+                            "are not among its modules: cannot tell what they are tied to")
+        module._tied_weights_keys = {key: f"{names[embeddings]}.weight" for key in keys}
+        if type(module).__name__ not in _tied_keys_logged:
+            _tied_keys_logged.add(type(module).__name__)
+            logger.warning(
+                "Remote code %s._tied_weights_keys is a list (transformers 4.x's layout): read as %s, the mapping "
+                "transformers 5 expects.", type(module).__name__, module._tied_weights_keys,
+            )
+        repaired.append(type(module).__name__)
+    return repaired
+
+
+_tied_keys_logged = set()
+
+
+# ---- defect 8: input embeddings out of reach ---------------------------------------------------
+
+
+def repair_input_embeddings(model):
+    """Defect 8. The published MiniCPM-V 2.0 `get_input_embeddings` returns `self.llm.embed_tokens`,
+    which its LLM (`MiniCPMForCausalLM`, embeddings under `.model`) does not have: AttributeError
+    wherever transformers or peft reach the token embeddings (gradient checkpointing's
+    `enable_input_require_grads`, LoRA). Detected by calling it; repaired on `model` (not its class)
+    by the LLM's own get/set_input_embeddings. A model without such a method is left alone (the LoRA
+    setup gives it one). Returns True when repaired."""
+    if not hasattr(model, "get_input_embeddings") or not hasattr(model, "llm"):
+        return False
+    try:
+        model.get_input_embeddings()
+    except AttributeError as e:
+        model.get_input_embeddings = model.llm.get_input_embeddings
+        model.set_input_embeddings = model.llm.set_input_embeddings
+        logger.warning("Remote code %s.get_input_embeddings fails (%s): using its LLM's get/set_input_embeddings.",
+                       type(model).__name__, e)
+        return True
+    return False
+
+
+# ---- defect 9: 'cuda' under ZeRO-3 on a machine without CUDA ------------------------------------
+
+# The published 2.5 and 2.6 resampler.py, `_set_2d_pos_cache`: `if is_deepspeed_zero3_enabled(): device='cuda'`.
+CUDA_UNDER_ZERO3 = re.compile(r"""if\s+is_deepspeed_zero3_enabled\(\)\s*:\s*\n\s*device\s*=\s*['"]cuda['"]""")
+
+
+def repair_cuda_under_zero3(model_class):
+    """Defect 9. Under DeepSpeed ZeRO-3 the published resampler builds its `pos_embed` buffer on
+    'cuda', whatever the machine: a CPU ZeRO-3 run (this project's launchers on CPU) fails with "Found
+    no NVIDIA driver". Detected by reading the modules beside `model_class`'s, on a machine without
+    CUDA only; repaired by giving such a module an `is_deepspeed_zero3_enabled` that is also False
+    without CUDA, so the buffer goes where it goes without ZeRO-3 (GPU runs are untouched).
+    Returns the names of the modules repaired."""
+    if torch.cuda.is_available():
+        return []
+    folder = Path(inspect.getfile(model_class)).parent
+    repaired = []
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if (not file or Path(file).parent != folder or getattr(module, "__cuda_under_zero3_repaired__", False)
+                or not CUDA_UNDER_ZERO3.search(Path(file).read_text(encoding="utf-8"))):
+            continue
+        zero3_enabled = module.is_deepspeed_zero3_enabled
+        module.is_deepspeed_zero3_enabled = lambda: zero3_enabled() and torch.cuda.is_available()
+        module.__cuda_under_zero3_repaired__ = True
+        logger.warning("Remote code %s puts tensors on 'cuda' whenever ZeRO-3 is on; this machine has no CUDA: "
+                       "they stay where they go without ZeRO-3.", Path(file).name)
+        repaired.append(module.__name__)
+    return repaired
+
+
+# ---- defect 10: a language model that generates without GenerationMixin ------------------------
+
+
+def repair_generation_mixin(model_class):
+    """Defect 10. Up to transformers 4.49 every PreTrainedModel inherited `generate`; since 4.50 only
+    classes deriving from GenerationMixin have it. The published MiniCPM-V 2.0's LLM,
+    `MiniCPMForCausalLM(MiniCPMPreTrainedModel)`, defines `prepare_inputs_for_generation` and has no
+    GenerationMixin, so its model's `generate` fails (AttributeError: no attribute 'generate').
+    Detected on the classes of the modules beside `model_class`'s (a PreTrainedModel subclass of the
+    remote code with its own prepare_inputs_for_generation and no GenerationMixin); repaired by adding
+    GenerationMixin after its bases, where transformers asks for it. Returns the names of the classes."""
+    folder = Path(inspect.getfile(model_class)).parent
+    repaired = []
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if not file or Path(file).parent != folder:
+            continue
+        for cls in list(vars(module).values()):
+            if (isinstance(cls, type) and cls.__module__ == module.__name__
+                    and issubclass(cls, transformers.PreTrainedModel)
+                    and "prepare_inputs_for_generation" in cls.__dict__
+                    and not issubclass(cls, transformers.GenerationMixin)):
+                cls.__bases__ = (*cls.__bases__, transformers.GenerationMixin)
+                logger.warning("Remote code %s defines prepare_inputs_for_generation without GenerationMixin (which "
+                               "transformers 4.49 and older gave every model): added GenerationMixin to its bases, so "
+                               "it generates.", cls.__qualname__)
+                repaired.append(cls.__name__)
+    return repaired
+
+
+# ---- defect 11: a tokenizer reading sentencepiece's ids ---------------------------------------
+
+SENTENCEPIECE_READ = re.compile(r"self\.sp_model\.(bos|eos|unk|pad)_id\(\)|self\._convert_token_to_id\(")
+
+
+class SentencePieceIds:
+    """What remote code reads of a sentencepiece model's ids, from the tokenizer's own special tokens
+    (sentencepiece's -1 where the tokenizer has none)."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def _id(self, name):
+        value = getattr(self._tokenizer, f"{name}_token_id")
+        return -1 if value is None else value
+
+    def bos_id(self):
+        return self._id("bos")
+
+    def eos_id(self):
+        return self._id("eos")
+
+    def unk_id(self):
+        return self._id("unk")
+
+    def pad_id(self):
+        return self._id("pad")
+
+
+def needs_sentencepiece_ids(tokenizer_class):
+    """Whether `tokenizer_class` or a remote-code class it derives from reads `self.sp_model.*_id()`."""
+    return any(SENTENCEPIECE_READ.search(inspect.getsource(sys.modules[cls.__module__]))
+               for cls in tokenizer_class.__mro__
+               if cls.__module__.partition(".")[0] not in ("transformers", "builtins", "tokenizers"))
+
+
+def repair_sentencepiece_ids(tokenizer):
+    """Defect 11. The published MiniCPM-V 2.0 tokenizer (a LlamaTokenizer subclass) reads its ids from
+    `self.sp_model.bos_id()` and the like; transformers 5's LlamaTokenizer is backed by `tokenizers` and
+    has no `sp_model`, so `tokenizer.bos_id` gives no id (its processor then fails building input ids).
+    Its `im_start_id` calls the slow tokenizers' `_convert_token_to_id`, which it lacks too.
+    Detected by reading the tokenizer's remote code, on a tokenizer without an sp_model; repaired by
+    giving it one that answers those ids from its own special tokens, and `convert_tokens_to_ids` as
+    `_convert_token_to_id`. Returns True when repaired."""
+    if getattr(tokenizer, "sp_model", None) is not None or not needs_sentencepiece_ids(type(tokenizer)):
+        return False
+    tokenizer.sp_model = SentencePieceIds(tokenizer)
+    if not hasattr(type(tokenizer), "_convert_token_to_id"):
+        tokenizer._convert_token_to_id = tokenizer.convert_tokens_to_ids
+    if type(tokenizer).__name__ not in _sentencepiece_logged:
+        _sentencepiece_logged.add(type(tokenizer).__name__)
+        logger.warning("Remote code %s reads its ids from sp_model, which transformers %s's tokenizers-backed "
+                       "tokenizer lacks: they come from its own special tokens.", type(tokenizer).__name__,
+                       transformers.__version__)
+    return True
+
+
+_sentencepiece_logged = set()
+
+
+def repaired_tokenizer_class(published, module_name):
+    """`published` (a tokenizer class) with defect 11 repaired on every instance, defined in `module_name`."""
+
+    class Repaired(published):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            repair_sentencepiece_ids(self)
+
+    return _named_like(Repaired, published, module_name)

@@ -31,6 +31,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.modeling_outputs import CausalLMOutput
 
 import backends
+import loading
 from backends import unwrap_peft
 import resilience
 from dataset import DataError, record_lengths
@@ -210,6 +211,9 @@ class CPMTrainer(transformers.Trainer):
         model = self.accelerator.unwrap_model(self.model)
         if self.args.should_save and self.model_source is not None and not isinstance(model, PeftModel):
             self.backend.save_extras(self.model_source, output_dir)
+        elif self.args.should_save and self.model_source is not None:
+            # An adapter folder: the saved tokenizer's auto_map may name files only the model folder holds.
+            loading.copy_named_files(self.model_source, output_dir)
         if _internal_call and self.args.save_only_model:
             # A model-only checkpoint: no optimizer or RNG files follow (the Trainer skips
             # _save_rng_state), so its files are all written now.

@@ -215,7 +215,7 @@ def greedy_without_cache(model, inputs, steps, terminators):
     """Greedy tokens, each the argmax of a forward pass over the whole sequence so far (no cache)."""
     tokens = []
     with torch.no_grad():
-        embeds, _ = model.get_vllm_embedding(dict(inputs))
+        embeds, _ = model.get_vllm_embedding(dict(inputs, image_bounds=inputs["image_bound"]))  # 2.0's name
         for _ in range(steps):
             token = model.llm(inputs_embeds=embeds).logits[:, -1].argmax(-1)
             tokens.append(int(token))
@@ -244,7 +244,8 @@ def test_minicpmv2_0_generates_as_greedy_decoding_without_a_cache(tiny_checkpoin
     assert backend.generate(model, tokenizer, inputs, steps) == tokenizer.decode(expected).strip()
     saved = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
     assert type(saved.llm) is not type(model.llm)  # the folder's own copy of the class, wrapped by its repairs
-    assert saved.generate(**inputs, tokenizer=tokenizer, max_new_tokens=steps)[0].tolist() == expected
+    args, kwargs = backends.generate_call(saved.generate, inputs)  # in the published 2.0 signature
+    assert saved.generate(*args, **kwargs, tokenizer=tokenizer, max_new_tokens=steps)[0].tolist() == expected
 
 
 def test_first_exchange_keeps_a_leading_system_message():

@@ -7,7 +7,10 @@ from the last transformers release that had each name; the same cases run here o
 """
 
 import csv
+import importlib.metadata
+import importlib.util
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -90,7 +93,7 @@ def test_stand_in_reproduces_the_removed_name(path, stand_in_outputs):
 def test_every_published_import_resolves_or_is_supplied():
     """Each row: a transformers name a family's published remote code needs. A release that
     removes one fails here, not in a user's run."""
-    rows = list(csv.DictReader(IMPORTS_TABLE.open(encoding="utf-8")))
+    rows = [row for row in csv.DictReader(IMPORTS_TABLE.open(encoding="utf-8")) if is_transformers_row(row)]
     assert {row["family"] for row in rows} == {"2.0", "2.5", "2.6", "4.0", "4.5", "o-2.6", "o-4.5"}
     unresolved = [
         (row["family"], row["file"], row["module"], row["name"])
@@ -99,6 +102,32 @@ def test_every_published_import_resolves_or_is_supplied():
         and (row["module"], row["name"]) not in remote_code_repairs.STAND_INS
     ]
     assert unresolved == []
+
+
+def is_transformers_row(row):
+    return row["module"].partition(".")[0] == "transformers"
+
+
+def requirement_names():
+    """The distribution names requirements.txt installs, normalised as pip compares them."""
+    lines = (Path(__file__).parent.parent / "requirements.txt").read_text().splitlines()
+    names = (re.match(r"[A-Za-z0-9_.-]+", line.strip()) for line in lines if line.strip() and not line.startswith("#"))
+    return {re.sub(r"[-_.]+", "-", match.group(0)).lower() for match in names if match}
+
+
+def test_every_third_party_module_the_published_code_imports_is_installed_by_requirements():
+    """Each row without a transformers module: a module a published file imports at its top (what
+    transformers' check_imports demands before it runs remote code). A fresh install from
+    requirements.txt must provide it (MiniCPM-V 2.0's resampler.py imports requests)."""
+    rows = [row for row in csv.DictReader(IMPORTS_TABLE.open(encoding="utf-8")) if not is_transformers_row(row)]
+    assert {row["module"] for row in rows} >= {"requests", "timm", "PIL", "numpy", "torchvision"}
+    distributions = importlib.metadata.packages_distributions()
+    required = requirement_names()
+    for row in rows:
+        where = f"{row['family']} {row['file']} imports {row['module']}"
+        assert importlib.util.find_spec(row["module"]) is not None, f"{where}: not installed"
+        provided_by = {re.sub(r"[-_.]+", "-", name).lower() for name in distributions.get(row["module"], [])}
+        assert provided_by & required, f"{where}: requirements.txt installs none of {sorted(provided_by)}"
 
 
 def test_requirements_state_the_supported_range():
@@ -149,6 +178,7 @@ def sample(config):
         "pixel_values": [[image]],
         "tgt_sizes": [torch.tensor([[2, 3]], dtype=torch.int32)],
         "image_bound": [torch.tensor([[3, 3 + config.query_num]])],
+        "image_bounds": [torch.tensor([[3, 3 + config.query_num]])],  # as DataCollator: 2.0 reads this name
     }
 
 

@@ -192,3 +192,40 @@ def test_trained_folders_load_with_plain_transformers_and_chat(trained_folders, 
     for kind in trained_folders:
         assert mismatch(results[kind], expected[kind]) is None, results[kind].get("traceback")
         assert isinstance(results[kind]["answer"], str)
+
+
+# ---- a folder names only files it holds ---------------------------------------------------------
+
+
+def test_an_adapter_folder_naming_a_file_it_lacks_gets_it_or_the_base_tokenizer(tiny_checkpoint, tmp_path, caplog):
+    """A tokenizer saved into an adapter folder carries the published auto_map, which may name the
+    processor's file (2.6: AutoProcessor -> processing_minicpmv); the folder then gets the files it names
+    (copy_named_files, as CPMTrainer's adapter saves do), and an older such folder makes inference take
+    the base model's tokenizer instead of failing."""
+    import backends
+
+    base = tiny_checkpoint("minicpmv2_6")
+    adapter = tmp_path / "adapter"
+    loading.load_tokenizer(str(base)).save_pretrained(adapter)
+    config_path = adapter / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_path.read_text())
+    tokenizer_config["auto_map"]["AutoProcessor"] = "processing_minicpmv.MiniCPMVProcessor"
+    config_path.write_text(json.dumps(tokenizer_config))
+    assert loading.named_files_missing(adapter) == [("tokenizer_config.json", "processing_minicpmv.py")]
+
+    older = shutil.copytree(adapter, tmp_path / "older")
+    model = get_peft_model(load(base), LoraConfig(r=2, target_modules=DEFAULT_LORA_TARGETS))
+    model.save_pretrained(older)
+    with caplog.at_level("WARNING", logger="backends"):
+        _, tokenizer, _, _ = backends.load_for_inference(str(base), str(older))
+    assert f"taking the tokenizer and processor from {base}" in caplog.text
+    assert type(tokenizer).__name__ == "MiniCPMVTokenizerFast"
+
+    copied = loading.copy_named_files(base, adapter)
+    assert "processing_minicpmv.py" in copied and "image_processing_minicpmv.py" in copied  # its relative import
+    assert "preprocessor_config.json" in copied
+    assert loading.named_files_missing(adapter) == []
+    with pytest.raises(ValueError, match="names missing_module.py"):
+        tokenizer_config["auto_map"]["AutoProcessor"] = "missing_module.Processor"
+        config_path.write_text(json.dumps(tokenizer_config))
+        loading.copy_named_files(base, adapter)

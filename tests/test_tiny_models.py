@@ -4,16 +4,17 @@ import functools
 import hashlib
 import inspect
 import json
-import types
 
 import pytest
 import torch
+from transformers.dynamic_module_utils import get_imports
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from PIL import Image
 from transformers import AutoConfig, AutoModel, AutoProcessor, AutoTokenizer, PreTrainedTokenizerFast
 
 import numerics
+import remote_code_repairs
 from launch import dataset_as_trained
 from test_loss import enable_checkpointing
 from backends import REMOTE_CODE_LORA_TARGETS as DEFAULT_LORA_TARGETS
@@ -25,6 +26,7 @@ from tiny_models.build import (
     build_checkpoint,
     main,
     published_config_fields,
+    published_interfaces,
     published_record,
 )
 
@@ -97,6 +99,7 @@ def two_sample_batch(tokenizer, config):
         "pixel_values": [pixels0, []],
         "tgt_sizes": [tgt0, torch.zeros(0, 2, dtype=torch.int32)],
         "image_bound": [bounds0, torch.zeros(0, 2, dtype=torch.long)],
+        "image_bounds": [bounds0, torch.zeros(0, 2, dtype=torch.long)],  # as DataCollator: 2.0 reads this name
     }
 
 
@@ -258,10 +261,10 @@ def test_forward_mixes_sliced_images_and_text_only_samples(tiny_checkpoint, fami
         changed = model(data=other).logits
         assert not torch.allclose(changed[0], logits[0])
         assert torch.equal(changed[1], logits[1])
-        text_only = dict(batch, pixel_values=[[], []], tgt_sizes=[[], []], image_bound=[[], []])
+        text_only = dict(batch, pixel_values=[[], []], tgt_sizes=[[], []], image_bound=[[], []], image_bounds=[[], []])
         assert torch.isfinite(model(data=text_only).logits).all()
     model.train()
-    loss = loss_of(model, dict(batch, pixel_values=[[], []], tgt_sizes=[[], []], image_bound=[[], []]))
+    loss = loss_of(model, text_only)
     loss.backward()  # a text-only batch in train mode still touches every vision weight (DDP)
     assert model.vpm.embeddings.patch_embedding.weight.grad is not None
     assert model.resampler.query.grad is not None
@@ -308,9 +311,10 @@ def test_default_lora_regex_matches_llm_attention_only(tiny_checkpoint):
 def test_lora_with_modules_to_save_trains_saves_and_reloads(tiny_checkpoint, tmp_path, family):
     path = tiny_checkpoint(family)
     model, tokenizer = load(path)
-    if family == "minicpmv2_0":  # like the real 2.0 code, the class has no get_input_embeddings
-        assert not hasattr(model, "get_input_embeddings")
-        model.get_input_embeddings = types.MethodType(lambda self: self.llm.get_input_embeddings(), model)
+    if family == "minicpmv2_0":  # like the published 2.0 code, its get_input_embeddings fails: the loader's repair
+        with pytest.raises(AttributeError):
+            model.get_input_embeddings()
+        assert remote_code_repairs.repair_input_embeddings(model)
     config = LoraConfig(
         r=4, lora_alpha=8, target_modules=DEFAULT_LORA_TARGETS, modules_to_save=["embed_tokens", "resampler"]
     )
@@ -344,8 +348,7 @@ def test_lora_with_modules_to_save_trains_saves_and_reloads(tiny_checkpoint, tmp
 def test_bf16_lora_with_gradient_checkpointing_backpropagates(tiny_checkpoint, family):
     model, tokenizer = load(tiny_checkpoint(family), dtype=torch.bfloat16)
     assert model.llm.model.embed_tokens.weight.dtype == torch.bfloat16
-    if not hasattr(model, "get_input_embeddings"):
-        model.get_input_embeddings = types.MethodType(lambda self: self.llm.get_input_embeddings(), model)
+    remote_code_repairs.repair_input_embeddings(model)  # 2.0: as loading.load_model does
     model.requires_grad_(False)
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=DEFAULT_LORA_TARGETS))
     enable_checkpointing(peft_model)
@@ -458,3 +461,44 @@ def test_processor_lays_out_a_prompt_as_training_does(tiny_checkpoint, tmp_path,
     assert asked["tgt_sizes"][0].tolist() == trained["tgt_sizes"][0].tolist()
     for got, expected in zip(asked["pixel_values"][0], trained["pixel_values"][0], strict=True):
         numerics.assert_close(got, expected)  # the processor's float path vs the dataset's per-level lookup
+
+
+def parameters_as_written(method):
+    """`name` or `name=default` for each parameter, `*args` / `**kwargs` marked, as the record lists them."""
+    written = []
+    for parameter in inspect.signature(method).parameters.values():
+        if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+            written.append(f"*{parameter.name}")
+        elif parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            written.append(f"**{parameter.name}")
+        elif parameter.default is inspect.Parameter.empty:
+            written.append(parameter.name)
+        else:
+            written.append(f"{parameter.name}={parameter.default!r}")
+    return written
+
+
+@pytest.mark.parametrize("family", sorted(published_record()["interfaces"]))
+def test_stand_in_has_the_published_interfaces(tiny_checkpoint, family):
+    """Each stand-in exposes what the journey touches of its family's published code, as recorded
+    (with the repo@commit:path each row was read from): generate's parameters, chat's (2.6), the
+    tokenizer_config auto_map's layout, config.json's auto_map and nulls, and the third-party modules
+    its files import at the top."""
+    published = published_interfaces(family)
+    folder = tiny_checkpoint(family)
+    config = json.loads((folder / "config.json").read_text())
+    model_module, model_class = config["auto_map"]["AutoModel"].split(".")
+    model_type = getattr(__import__(f"tiny_models.remote_code.{model_module}", fromlist=[model_class]), model_class)
+    assert parameters_as_written(model_type.generate) == published["generate"]["parameters"], published["generate"]["source"]
+    if family == "minicpmv2_6":  # the 2.0 and 2.5 stand-ins ship no processor, which their published chat() needs
+        assert parameters_as_written(model_type.chat) == published["chat"]["parameters"], published["chat"]["source"]
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    [(slot, empty)] = [tokenizer_config["auto_map"]["AutoTokenizer"]]
+    [(published_slot, published_empty)] = [published["tokenizer_auto_map"]["auto_map"]["AutoTokenizer"]]
+    assert tokenizer_config["auto_map"].keys() == published["tokenizer_auto_map"]["auto_map"].keys()
+    assert (slot is None, empty is None) == (published_slot is None, published_empty is None)
+    assert slot.rpartition(".")[2] == tokenizer_config["tokenizer_class"]
+    assert config["auto_map"].keys() == published["config_auto_map"]["auto_map"].keys()
+    assert sorted(key for key, value in config.items() if value is None) == published["config_nulls"]["fields"]
+    imports = {module for path in folder.glob("*.py") for module in get_imports(str(path))}
+    assert set(published["third_party_imports"]["modules"]) <= imports, published["third_party_imports"]["source"]

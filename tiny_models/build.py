@@ -250,6 +250,12 @@ def published_config_fields(family):
     return published_record()["families"][family]["config"]["config_json"]
 
 
+def published_interfaces(family):
+    """What the journey touches of the family's published code (signatures, auto_maps, config nulls,
+    imports), or None where no copy of its files was read (o-2.6, 4.5)."""
+    return published_record()["interfaces"].get(family)
+
+
 def build_config(family, tokenizer, terminators):
     config_module = remote_module("configuration_minicpm")
     llm_type = LLM_TYPE[family]
@@ -304,6 +310,12 @@ def write_published_config_fields(family, path):
     config = json.loads(path.read_text())
     for name in set(PIPELINE_CONFIG_FIELDS) - set(published):
         config.pop(name, None)
+    interfaces = published_interfaces(family)
+    if interfaces is not None:
+        # Nulls as published (2.0, 2.5: rope_scaling), and no others: a field the class leaves None is left out.
+        nulls = interfaces["config_nulls"]["fields"]
+        config = {name: value for name, value in config.items() if value is not None or name in nulls}
+        config.update(dict.fromkeys(nulls))
     if "slice_config" in published:
         # The published slice_config holds its recorded fields and model_type, nothing else.
         config["slice_config"] = {key: config["slice_config"][key] for key in [*published["slice_config"], "model_type"]}
@@ -314,6 +326,8 @@ def model_entry(family):
     """(remote-code module, class name) of the family's model."""
     if family == "minicpmv2_0":
         return "modeling_minicpmv2", "MiniCPMV"
+    if family == "minicpmv2_5":
+        return "modeling_minicpmv2_5", "MiniCPMV"
     if family == "minicpmo2_6":
         return "modeling_minicpmo", "MiniCPMO"
     return "modeling_minicpmv", "MiniCPMV"
@@ -346,7 +360,8 @@ def build_checkpoint(family, out_dir, seed=0):
     tokenizer_config_path = out_dir / "tokenizer_config.json"
     tokenizer_config = json.loads(tokenizer_config_path.read_text())
     tokenizer_config["tokenizer_class"] = TOKENIZER_CLASS[family]
-    tokenizer_config["auto_map"] = {"AutoTokenizer": [None, f"tokenization_minicpmv_fast.{TOKENIZER_CLASS[family]}"]}
+    # As published: the (fast) class in the first slot of the pair, the second empty.
+    tokenizer_config["auto_map"] = {"AutoTokenizer": [f"tokenization_minicpmv_fast.{TOKENIZER_CLASS[family]}", None]}
     tokenizer_config_path.write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
 
     terminator_ids = [tokenizer.convert_tokens_to_ids(token) for token in spec["terminators"]]
@@ -377,7 +392,8 @@ def copy_remote_code(family, config, out_dir):
     """Copy the family's stand-in remote code into ``out_dir`` (the processor's too where the
     config uses image ids, as the 2.6-style families do)."""
     module_name, _ = model_entry(family)
-    extra = {"modeling_minicpmv2": ["modeling_minicpmv2.py"], "modeling_minicpmo": ["modeling_minicpmo.py"]}
+    extra = {"modeling_minicpmv2": ["modeling_minicpmv2.py"], "modeling_minicpmv2_5": ["modeling_minicpmv2_5.py"],
+             "modeling_minicpmo": ["modeling_minicpmo.py"]}
     files = SHARED_FILES + tuple(extra.get(module_name, []))
     if getattr(config, "use_image_id", False):
         files += PROCESSOR_FILES

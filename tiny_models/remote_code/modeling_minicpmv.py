@@ -10,6 +10,7 @@ import json
 from copy import deepcopy
 
 import torch
+import torchvision  # noqa: F401  (imported at the top as the published 2.6 file does: a missing install fails here too)
 from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoProcessor, LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
@@ -41,6 +42,7 @@ class MiniCPMVPreTrainedModel(PreTrainedModel):
 
 class MiniCPMV(MiniCPMVPreTrainedModel):
     llm_classes = LLM_CLASSES  # llm_model_type -> (config class, model class)
+    bounds_key = "image_bound"  # the key of `data` holding the image bounds (2.0: image_bounds)
 
     def __init__(self, config):
         super().__init__(config)
@@ -129,7 +131,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         rows = []
         for i, features in enumerate(vision_hidden_states):
             row = embeds[i]
-            bounds = data["image_bound"][i] if i < len(data["image_bound"]) else []
+            bounds = data[self.bounds_key][i] if i < len(data[self.bounds_key]) else []
             bounds = torch.as_tensor(bounds, dtype=torch.long).reshape(-1, 2)
             n_images = 0 if features is None else len(features)
             if len(bounds) != n_images:
@@ -172,7 +174,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             raise ValueError("generate needs input_ids and one pixel_values list per sample")
         if stream:
             raise NotImplementedError("the tiny model does not stream")
-        data = {"input_ids": input_ids, "image_bound": image_bound}
+        data = {"input_ids": input_ids, self.bounds_key: image_bound}
         if vision_hidden_states is None:
             data["pixel_values"] = pixel_values
             data["tgt_sizes"] = tgt_sizes

@@ -1,11 +1,21 @@
 """Tiny MiniCPM-V 2.0: plain `[3, H, W]` images, one vision pass per image, a Llama-like LLM.
 
-Like the real 2.0 remote code, the model class defines no `get_input_embeddings` of its own
-(fine-tuners add one returning `llm.get_input_embeddings()`), and its LLM (MiniCPM-2B,
-`MiniCPMForCausalLM`) prepares its generation inputs the way transformers 4.36 did.
+With the interfaces of the published 2.0 (HwwwwwwwH/MiniCPM-V-2@84ce9b0:modeling_minicpmv.py, as
+tiny_models/published_remote_code.json records them): `forward(data)` reads the bounds from
+`data["image_bounds"]`; `generate(input_ids, pixel_values, image_sizes, image_bounds, tgt_sizes,
+tokenizer, vision_hidden_states, **kwargs)` returns token ids; `get_input_embeddings` returns
+`self.llm.embed_tokens`, which the LLM does not have (remote_code_repairs, defect 8, repairs it at
+load); the modules the published files import at their top are imported here too. Its LLM
+(MiniCPM-2B, `MiniCPMForCausalLM`) prepares its generation inputs the way transformers 4.36 did.
 """
 
+# Imported at the top as the published files do (resampler.py: requests; modeling_minicpmv.py: timm,
+# torchvision): an install without them fails on this stand-in too.
+import numpy  # noqa: F401
+import requests  # noqa: F401
+import timm  # noqa: F401
 import torch
+import torchvision  # noqa: F401
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import Cache
 
@@ -50,19 +60,19 @@ class MiniCPMForCausalLM(LlamaForCausalLM):
         return model_inputs
 
 
-class _NotDefined:
-    """Hides an inherited method: `hasattr(model, name)` is False until an instance sets its own."""
-
-    def __set_name__(self, owner, name):
-        self.name = name
-
-    def __get__(self, obj, objtype=None):
-        raise AttributeError(f"{objtype.__name__} defines no {self.name}")
-
-
 class MiniCPMV(MiniCPMVBase):
     llm_classes = {**LLM_CLASSES, "llama": (LlamaConfig, MiniCPMForCausalLM)}
-    get_input_embeddings = _NotDefined()
+    bounds_key = "image_bounds"
+
+    def get_input_embeddings(self):
+        return self.llm.embed_tokens  # as published: the LLM keeps them under .model (AttributeError)
+
+    def generate(self, input_ids, pixel_values=None, image_sizes=[], image_bounds=[], tgt_sizes=[],  # noqa: B006
+                 tokenizer=None, vision_hidden_states=None, **kwargs):
+        """The published 2.0 signature; returns the new token ids (its chat() decodes them)."""
+        return super().generate(input_ids=input_ids, pixel_values=pixel_values, tgt_sizes=tgt_sizes,
+                                image_bound=image_bounds, tokenizer=tokenizer,
+                                vision_hidden_states=vision_hidden_states, **kwargs)
 
     def encode_plain_images(self, images):
         dtype = self.vpm.embeddings.patch_embedding.weight.dtype
