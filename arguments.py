@@ -63,7 +63,8 @@ class DataArguments:
     preflight_workers: int = field(
         default=None,
         metadata={"help": "Worker processes each rank checks its share of the records with, in preflight (default: "
-                  "the node's cores divided among its ranks; 1: in the rank's own process)."},
+                  "the node's cores divided among its ranks, at most one per preflight.MIN_RECORDS_PER_WORKER records of "
+                  "the rank's share; 1: in the rank's own process)."},
     )
     preflight_cache: bool = field(
         default=True,

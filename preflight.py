@@ -183,8 +183,8 @@ class Share:
         )
 
 
-# A pool worker's datasets, set once as it starts (with fork, inherited, not copied): each task
-# then names only a split and a range of records.
+# A pool worker's datasets, set once as it starts (sent to it pickled, once): each task then names
+# only a split and a range of records.
 _worker_datasets = None
 
 
@@ -198,10 +198,17 @@ def _check_task(task):
     return check_range(_worker_datasets[split], split, start, stop)
 
 
-def default_workers():
-    """Worker processes per rank: the cores this process may use, divided among the node's ranks."""
+# A worker is a fresh interpreter (spawned, see check_shares) that imports torch and transformers and
+# unpickles the datasets before it checks anything: several seconds. At about 3 ms a record, a worker
+# pays for that only with thousands of records, so the default gives each at least this many.
+MIN_RECORDS_PER_WORKER = 2000
+
+
+def default_workers(records):
+    """Worker processes per rank for a share of ``records``: the cores this process may use, divided
+    among the node's ranks, and no more than give each worker MIN_RECORDS_PER_WORKER records."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(1, min(cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)), records // MIN_RECORDS_PER_WORKER))
 
 
 def rank_range(count, rank, world_size):
@@ -224,7 +231,11 @@ def check_shares(datasets, ranges, workers, *, progress=True):
     ]
     results = {split: [] for split in ranges}
     if workers > 1 and len(tasks) > 1:
-        with multiprocessing.Pool(min(workers, len(tasks)), initializer=_start_worker, initargs=(datasets,)) as pool:
+        # Spawned, not forked: a fork copies the locks of the parent's threads (OpenMP's pool once torch
+        # has computed, logging, tokenizers) as they are, and a worker that needs one held at the fork
+        # waits forever (it did, in a process that had trained before: train() called twice, a notebook).
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(min(workers, len(tasks)), initializer=_start_worker, initargs=(datasets,)) as pool:
             for task, share in zip(tasks, pool.imap(_check_task, tasks)):
                 results[task[0]].append(share)
                 bar.update(task[2] - task[1])
@@ -360,7 +371,8 @@ def check_everywhere(datasets, *, progress=True, workers=None):
     todo = {split: dataset for split, dataset in datasets.items() if split not in checked}
     ranges = {split: rank_range(len(dataset), rank, world_size) for split, dataset in todo.items()}
     start = time.perf_counter()
-    mine = check_shares(todo, ranges, workers or default_workers(), progress=progress)
+    share_size = sum(stop - start for start, stop in ranges.values())
+    mine = check_shares(todo, ranges, workers or default_workers(share_size), progress=progress)
     shares = gather((mine, time.perf_counter() - start), world_size)
     seconds = max(took for _, took in shares)  # the pass takes as long as its slowest rank
     for split, dataset in todo.items():
@@ -470,7 +482,9 @@ def save_cache(output_dir, key, checked):
         for split, (problems, stats, lengths) in checked.items()
     }
     with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(dict(key=key, checked=entries), f, ensure_ascii=False, default=str)
+        # ASCII escapes: a lone surrogate (a bad_id record's id) has no UTF-8 form, and its \u escape
+        # reads back as the same string, so a cached problem is the one checked.
+        json.dump(dict(key=key, checked=entries), f, default=str)
     os.replace(path + ".tmp", path)  # whole or not at all
 
 

@@ -4,10 +4,12 @@ import json
 import os
 import re
 import struct
+import time
 import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import dataset
@@ -483,18 +485,20 @@ def test_rank_ranges_cover_every_record_once(count, world_size):
 
 
 class LoggedChecks:
-    """A dataset whose check appends the index to a file (from any process) and fails every 7th record."""
+    """A dataset whose check appends the index to a file (from any process) and fails every 7th record;
+    each check takes ``seconds``, so that one worker cannot take every task before the others start."""
 
     data_path = "logged.json"
     max_length = 100
 
-    def __init__(self, log, count):
-        self.log, self.count = log, count
+    def __init__(self, log, count, seconds=0.0):
+        self.log, self.count, self.seconds = log, count, seconds
 
     def __len__(self):
         return self.count
 
     def check(self, index):
+        time.sleep(self.seconds)
         with open(self.log, "a") as f:
             f.write(f"{index} {os.getpid()}\n")
         if index % 7 == 3:
@@ -502,12 +506,24 @@ class LoggedChecks:
         return {"tokens": 10 + index, "length": min(10 + index, self.max_length), "truncated": 10 + index > self.max_length}
 
 
+def test_default_workers_only_where_records_pay_for_their_start(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert preflight.default_workers(10) == 1  # a small share: checked in the rank's own process
+    assert preflight.default_workers(3 * preflight.MIN_RECORDS_PER_WORKER) == 3
+    assert preflight.default_workers(100 * preflight.MIN_RECORDS_PER_WORKER) == 4  # 8 cores over 2 ranks
+
+
 def test_worker_processes_check_each_record_once_and_results_come_back_in_order(tmp_path):
     log = tmp_path / "checks.log"
-    data = LoggedChecks(log, 300)
+    data = LoggedChecks(log, 300, seconds=0.02)
     one = preflight.check_dataset(data, "train", progress=False, workers=1)
     assert sorted(int(line.split()[0]) for line in log.read_text().splitlines()) == list(range(300))
     log.unlink()
+    # This process has computed with torch's thread pool: forked workers inherit its locks as held
+    # and hung here; spawned ones start clean.
+    torch.set_num_threads(2)
+    torch.ones(512, 512) @ torch.ones(512, 512)
     three = preflight.check_dataset(data, "train", progress=False, workers=3)
     checks = [line.split() for line in log.read_text().splitlines()]
     assert sorted(int(index) for index, _ in checks) == list(range(300))  # each once
