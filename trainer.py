@@ -82,6 +82,7 @@ class CPMTrainer(transformers.Trainer):
         (run_folder.claim), which --save_total_limit must not delete."""
         super().__init__(*args, **kwargs)
         self.earlier_checkpoints = set(earlier_checkpoints)
+        self.rotation_limit = self.args.save_total_limit  # applied by _save_checkpoint (see train)
         # Remote code or native, as the model's config says (backends.py).
         self.backend = backend = backends.backend_for(unwrap_peft(self.model).config)
         self.model_source = model_source
@@ -171,24 +172,27 @@ class CPMTrainer(transformers.Trainer):
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         resume_from_checkpoint = resilience.resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        # The rotation is resilience's (_save_checkpoint): it spares an earlier run's checkpoints and
+        # deletes the commit record first. The Trainer sees no limit while it trains, so neither its
+        # rotation nor its clean-up at the end (save_total_limit 1 with load_best_model_at_end deletes
+        # every checkpoint-* but the best) takes a checkpoint this run did not write.
+        self.rotation_limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:
+            self.args.save_total_limit = self.rotation_limit
 
     def _save_checkpoint(self, model, trial):
         folder = resilience.checkpoint_folder(self._get_output_dir(trial=trial), self.state.global_step)
         if self.args.should_save:
             resilience.remove_stale(folder)
         self.accelerator.wait_for_everyone()
-        # The rotation is resilience's: it spares an earlier run's checkpoints, and deletes the
-        # commit record first. The Trainer's own, off for this call, would take any checkpoint-*.
-        limit, self.args.save_total_limit = self.args.save_total_limit, None
-        try:
-            with resilience.explain_disk_full(folder):
-                super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = limit
+        with resilience.explain_disk_full(folder):
+            super()._save_checkpoint(model, trial)
         if self.args.should_save:
             resilience.rotate_checkpoints(
-                os.path.dirname(folder), limit, keep=self.earlier_checkpoints, best=self.state.best_model_checkpoint
+                os.path.dirname(folder), self.rotation_limit, keep=self.earlier_checkpoints,
+                best=self.state.best_model_checkpoint,
             )
 
     def _save_rng_state(self, output_dir):

@@ -229,6 +229,24 @@ def test_rotation_deletes_only_this_runs_checkpoints(tmp_path):
     assert {name: folder_hashes(folder) for name, folder in earlier.items()} == before
 
 
+def test_best_model_clean_up_at_the_end_spares_an_earlier_runs_checkpoint(tiny_checkpoint, tmp_path):
+    """--save_total_limit 1 with --load_best_model_at_end: the Trainer's clean-up after training
+    deletes every checkpoint-* but the best; an earlier run's checkpoint in the folder must stay."""
+    data = demo_data.generate(tmp_path / "data", count=2)
+    out = tmp_path / "out"
+    earlier = complete_checkpoint(out / "checkpoint-100", 100)
+    before = folder_hashes(earlier)
+    argv = finetune_args(
+        tiny_checkpoint("minicpmv2_6"), data, out, *FAST_ARGS, *LORA_ARGS, "--overwrite_output_dir", "true",
+        "--eval_data_path", data, "--eval_strategy", "steps", "--eval_steps", "1", "--save_steps", "1",
+        "--max_steps", "3", "--save_total_limit", "1", "--load_best_model_at_end", "true", "--learning_rate", "1e-3",
+    )
+    finetune.main([str(arg) for arg in argv])
+    assert folder_hashes(earlier) == before
+    mine = sorted(p.name for p in out.glob("checkpoint-*") if p.name != "checkpoint-100")
+    assert mine and len(mine) <= 2, mine  # the best (and the last, if another) of this run's three
+
+
 def test_image_deleted_after_preflight_stops_naming_the_record(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     data = demo_data.generate(tmp_path / "data", count=2)
     log_sample = finetune.log_sample
