@@ -320,6 +320,13 @@ FOREIGN_MESSAGE_KEYS = {
 }
 
 
+# Keys kept on purpose (metadata such as a source) are left out by naming the ones to read.
+KEEP_ON_PURPOSE = (
+    ". Records that carry other keys on purpose (metadata) train when --data_columns names the keys to "
+    "read, e.g. --data_columns id=id,image=image,conversations=conversations: the others are left out"
+)
+
+
 # What to say about a top-level 'system', by whether the chat template takes a system message.
 SYSTEM_KEY_HINTS = {
     True: "put it first in 'conversations' as {\"role\": \"system\", \"content\": ...}",
@@ -333,7 +340,7 @@ def check_duplicates(obj, what, fail):
              "once; JSON keeps only the last, so the others would be lost without a word")
 
 
-def check_keys(obj, what, known, hints, fail):
+def check_keys(obj, what, known, hints, fail, after=""):
     """Refuse ``obj`` (a record or a message) if it repeats a key or holds one that is not read; each
     such key is named with the mapping of a known foreign layout (``hints``) or the key it resembles."""
     check_duplicates(obj, what, fail)
@@ -343,7 +350,7 @@ def check_keys(obj, what, known, hints, fail):
         for key in unknown:
             close = difflib.get_close_matches(key.lower(), known, n=1, cutoff=0.6)
             said.append(f"{key!r} ({hints.get(key) or (f'did you mean {close[0]!r}?' if close else 'remove it')})")
-        fail("unknown_key", f"{what} has key(s) that are not read: " + "; ".join(said))
+        fail("unknown_key", f"{what} has key(s) that are not read: " + "; ".join(said) + after)
 
 
 def utf8_error(text):
@@ -372,7 +379,8 @@ def validate_record(
         fail("bad_id", f"'id' must be a string or an integer, got {type(record_id).__name__}")
     if isinstance(record_id, str) and utf8_error(record_id):
         fail("bad_id", f"'id' cannot be written to the UTF-8 report and logs: {utf8_error(record_id)}")
-    check_keys(record, "the record", keys, {**FOREIGN_RECORD_KEYS, SYSTEM: SYSTEM_KEY_HINTS[system]}, fail)
+    check_keys(record, "the record", keys, {**FOREIGN_RECORD_KEYS, SYSTEM: SYSTEM_KEY_HINTS[system]}, fail,
+               after=KEEP_ON_PURPOSE)
     conversations = record.get("conversations")
     if not isinstance(conversations, list) or len(conversations) < 2:
         fail("bad_conversations", "'conversations' must be a list of at least two messages")

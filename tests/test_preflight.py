@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data_source
 import dataset
 import preflight
 from launch import dataset_as_trained, finetune_args, run, run_finetune, subprocess_env, torchrun_finetune, trainer_state
@@ -403,6 +404,21 @@ def test_record_problems_are_named_with_how_to_fix_them(case):
     assert caught.value.code == reason and reason in preflight.REASONS
     assert re.search(said, str(caught.value)), str(caught.value)
     assert str(caught.value).startswith(f"record 4 (id {record['id']!r}) of d.json: ")
+
+
+def test_metadata_keys_are_refused_unless_data_columns_names_the_keys_to_read(tmp_path):
+    """A key kept on purpose (a source) is refused with the way to keep it: --data_columns naming the
+    keys to read leaves the others out, and the record then passes."""
+    record = {"id": "m", "source": "web", "conversations": conv("hi", "yo")}
+    with pytest.raises(dataset.DataError) as caught:
+        dataset.validate_record(record, 0, data_path="d.json")
+    assert caught.value.code == "unknown_key" and "'source' (remove it)" in str(caught.value)
+    assert dataset.KEEP_ON_PURPOSE in str(caught.value)
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([record]))
+    [mapped] = data_source.load(path, "id=id,image=image,conversations=conversations")
+    assert mapped == {"id": "m", "conversations": conv("hi", "yo")}
+    dataset.validate_record(mapped, 0, data_path=str(path))
 
 
 def test_system_message_first_passes_where_the_template_has_one():
