@@ -955,6 +955,18 @@ def repair_legacy_rope_scaling(config_class, files):
     return readers
 
 
+# Repairs 7, 8 and 11 mend instances (each load); a user reads of each repair once per process, as of
+# the class patches above.
+_warned = set()
+
+
+def warn_once(message, class_name, *args):
+    """Log ``message`` (%-formatted with ``class_name`` and ``args``) once per message and class."""
+    if (message, class_name) not in _warned:
+        _warned.add((message, class_name))
+        logger.warning(message, class_name, *args)
+
+
 # ---- defect 7: a list of tied weights ---------------------------------------------------------
 
 
@@ -976,17 +988,13 @@ def repair_tied_weights_keys(model):
             raise TypeError(f"{type(module).__name__}._tied_weights_keys is a list {keys}, and its input embeddings "
                             "are not among its modules: cannot tell what they are tied to")
         module._tied_weights_keys = {key: f"{names[embeddings]}.weight" for key in keys}
-        if type(module).__name__ not in _tied_keys_logged:
-            _tied_keys_logged.add(type(module).__name__)
-            logger.warning(
-                "Remote code %s._tied_weights_keys is a list (transformers 4.x's layout): read as %s, the mapping "
-                "transformers 5 expects.", type(module).__name__, module._tied_weights_keys,
-            )
+        warn_once(
+            "Remote code %s._tied_weights_keys is a list (transformers 4.x's layout): read as %s, the mapping "
+            "transformers 5 expects.", type(module).__name__, module._tied_weights_keys,
+        )
         repaired.append(type(module).__name__)
     return repaired
 
-
-_tied_keys_logged = set()
 
 
 # ---- defect 8: input embeddings out of reach ---------------------------------------------------
@@ -1006,8 +1014,8 @@ def repair_input_embeddings(model):
     except AttributeError as e:
         model.get_input_embeddings = model.llm.get_input_embeddings
         model.set_input_embeddings = model.llm.set_input_embeddings
-        logger.warning("Remote code %s.get_input_embeddings fails (%s): using its LLM's get/set_input_embeddings.",
-                       type(model).__name__, e)
+        warn_once("Remote code %s.get_input_embeddings fails (%s): using its LLM's get/set_input_embeddings.",
+                  type(model).__name__, e)
         return True
     return False
 
@@ -1122,15 +1130,11 @@ def repair_sentencepiece_ids(tokenizer):
     tokenizer.sp_model = SentencePieceIds(tokenizer)
     if not hasattr(type(tokenizer), "_convert_token_to_id"):
         tokenizer._convert_token_to_id = tokenizer.convert_tokens_to_ids
-    if type(tokenizer).__name__ not in _sentencepiece_logged:
-        _sentencepiece_logged.add(type(tokenizer).__name__)
-        logger.warning("Remote code %s reads its ids from sp_model, which transformers %s's tokenizers-backed "
-                       "tokenizer lacks: they come from its own special tokens.", type(tokenizer).__name__,
-                       transformers.__version__)
+    warn_once("Remote code %s reads its ids from sp_model, which transformers %s's tokenizers-backed "
+              "tokenizer lacks: they come from its own special tokens.", type(tokenizer).__name__,
+              transformers.__version__)
     return True
 
-
-_sentencepiece_logged = set()
 
 
 def repaired_tokenizer_class(published, module_name):
