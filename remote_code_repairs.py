@@ -960,11 +960,13 @@ def repair_legacy_rope_scaling(config_class, files):
 _warned = set()
 
 
-def warn_once(message, class_name, *args):
-    """Log ``message`` (%-formatted with ``class_name`` and ``args``) once per message and class."""
-    if (message, class_name) not in _warned:
-        _warned.add((message, class_name))
-        logger.warning(message, class_name, *args)
+def warn_once(message, cls, *args):
+    """Log ``message`` (%-formatted with ``cls``'s name and ``args``) once per message and class name:
+    the same repair of a second folder's copy of a class reads the same, so it is said once."""
+    key = (message, cls.__name__)
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(message, cls.__name__, *args)
 
 
 # ---- defect 7: a list of tied weights ---------------------------------------------------------
@@ -990,7 +992,7 @@ def repair_tied_weights_keys(model):
         module._tied_weights_keys = {key: f"{names[embeddings]}.weight" for key in keys}
         warn_once(
             "Remote code %s._tied_weights_keys is a list (transformers 4.x's layout): read as %s, the mapping "
-            "transformers 5 expects.", type(module).__name__, module._tied_weights_keys,
+            "transformers 5 expects.", type(module), module._tied_weights_keys,
         )
         repaired.append(type(module).__name__)
     return repaired
@@ -1015,7 +1017,7 @@ def repair_input_embeddings(model):
         model.get_input_embeddings = model.llm.get_input_embeddings
         model.set_input_embeddings = model.llm.set_input_embeddings
         warn_once("Remote code %s.get_input_embeddings fails (%s): using its LLM's get/set_input_embeddings.",
-                  type(model).__name__, e)
+                  type(model), e)
         return True
     return False
 
@@ -1131,7 +1133,7 @@ def repair_sentencepiece_ids(tokenizer):
     if not hasattr(type(tokenizer), "_convert_token_to_id"):
         tokenizer._convert_token_to_id = tokenizer.convert_tokens_to_ids
     warn_once("Remote code %s reads its ids from sp_model, which transformers %s's tokenizers-backed "
-              "tokenizer lacks: they come from its own special tokens.", type(tokenizer).__name__,
+              "tokenizer lacks: they come from its own special tokens.", type(tokenizer),
               transformers.__version__)
     return True
 

@@ -296,15 +296,17 @@ def test_twins_load_unpatched_and_each_repair_is_logged_once(fixture_checkpoint,
                                   "legacy_cache": False}
     twin_2_0 = result["twin 2.0"]["messages"]
     assert sum(GENERATION_REPAIR in message for message in twin_2_0) == 1
-    # Its get_input_embeddings fails as the published one does (defect 8), repaired on the instance.
-    assert sum(INPUT_EMBEDDINGS_REPAIR in message for message in twin_2_0) == 1
+    # Its get_input_embeddings fails as the published one does (defect 8), as the fixture's does: repaired
+    # on each instance, said once for the class name, by whichever loads first.
+    embeddings_repaired = {name: sum(INPUT_EMBEDDINGS_REPAIR in m for m in result[name]["messages"])
+                           for name in ("twin 2.0", "fixture 2.0")}
+    assert sum(embeddings_repaired.values()) == 1
     # and the stand-ins for the cache methods its prepare_inputs_for_generation reads, where missing
-    assert len(twin_2_0) == 2 + sum(name in missing for name in ("Cache.seen_tokens", "Cache.get_max_length"))
+    assert len(twin_2_0) == 1 + embeddings_repaired["twin 2.0"] + sum(
+        name in missing for name in ("Cache.seen_tokens", "Cache.get_max_length"))
     missing_2_0 = [name for name in V2_0_NAMES if name in missing]
-    # The fixture's folder holds its own copy of the LLM class, wrapped (and logged) in turn; its model's
-    # get_input_embeddings fails as the published one does (defect 8).
-    assert sum(INPUT_EMBEDDINGS_REPAIR in message for message in result["fixture 2.0"]["messages"]) == 1
-    assert len(result["fixture 2.0"]["messages"]) == len(missing_2_0) + 2
+    # The fixture's folder holds its own copy of the LLM class, wrapped (and logged) in turn.
+    assert len(result["fixture 2.0"]["messages"]) == len(missing_2_0) + 1 + embeddings_repaired["fixture 2.0"]
     assert result["fixture 2.0"]["fx_available"]
     assert result["fixture 2.0"]["stand_in_mask_module"] == ("AttentionMaskConverter" in missing)
     assert result["fixture 2.0 again"]["messages"] == []  # nothing logged twice
