@@ -8,17 +8,14 @@ builder on a git repository made here, the table, the error line) is tested alwa
 
 import json
 import os
-import shutil
 import subprocess
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
 import conformance
 import loading
-from tiny_models.build import build_checkpoint
 
 
 def git_copy(folder, files):
