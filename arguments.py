@@ -11,20 +11,17 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-import torch
 import transformers
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 import distributed
+import families
 import lora
 import resilience
-from backends import ALL_LLM_TYPES
-from data_source import check_columns
-from loss import DPO_LOSS_TYPES
+import stages
+from data.sources.columns import check_columns
+from evaluation.metrics import get_metrics, load_user_metrics
 from usage import UsageError
-
-# sft: learn the assistant turns of conversations; dpo: learn to prefer one answer over another.
-STAGES = ("sft", "dpo")
 
 
 @dataclass
@@ -58,7 +55,7 @@ class DataArguments:
         default=None,
         metadata={"help": "How a table's columns (or a JSON record's keys) become records: rlaif-v (image, question, "
                   "chosen, rejected), sharegpt or llava (conversations of from/value), or KEY=COLUMN pairs "
-                  "separated by commas (default: they already have our names). See data_source.py."},
+                  "separated by commas (default: they already have our names). See data/sources/columns.py."},
     )
     preflight_workers: int = field(
         default=None,
@@ -106,7 +103,7 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     llm_type: str = field(
         default=None,
-        metadata={"help": f"Chat layout: one of {', '.join(ALL_LLM_TYPES)}; default and only accepted value: what "
+        metadata={"help": f"Chat layout: one of {', '.join(families.llm_types())}; default and only accepted value: what "
                   "the checkpoint's config says (see the README's list of models)."},
     )
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on the LLM instead of its weights."})
@@ -129,17 +126,27 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     stage: str = field(
         default="sft",
-        metadata={"help": f"Training stage: {' or '.join(STAGES)} (preference tuning on records with "
-                  "'chosen' and 'rejected' answers; see the README)."},
+        metadata={"help": "Training stage: " + "; ".join(f"{name} ({stage.help})" for name, stage in stages.STAGES.items())
+                  + "."},
     )
-    dpo_beta: float = field(
-        default=0.1, metadata={"help": "DPO: strength of the pull towards the reference model (beta)."}
+    eval_generate: int = field(
+        default=0,
+        metadata={"help": "At each evaluation, answer the first N eval records' first question (laid out as in "
+                  "training and infer.py), score the answers with --eval_metrics, log the means as eval_<metric> "
+                  "beside eval_loss and write them to OUTPUT_DIR/eval_answers/step-K.jsonl (0: off)."},
     )
-    dpo_loss_type: str = field(default="sigmoid", metadata={"help": f"DPO loss: one of {', '.join(DPO_LOSS_TYPES)}."})
-    dpo_ref_model: str = field(
+    eval_metrics: str = field(
+        default="em,f1",
+        metadata={"help": "Comma-separated metrics that score --eval_generate's answers against each record's first "
+                  "assistant message (the built-in ones: evaluation/metrics.py; more with --eval_metrics_file)."},
+    )
+    eval_metrics_file: str = field(
         default=None,
-        metadata={"help": "DPO: folder or hub id of the reference model (default: the starting model itself, "
-                  "with LoRA its adapters switched off)."},
+        metadata={"help": "A Python file of your own metrics, each a function (answer, reference) -> [0, 1] under "
+                  "@metric('name') (from evaluation import metric); name them in --eval_metrics."},
+    )
+    eval_max_new_tokens: int = field(
+        default=64, metadata={"help": "--eval_generate: the most tokens generated for an answer."}
     )
     overwrite_output_dir: bool = field(
         default=False,
@@ -163,29 +170,13 @@ class TrainingArguments(transformers.TrainingArguments):
     )
 
     def __post_init__(self):
-        if self.llm_type is not None and self.llm_type not in ALL_LLM_TYPES:
-            raise UsageError(f"--llm_type {self.llm_type!r} is not one of {', '.join(ALL_LLM_TYPES)}")
+        if self.llm_type is not None and self.llm_type not in families.llm_types():
+            raise UsageError(f"--llm_type {self.llm_type!r} is not one of {', '.join(families.llm_types())}")
         if self.use_lora and self.tune_llm:
             raise UsageError(
                 "cannot tune the LLM and apply LoRA at once: pass --tune_llm false together with --use_lora true"
             )
-        if self.stage not in STAGES:
-            raise UsageError(f"--stage {self.stage!r} is not one of {', '.join(STAGES)}")
-        if self.stage == "dpo":
-            if self.packing:
-                raise UsageError(
-                    "--packing applies to --stage sft: DPO scores each answer of a pair as a row of its own"
-                )
-            if self.dpo_beta <= 0:
-                raise UsageError(f"--dpo_beta must be positive, not {self.dpo_beta}")
-            if self.dpo_loss_type not in DPO_LOSS_TYPES:
-                raise UsageError(f"--dpo_loss_type {self.dpo_loss_type!r} is not one of {', '.join(DPO_LOSS_TYPES)}")
-        else:
-            given = [
-                f"--{f.name}" for f in dataclasses.fields(self) if f.name.startswith("dpo_") and getattr(self, f.name) != f.default
-            ]
-            if given:
-                raise UsageError(f"{', '.join(given)} given without --stage dpo, where they do nothing")
+        self._check_eval_generate()
         if self.model_max_length < 1:
             raise UsageError("--model_max_length must be positive")
         if self.max_slice_nums < 1:
@@ -202,6 +193,29 @@ class TrainingArguments(transformers.TrainingArguments):
             self.train_sampling_strategy = "group_by_length"
         self._checkpointing_by_this_transformers_name()
         super().__post_init__()
+
+    def _check_eval_generate(self):
+        """--eval_generate's flags: a count of at least 0, known metrics (after the user's file registers
+        its own), and no metric flag without --eval_generate (it would do nothing)."""
+        if self.eval_generate < 0:
+            raise UsageError(f"--eval_generate is {self.eval_generate}; give the number of eval records to answer "
+                             "(0: none)")
+        if self.eval_generate == 0:
+            given = [flag for flag, value, default in (("--eval_metrics", self.eval_metrics, "em,f1"),
+                                                        ("--eval_metrics_file", self.eval_metrics_file, None),
+                                                        ("--eval_max_new_tokens", self.eval_max_new_tokens, 64))
+                     if value != default]
+            if given:
+                raise UsageError(f"{', '.join(given)} given without --eval_generate N, where they do nothing")
+            return
+        if self.eval_max_new_tokens < 1:
+            raise UsageError(f"--eval_max_new_tokens is {self.eval_max_new_tokens}; it must be at least 1")
+        added = load_user_metrics(self.eval_metrics_file) if self.eval_metrics_file else []
+        named = get_metrics(self.eval_metrics)
+        if added and not set(added) & set(named):
+            raise UsageError(f"--eval_metrics_file {self.eval_metrics_file} registers {', '.join(added)}, which "
+                             f"--eval_metrics {self.eval_metrics} does not name: add them, e.g. --eval_metrics "
+                             f"{','.join([*named, *added])}")
 
     def _checkpointing_by_this_transformers_name(self):
         """--gradient_checkpointing (the launchers' flag) and activation_checkpointing_kwargs mean the same
@@ -223,7 +237,7 @@ class LoraArguments:
     lora_target_modules: str = field(
         default=None,
         metadata={"help": "Regex (full match) of the module names that get LoRA (default: the attention projections "
-                  "of the language model; see backends.py)."},
+                  "of the language model; see families/)."},
     )
     lora_weight_path: str = field(default="", metadata={"help": "An existing adapter folder to start training from."})
     lora_bias: str = field(default="none", metadata={"help": "Which biases train: none, all or lora_only."})
@@ -262,22 +276,18 @@ class LoraArguments:
             )
 
     def modules_to_save(self):
-        """The names given with --lora_modules_to_save (empty: none given, the backend's default applies)."""
+        """The names given with --lora_modules_to_save (empty: none given, the family's default applies)."""
         return [name.strip() for name in self.lora_modules_to_save.split(",") if name.strip()]
 
 
 def validate(training_args, lora_args):
     """Refuse combinations that would silently train something other than what was asked."""
+    stages.check_arguments(training_args)  # --stage, its flags (set by parse_args), what it refuses
     if not training_args.use_lora:
         given = [f"--{f.name}" for f in dataclasses.fields(lora_args) if getattr(lora_args, f.name) != f.default]
         if given:
             raise UsageError(f"{', '.join(given)} given without --use_lora true, where LoRA settings do nothing")
-    if training_args.stage == "dpo" and lora_args.lora_weight_path and not training_args.dpo_ref_model:
-        raise UsageError(
-            "--stage dpo with --lora_weight_path: the reference would be the base model without that adapter, "
-            "not the model it makes; merge the adapter first (merge.py) and start from the merged model, or "
-            "name the reference with --dpo_ref_model"
-        )
+    stages.get(training_args.stage).check_lora(training_args, lora_args)
     if lora_args.q_lora and (is_deepspeed_zero3_enabled() or training_args.fsdp):
         raise UsageError(
             "--q_lora does not work with FSDP or DeepSpeed ZeRO-3: 4-bit weights cannot be partitioned; "
@@ -286,15 +296,24 @@ def validate(training_args, lora_args):
 
 
 def parse_args(argv=None):
-    """The four argument dataclasses of ``argv`` (default: the command line), checked."""
-    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, LoraArguments))
+    """The four argument dataclasses of ``argv`` (default: the command line), checked. Each registered
+    stage's own flags (its ``arguments`` dataclass, declared in its stages/ file) are parsed too and
+    read as attributes of the TrainingArguments (``training_args.dpo_beta``)."""
+    own = [stage.arguments for stage in stages.STAGES.values() if stage.arguments is not None]
+    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, LoraArguments, *own))
     argv = list(sys.argv[1:] if argv is None else argv)
-    model_args, data_args, training_args, lora_args = parser.parse_args_into_dataclasses(
+    model_args, data_args, training_args, lora_args, *stage_args = parser.parse_args_into_dataclasses(
         args=distributed.adapt_deepspeed_argv(argv)
     )
+    for group in stage_args:
+        for flag in dataclasses.fields(group):
+            setattr(training_args, flag.name, getattr(group, flag.name))
     validate(training_args, lora_args)
     if training_args.stop_at_eval_loss is not None and (not data_args.eval_data_path or training_args.eval_strategy == "no"):
         raise UsageError("--stop_at_eval_loss needs evaluations: give --eval_data_path and --eval_strategy steps")
+    if training_args.eval_generate and (not data_args.eval_data_path or training_args.eval_strategy == "no"):
+        raise UsageError("--eval_generate answers eval records at each evaluation: give --eval_data_path and "
+                         "--eval_strategy steps (or epoch)")
     return model_args, data_args, training_args, lora_args
 
 
@@ -309,18 +328,20 @@ def looks_local(name_or_path):
     )
 
 
-# The flags that name a model or adapter folder, and what that folder must hold.
+# The flags that name a model or adapter folder, and what that folder must hold (a stage adds its own:
+# Stage.folder_flags).
 FOLDER_FLAGS = {
     "model_name_or_path": "the folder that holds the model's config.json, or a hub id such as openbmb/MiniCPM-V-2_6",
-    "dpo_ref_model": "the folder of the reference model (its config.json), or a hub id",
     "lora_weight_path": "the adapter folder a LoRA run saved (adapter_config.json)",
 }
 
 
 def check_paths(model_args, training_args, lora_args):
-    """The folders the run needs, checked before anything loads; returns the checkpoint to resume from."""
+    """The folders the run needs, checked before anything loads; returns the checkpoint to resume from
+    (the one place --resume_from_checkpoint is resolved: the trainer takes this folder)."""
+    folder_flags = {**FOLDER_FLAGS, **stages.get(training_args.stage).folder_flags}
     for args in (model_args, training_args, lora_args):
-        for flag, hint in FOLDER_FLAGS.items():
+        for flag, hint in folder_flags.items():
             value = getattr(args, flag, None)
             if value and looks_local(value) and not os.path.isdir(os.path.expanduser(value)):
                 raise UsageError(f"--{flag} {value}: no such folder; pass {hint}")
@@ -331,12 +352,3 @@ def check_paths(model_args, training_args, lora_args):
     if checkpoint is not None:
         lora.check_resume(checkpoint, training_args, lora_args)
     return checkpoint
-
-
-def compute_dtype(training_args):
-    """The dtype the model loads and trains in: --fp16, --bf16, else float32."""
-    if training_args.fp16:
-        return torch.float16
-    if training_args.bf16:
-        return torch.bfloat16
-    return torch.float32

@@ -15,10 +15,7 @@ folder, a plain-transformers load of that folder answering through its own chat(
 through finetune_ds.sh (ZeRO-3), infer.py on it, and one DPO step. It prints a copy x step table and
 exits 1 if any step failed.
 
-MIRROR is a bare git directory, or OWNER+NAME under $MINICPMV_PUBLISHED laid out as the `fetch`
-tool lays out GitHub copies: ``$MINICPMV_PUBLISHED/OWNER+NAME/repo``. A second copy after a comma
-supplies the files the first lacks (the 2.6 fork at 8490e59 holds the Python files but no
-config.json or tokenizer files). KNOWN_COPIES lists the copies checked so far.
+MIRROR@COMMIT[:SUBDIR]: see published_copies.py (where the copies come from, and KNOWN_COPIES).
 
 Sizes that are not plain numbers: MiniCPM-V 2.0 names its vision tower by a timm model name
 (``vit_so400m_patch14_siglip_384.webli``, 400M parameters); the tiny checkpoint names timm's own
@@ -26,7 +23,6 @@ test ViT (TINY_TIMM_ENCODER) instead.
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import re
@@ -41,25 +37,14 @@ import torch
 import transformers
 
 import demo_data
+import families
 import loading
-import remote_code_repairs
+from published_copies import KNOWN_COPIES, PUBLISHED_ENV, find_known, parse_spec, published_files
+from repairs.classes import repaired_model_class
+from repairs.imports import import_model_class
 from tiny_models.build import OUTPUT_HEAD_STD, TOKENIZER_SPECS, train_bpe
 
 REPO = Path(__file__).resolve().parent
-PUBLISHED_ENV = "MINICPMV_PUBLISHED"
-
-# Copies of the published hub files whose bytes agree with an independent copy (issue 22), by label.
-KNOWN_COPIES = {
-    "2.0": "HwwwwwwwH+MiniCPM-V-2@84ce9b0",
-    "2.5": "theonlyengine+VQA_Model@4520826",
-    "2.6": "wusongbai139+AnyCaption@0d75254:MiniCPM-V-2_6",
-    # Another hub revision of processing_minicpmv.py / image_processing_minicpmv.py (same model files).
-    "2.6 (8490e59 processor)": "404805854+minicpmv2.6-onnx@8490e59,wusongbai139+AnyCaption@0d75254:MiniCPM-V-2_6",
-}
-
-# Files taken from a copy; the rest (weights, sentencepiece / BPE vocabularies, READMEs) are not.
-SETTINGS_FILES = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "generation_config.json",
-                  "special_tokens_map.json")
 
 # Tiny sizes, by config field (the LLM's at the top level, the vision tower's under vision_config).
 # hidden_size 128: the published resamplers use hidden_size // 128 attention heads.
@@ -83,84 +68,8 @@ FAST_ARGS = ["--report_to", "none", "--max_slice_nums", "2", "--model_max_length
              "--learning_rate", "1e-3", "--seed", "0"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Copy:
-    """One tree of a git mirror: ``git -C git_dir show commit:subdir/NAME``."""
-
-    git_dir: Path
-    commit: str
-    subdir: str = ""
-
-    def path(self, name):
-        return f"{self.subdir}/{name}" if self.subdir else name
-
-    def names(self):
-        listing = git(self.git_dir, "ls-tree", "--name-only", f"{self.commit}:{self.subdir}" if self.subdir else self.commit)
-        return listing.decode().split()
-
-    def read(self, name):
-        return git(self.git_dir, "show", f"{self.commit}:{self.path(name)}")
-
-    def full_commit(self):
-        return git(self.git_dir, "rev-parse", self.commit).decode().strip()
-
-    def label(self):
-        owner_name = self.git_dir.parent.name if self.git_dir.name == "repo" else self.git_dir.name
-        return f"{owner_name.replace('+', '/')}@{self.commit}" + (f":{self.subdir}" if self.subdir else "")
-
-
-def git(git_dir, *args):
-    return subprocess.run(["git", "-C", str(git_dir), *args], check=True, capture_output=True).stdout
-
-
-def parse_spec(spec, root=None):
-    """``MIRROR@COMMIT[:SUBDIR][,MIRROR@COMMIT[:SUBDIR]]`` -> [Copy, ...] (first wins). ValueError if malformed."""
-    copies = []
-    for part in spec.split(","):
-        match = re.fullmatch(r"(?P<mirror>[^@]+)@(?P<commit>[0-9a-fA-F]{4,40})(?::(?P<subdir>.+))?", part)
-        if not match:
-            raise ValueError(f"{part!r}: expected MIRROR@COMMIT[:SUBDIR]")
-        mirror = Path(match["mirror"])
-        if not mirror.is_dir():
-            if root is None:
-                raise ValueError(f"{part!r}: {mirror} is not a folder, and ${PUBLISHED_ENV} is not set")
-            mirror = Path(root) / match["mirror"] / "repo"
-        if not mirror.is_dir():
-            raise ValueError(f"{part!r}: no mirror at {mirror}")
-        copies.append(Copy(mirror, match["commit"], (match["subdir"] or "").strip("/")))
-    return copies
-
-
-def find_known(root):
-    """({label: spec} of KNOWN_COPIES whose mirrors and commits are under ``root``, [labels missing])."""
-    found, missing = {}, []
-    for label, spec in KNOWN_COPIES.items():
-        try:
-            copies = parse_spec(spec, root)
-            for copy in copies:
-                copy.full_commit()
-        except (ValueError, subprocess.CalledProcessError):
-            missing.append(label)
-        else:
-            found[label] = spec
-    return found, missing
-
-
 # --------------------------------------------------------------------------------------------
 # The tiny checkpoint.
-
-def published_files(copies):
-    """{name: bytes} of the copies' Python and settings files, the first copy holding a name winning."""
-    files = {}
-    for copy in copies:
-        for name in copy.names():
-            if name not in files and (name.endswith(".py") or name in SETTINGS_FILES):
-                files[name] = copy.read(name)
-    missing = [name for name in ("config.json", "tokenizer_config.json") if name not in files]
-    if missing:
-        raise ValueError(f"{', '.join(c.label() for c in copies)}: no {', '.join(missing)}")
-    return files
-
 
 def shrink_config(config, vocab_size, token_ids):
     """The published config.json at tiny size: only sizes and token ids change, nulls stay."""
@@ -220,14 +129,6 @@ def build_tokenizer(tokenizer_config, special_tokens_map, llm_type):
     return tokenizer.to_str(), tokenizer_config, token_ids, tokenizer.get_vocab_size()
 
 
-def llm_type_of_config(config):
-    """The chat layout of a published config (backends.llm_type_of, on the raw dict)."""
-    version = config.get("version")
-    if version is None or float(version) == 2.0:
-        return "minicpm"
-    return "llama3" if float(version) == 2.5 else "qwen"
-
-
 def build(copies, out_dir, seed=0):
     """Write the tiny checkpoint of ``copies`` into ``out_dir``; return its path."""
     out_dir = Path(out_dir)
@@ -237,7 +138,7 @@ def build(copies, out_dir, seed=0):
     tokenizer_config = json.loads(files["tokenizer_config.json"])
     special_tokens_map = json.loads(files.get("special_tokens_map.json", b"{}"))
     tokenizer_json, tokenizer_config, token_ids, vocab_size = build_tokenizer(
-        tokenizer_config, special_tokens_map, llm_type_of_config(config))
+        tokenizer_config, special_tokens_map, families.family_for_dict(config).llm_type)
     for name, data in files.items():
         if name.endswith(".py") or name == "special_tokens_map.json":
             (out_dir / name).write_bytes(data)  # byte for byte
@@ -263,13 +164,11 @@ def write_random_weights(out_dir, seed):
     repairs published code needs on this transformers), the output head at a trained head's scale as
     tiny_models.build gives it."""
     config = loading.load_config(str(out_dir))
-    model_class = remote_code_repairs.import_model_class(str(out_dir), config)
+    # The class loading.load_model loads through: the published one with the repairs it needs.
+    published = import_model_class(str(out_dir), config)
+    model_class = repaired_model_class(published, None, published.__module__)
     torch.manual_seed(seed)
     model = model_class(config)
-    # The repairs loading.load_model makes on a loaded model, made here on a fresh one.
-    if remote_code_repairs.lacks_post_init(model):
-        model.post_init()
-    remote_code_repairs.repair_tied_weights_keys(model)
     with torch.no_grad():
         model.get_output_embeddings().weight.normal_(0.0, OUTPUT_HEAD_STD)
     with tempfile.TemporaryDirectory() as scratch:

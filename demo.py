@@ -43,13 +43,14 @@ def stop_loss(model_dir, data):
     token), so below ``-ln(p) / N`` even the worst token's cross-entropy is below ``-ln(p)``; greedy
     decoding then reproduces every answer exactly, as its prompt is laid out as in training.
     """
-    import backends
+    import families
     import loading
-    from dataset import IGNORE_INDEX, load_records
+    from data import sources
+    from data.records import IGNORE_INDEX
 
     config = loading.load_config(model_dir)
-    backend = backends.backend_for(config)
-    samples = backend.make_dataset(load_records(data), backend.load_processing(model_dir), config, max_length=512,
+    family = families.family_for(config)
+    samples = family.make_dataset(sources.load(data), family.load_processing(model_dir), config, max_length=512,
                                    image_root=Path(data).parent, data_path=data, max_slice_nums=2)
     learned = sum(int(samples[i]["labels"].ne(IGNORE_INDEX).sum()) for i in range(len(samples)))
     return -math.log(MIN_TOKEN_PROBABILITY) / learned
@@ -80,30 +81,22 @@ def train(model_dir, data, output_dir, max_steps, threshold, processes, seed):
 
 
 def plot_losses(output_dir, family):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from evaluation.plot import plot_series
 
     state = json.loads((output_dir / "trainer_state.json").read_text())
     history = state["log_history"]
-    steps = [h["step"] for h in history if "loss" in h]
-    losses = [h["loss"] for h in history if "loss" in h]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, losses, marker=".")
-    ax.set(xlabel="step", ylabel="training loss", title=f"Tiny {family}, LoRA on coloured shapes")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = output_dir / "loss.png"
-    fig.savefig(path, dpi=100)
-    return path, losses, state["global_step"], [h["eval_loss"] for h in history if "eval_loss" in h][-1]
+    points = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    path = plot_series({"training loss": points}, output_dir / "loss.png", ylabel="training loss",
+                       title=f"Tiny {family}, LoRA on coloured shapes")
+    eval_loss = [h["eval_loss"] for h in history if "eval_loss" in h][-1]
+    return path, [loss for _, loss in points], state["global_step"], eval_loss
 
 
 def ask(model_dir, adapter, data):
-    import backends
     import infer
+    from families.inference import load_for_inference
 
-    answerer = infer.Answerer(*backends.load_for_inference(model_dir, adapter), max_slice_nums=2)
+    answerer = infer.Answerer(*load_for_inference(model_dir, adapter), max_slice_nums=2)
     records = json.loads(Path(data).read_text())
     answers = answerer.answer(records, Path(data).parent, max_new_tokens=16)
     rows = []

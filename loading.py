@@ -2,127 +2,85 @@
 
 One place for what ``finetune.py``, ``infer.py`` and ``merge.py`` share: the ``AutoModel`` /
 ``AutoTokenizer`` calls with ``trust_remote_code=True``, the keyword arguments only some
-model families accept, and the repairs (``remote_code_repairs``) that remote code written for
-transformers 4.4x needs to load correctly today (backends.py uses these for remote-code
-checkpoints and loads native ones itself). Saved folders: the copying of remote code into them,
-and ``write_repaired_classes``, which gives every folder this project saves the same repairs, so
-that it loads correctly with plain transformers. Each loader installs the stand-ins for removed
+model families accept, and the repairs (the ``repairs`` package) that remote code written for
+transformers 4.4x needs to load correctly today (families/remote_code.py uses these for
+remote-code checkpoints; families/native.py loads native ones itself). The model loads through the same repaired classes that
+saved folders carry. Saved folders: the copying of remote code into them, and
+``write_repaired_classes``, which gives every folder this project saves the same repairs, so that
+it loads correctly with plain transformers. Each loader installs the stand-ins for removed
 transformers names before anything imports the checkpoint's remote code.
 """
 
-import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
 import transformers
-from packaging.version import Version
 from transformers import dynamic_module_utils
+from transformers.models.auto.auto_factory import add_generation_mixin_to_remote_model
 
-import remote_code_repairs
+import repairs
+from repairs.classes import repaired_model_class
+from repairs.files import LEGACY_REPAIRS_FILE, REPAIRS_FILE_PREFIX, is_repairs_copy, remote_code_files
+from repairs.imports import import_model_class
+from repairs.removed_names import repair_removed_names
+from repairs.rope import repair_legacy_rope_scaling
+from repairs.tokenizer import SENTENCEPIECE_READ, repair_sentencepiece_ids
 
 logger = logging.getLogger(__name__)
 
-# MiniCPM-o 2.6 builds its vision, audio and TTS towers only when asked; the fine-tuner wants
-# vision alone. Other families' __init__ raises TypeError on these keywords.
-OMNI_INIT_KWARGS = {"init_vision": True, "init_audio": False, "init_tts": False}
-
-# model_type of the checkpoints whose code ships in transformers (MiniCPM-V 4.6, 4.7, MiniCPM-OCR).
-NATIVE_MODEL_TYPES = ("minicpmv4_6", "minicpmv4_7", "minicpm_ocr")
-# The lowest transformers the native models train on here: the first release with all three
-# (4.6 came in 5.8, 4.7 in 5.18, OCR in 5.21) and with the model argument backends.py hands the
-# vision features through (mm_encoder_outputs, from 5.18). The native tests pass on it.
-NATIVE_TRANSFORMERS_FLOOR = "5.21.0"
-
 
 def load_config(name_or_path, cache_dir=None):
-    check_transformers_for(name_or_path, cache_dir)
+    """The checkpoint's config, its remote code's import-time repairs in place (families.load_config
+    checks first that this transformers can run the checkpoint's family)."""
     # The config's remote code imports the model's (2.6: SigLIP's config lives in the vision file).
-    remote_code_repairs.repair_removed_names(name_or_path, cache_dir)
+    repair_removed_names(name_or_path, cache_dir)
     config = transformers.AutoConfig.from_pretrained(name_or_path, trust_remote_code=True, cache_dir=cache_dir)
     # Before the model's __init__ reads it.
-    remote_code_repairs.repair_legacy_rope_scaling(type(config), remote_code_repairs.remote_code_files(name_or_path, cache_dir))
+    repair_legacy_rope_scaling(type(config), remote_code_files(name_or_path, cache_dir))
     return config
-
-
-class TransformersTooOld(ValueError):
-    """The installed transformers cannot run this checkpoint (the scripts report it as a usage error)."""
-
-
-def check_transformers_for(name_or_path, cache_dir=None):
-    """TransformersTooOld if the installed transformers is too old for a native checkpoint: it would
-    not know its model_type, or lack what training it needs, and fail later less clearly."""
-    config, _ = transformers.PretrainedConfig.get_config_dict(name_or_path, cache_dir=cache_dir)
-    model_type = config.get("model_type")
-    if model_type in NATIVE_MODEL_TYPES and Version(transformers.__version__) < Version(NATIVE_TRANSFORMERS_FLOOR):
-        raise TransformersTooOld(
-            f"{name_or_path} is a {model_type} checkpoint, which needs transformers {NATIVE_TRANSFORMERS_FLOOR} "
-            f"or newer (installed: {transformers.__version__}): pip install -r requirements.txt"
-        )
 
 
 def load_tokenizer(name_or_path, cache_dir=None):
     # AutoTokenizer reads the model config too, importing its remote code.
-    remote_code_repairs.repair_removed_names(name_or_path, cache_dir)
+    repair_removed_names(name_or_path, cache_dir)
     tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True, cache_dir=cache_dir)
-    remote_code_repairs.repair_sentencepiece_ids(tokenizer)
+    repair_sentencepiece_ids(tokenizer)
     return tokenizer
 
 
-def init_kwargs_for(config):
-    """The omni init switches, for models whose config declares them, else nothing."""
-    if all(hasattr(config, key) for key in OMNI_INIT_KWARGS):
-        return dict(OMNI_INIT_KWARGS)
-    return {}
-
-
-def load_model(name_or_path, config, *, dtype, cache_dir=None, device_map=None, quantization_config=None):
-    """``AutoModel.from_pretrained`` with the remote code's defects repaired where present.
-
-    The model class is imported first (supplying typing names a module lacks); a reference
-    construction with parameters on the meta device shows whether ``__init__`` skips
-    ``post_init()`` and holds the non-persistent buffers as ``__init__`` computes them, which the
-    loaded model must match.
+def load_model(name_or_path, config, *, dtype, cache_dir=None, device_map=None, quantization_config=None,
+               init_kwargs=None):
+    """``AutoModel.from_pretrained(..., trust_remote_code=True)`` with the remote code's defects
+    repaired where present: the checkpoint's AutoModel class is imported with the import-time
+    repairs in place, and the model loads through ``repairs.classes.repaired_model_class`` of it,
+    the class a saved folder's ``repaired_classes.py`` defines. ``init_kwargs``: the switches the
+    family's ``__init__`` reads from its config (families/minicpmo2_6.py).
     """
-    remote_code_repairs.repair_removed_names(name_or_path, cache_dir)
-    init_kwargs = init_kwargs_for(config)
+    repair_removed_names(name_or_path, cache_dir)
     if init_kwargs:
         # MiniCPM-o's __init__(config) reads the switches from the config; with an explicit
         # config object, from_pretrained would hand them to __init__ as keywords (TypeError).
         logger.info("Model config declares %s: loading with %s", ", ".join(init_kwargs), init_kwargs)
         for key, value in init_kwargs.items():
             setattr(config, key, value)
-    model_class = remote_code_repairs.import_model_class(name_or_path, config, cache_dir=cache_dir)
-    if model_class is not None:
-        remote_code_repairs.repair_cuda_under_zero3(model_class)
-        remote_code_repairs.repair_generation_mixin(model_class)
-    reference, missed_post_init = None, False
-    if model_class is not None:
-        reference, missed_post_init = remote_code_repairs.build_reference(model_class, config, dtype)
     kwargs = {}
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
-    repair_init = contextlib.nullcontext()
-    if missed_post_init:
-        repair_init = remote_code_repairs.post_init_after_init(model_class)
-    with repair_init:
-        model = transformers.AutoModel.from_pretrained(
-            name_or_path,
-            config=config,
-            trust_remote_code=True,
-            dtype=dtype,
-            cache_dir=cache_dir,
-            device_map=device_map,
-            **kwargs,
-        )
-    if reference is not None:
-        remote_code_repairs.restore_non_persistent_buffers(model, reference)
-    remote_code_repairs.repair_generation_inputs(model)
-    remote_code_repairs.repair_tied_weights_keys(model)
-    remote_code_repairs.repair_input_embeddings(model)
-    return model
+    published = import_model_class(name_or_path, config, cache_dir=cache_dir)
+    if published is None:  # no remote code: nothing to repair
+        return transformers.AutoModel.from_pretrained(name_or_path, config=config, trust_remote_code=True, dtype=dtype,
+                                                      cache_dir=cache_dir, device_map=device_map, **kwargs)
+    # As AutoModel does with remote code: registered for AutoModel (saving names the class in
+    # auto_map and copies its files), GenerationMixin added. In the published class's module, so that a
+    # save writes what AutoModel's load would write; write_repaired_classes then points auto_map here.
+    published.register_for_auto_class("AutoModel")
+    model_class = add_generation_mixin_to_remote_model(repaired_model_class(published, None, published.__module__))
+    return model_class.from_pretrained(name_or_path, config=config, trust_remote_code=True, dtype=dtype,
+                                       cache_dir=cache_dir, device_map=device_map, **kwargs)
 
 
 # Files besides the weights that make a checkpoint folder self-contained: the model's remote
@@ -158,24 +116,48 @@ PUBLISHED_AUTO_MAP = "published_auto_map"
 
 REPAIRED_MODULE_HEADER = '''"""Written by the MiniCPM-V fine-tuner when it saved this folder: the classes config.json's
 `auto_map` points to. Each is the published class named in `published_auto_map` (whose files
-beside this one are unchanged), with the repairs of remote_code_repairs.py applied where their
-defect is found: typing names a module never imports, transformers names since removed, a model
-that never calls post_init(), and non-persistent buffers that transformers 5 leaves unfilled
-after loading. Each repair is logged as a warning. Delete this file and restore `published_auto_map` as `auto_map` to load the
+beside this one are unchanged), with the fine-tuner's repairs (the {prefix}*.py files beside
+this one) applied where their defect is found: typing names a module never imports, transformers
+names since removed, a model that never calls post_init(), non-persistent buffers that
+transformers 5 leaves unfilled after loading, and the others those files list. Each repair is
+logged as a warning. Delete this file and restore `published_auto_map` as `auto_map` to load the
 published classes unrepaired.
 """
 
-from .remote_code_repairs import repair_imports, repaired_config_class, repaired_model_class
+'''.format(prefix=REPAIRS_FILE_PREFIX)
 
-repair_imports(__file__)  # before any published module is imported
+# The repairs package's modules, each copied flat into a saved folder as REPAIRS_FILE_PREFIX + its name
+# (their relative imports of each other renamed alike), so that no copy can clash with a published file.
+REPAIRS_DIR = Path(repairs.__file__).parent
+REPAIRS_MODULES = tuple(sorted(path.stem for path in REPAIRS_DIR.glob("*.py") if path.stem != "__init__"))
+SIBLING_IMPORT = re.compile(r"^from \.(\w+) import", re.MULTILINE)
 
-'''
+
+def copy_repairs(folder):
+    """Copy the repairs' modules into ``folder`` under their saved names, first removing the copies an
+    earlier version of this project left there. Returns the names written."""
+    folder = Path(folder)
+    for earlier in [*folder.glob(f"{REPAIRS_FILE_PREFIX}*.py"), folder / LEGACY_REPAIRS_FILE]:
+        earlier.unlink(missing_ok=True)
+    written = []
+    for module in REPAIRS_MODULES:
+        source = (REPAIRS_DIR / f"{module}.py").read_text(encoding="utf-8")
+        written.append(f"{REPAIRS_FILE_PREFIX}{module}.py")
+        (folder / written[-1]).write_text(SIBLING_IMPORT.sub(rf"from .{REPAIRS_FILE_PREFIX}\1 import", source), encoding="utf-8")
+    return written
+
+
+def import_every_module(module_names):
+    """Lines for a generated module that import each of ``module_names`` (beside it) directly:
+    transformers 5.3 copies only a module's direct relative imports into its module cache, not
+    theirs (the repairs' modules import each other; a published 2.6 module imports resampler.py)."""
+    return [f"from .{name} import __name__ as _{name}_module  # noqa: E402,F401\n" for name in module_names]
 
 
 def write_repaired_classes(folder):
     """Make the saved remote-code model in ``folder`` load correctly with plain transformers.
 
-    Writes a copy of ``remote_code_repairs.py`` and a generated ``repaired_classes.py`` that wraps
+    Writes a copy of the repairs (``copy_repairs``) and a generated ``repaired_classes.py`` that wraps
     the published classes, and points config.json's ``auto_map`` to the latter (the published
     targets stay in ``published_auto_map``). Run after every save: a folder saved before gets this
     project's current repairs. Returns the names of the files written; nothing for a model
@@ -193,15 +175,18 @@ def write_repaired_classes(folder):
         if "--" in module_name or not (folder / f"{module_name}.py").is_file():
             raise ValueError(f"{config_path}: auto_map {auto_class} -> {target}, but {module_name}.py is not in {folder}")
         classes.setdefault(target, auto_class)
-    lines = []
-    published_modules = {target.rpartition(".")[0] for target in classes}
+    copied = copy_repairs(folder)
+    lines = [f"from .{REPAIRS_FILE_PREFIX}imports import repair_imports\n",
+             f"from .{REPAIRS_FILE_PREFIX}classes import repaired_config_class, repaired_model_class\n",
+             *import_every_module(Path(name).stem for name in copied),
+             "\nrepair_imports(__file__)  # before any published module is imported\n\n"]
     # transformers 5.3 copies only the direct relative imports of repaired_classes.py into its module
     # cache, not theirs (a 2.6 folder then missed resampler.py): import every module they need here.
+    published_modules = {target.rpartition(".")[0] for target in classes}
     needed = set()
     for module_name in published_modules:
         needed.update(Path(f).stem for f in dynamic_module_utils.get_relative_import_files(str(folder / f"{module_name}.py")))
-    for module_name in sorted(needed - published_modules - {"remote_code_repairs"}):
-        lines.append(f"from .{module_name} import __name__ as _{module_name}_module  # noqa: E402,F401\n")
+    lines += import_every_module(name for name in sorted(needed - published_modules) if not is_repairs_copy(f"{name}.py"))
     for target in classes:
         module_name, _, class_name = target.rpartition(".")
         lines.append(f"from .{module_name} import {class_name} as _Published{class_name}  # noqa: E402\n")
@@ -214,17 +199,16 @@ def write_repaired_classes(folder):
             lines.append(f"{class_name} = repaired_config_class(_Published{class_name}, __name__)\n")
         else:
             lines.append(f"{class_name} = repaired_model_class(_Published{class_name}, {config_class}, __name__)\n")
-    shutil.copyfile(remote_code_repairs.__file__, folder / "remote_code_repairs.py")
     (folder / f"{REPAIRED_MODULE}.py").write_text(REPAIRED_MODULE_HEADER + "".join(lines))
     config["auto_map"] = {key: f"{REPAIRED_MODULE}.{target.rpartition('.')[2]}" for key, target in published.items()}
     config[PUBLISHED_AUTO_MAP] = published
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     logger.info(
-        "Wrote %s.py and remote_code_repairs.py into %s: its auto_map now loads %s through the repairs, so that "
+        "Wrote %s.py and the repairs (%s*.py) into %s: its auto_map now loads %s through the repairs, so that "
         "plain AutoModel.from_pretrained(..., trust_remote_code=True) gives what this project's loader gives",
-        REPAIRED_MODULE, folder, ", ".join(classes),
+        REPAIRED_MODULE, REPAIRS_FILE_PREFIX, folder, ", ".join(classes),
     )
-    return [f"{REPAIRED_MODULE}.py", "remote_code_repairs.py", "config.json"]
+    return [f"{REPAIRED_MODULE}.py", *copied, "config.json"]
 
 
 # ---- A saved folder names only files it holds (issue 22) ---------------------------------------
@@ -291,9 +275,9 @@ REPAIRED_TOKENIZER_MODULE = "repaired_tokenizer"
 
 def write_repaired_tokenizer(folder):
     """Point ``folder``'s tokenizer_config.json auto_map at a generated ``repaired_tokenizer.py`` that
-    wraps the published tokenizer class with remote_code_repairs' tokenizer repair (defect 11), when
+    wraps the published tokenizer class with the repairs' tokenizer repair (defect 11), when
     that class needs it; the published targets stay under ``published_auto_map``. Run after
-    write_repaired_classes (which copies remote_code_repairs.py). Returns the files written."""
+    write_repaired_classes (which copies the repairs). Returns the files written."""
     folder = Path(folder)
     path = folder / "tokenizer_config.json"
     if not path.is_file():
@@ -302,13 +286,14 @@ def write_repaired_tokenizer(folder):
     published = tokenizer_config.get(PUBLISHED_AUTO_MAP) or tokenizer_config.get("auto_map") or {}
     targets = [target for target in published.get("AutoTokenizer") or [] if target and "--" not in target]
     needed = [target for target in targets
-              if remote_code_repairs.SENTENCEPIECE_READ.search((folder / f"{target.rpartition('.')[0]}.py").read_text(encoding="utf-8"))]
+              if SENTENCEPIECE_READ.search((folder / f"{target.rpartition('.')[0]}.py").read_text(encoding="utf-8"))]
     if not needed:
         return []
     lines = ['"""Written by the MiniCPM-V fine-tuner when it saved this folder: the tokenizer class that\n'
              "tokenizer_config.json's auto_map points to, the published one named in `published_auto_map` with\n"
-             'remote_code_repairs.py\'s tokenizer repair (ids it reads from a sentencepiece model)."""\n\n',
-             "from .remote_code_repairs import repaired_tokenizer_class\n"]
+             f'the tokenizer repair of {REPAIRS_FILE_PREFIX}tokenizer.py (ids it reads from a sentencepiece model)."""\n\n',
+             f"from .{REPAIRS_FILE_PREFIX}classes import repaired_tokenizer_class\n",
+             *import_every_module(f"{REPAIRS_FILE_PREFIX}{module}" for module in REPAIRS_MODULES)]
     for target in needed:
         module_name, _, class_name = target.rpartition(".")
         lines.append(f"from .{module_name} import {class_name} as _Published{class_name}\n")

@@ -1,7 +1,7 @@
 """LoRA and QLoRA on the LLM of a MiniCPM-V model: the adapter layout, 4-bit loading, a starting adapter.
 
 Which modules get LoRA by default, which are saved in full with the adapter and which stay out of
-4-bit quantization depend on the kind of checkpoint: its backend (backends.py) says.
+4-bit quantization depend on the kind of checkpoint: its family (families/) says, as data.
 """
 
 import json
@@ -19,7 +19,6 @@ from peft import (
 )
 from peft.utils import load_peft_weights
 
-import backends
 from usage import UsageError
 
 logger = logging.getLogger(__name__)
@@ -35,29 +34,28 @@ def quantization_config(lora_args, dtype, unquantized_modules):
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=dtype,
         # Only the LLM is quantized: the vision tower, resampler / merger and output head stay in `dtype`.
-        llm_int8_skip_modules=unquantized_modules,
+        llm_int8_skip_modules=list(unquantized_modules),
     )
 
 
-def modules_to_save(backend, training_args, lora_args):
+def modules_to_save(family, training_args, lora_args):
     """The modules trained in full and saved with the adapter: --lora_modules_to_save, else the
-    backend's default. UsageError if --tune_vision is asked but the list leaves the vision tower out."""
-    names = lora_args.modules_to_save() or backend.default_modules_to_save(training_args.tune_vision)
-    if training_args.tune_vision and backend.vision_module_name not in names:
+    family's default. UsageError if --tune_vision is asked but the list leaves the vision tower out."""
+    names = lora_args.modules_to_save() or family.default_modules_to_save(training_args.tune_vision)
+    if training_args.tune_vision and family.vision_module_name not in names:
         raise UsageError(
-            f"--tune_vision true, but --lora_modules_to_save leaves out {backend.vision_module_name}, so the vision "
-            f"tower would stay frozen: add {backend.vision_module_name} to the list or pass --tune_vision false"
+            f"--tune_vision true, but --lora_modules_to_save leaves out {family.vision_module_name}, so the vision "
+            f"tower would stay frozen: add {family.vision_module_name} to the list or pass --tune_vision false"
         )
     return names
 
 
-def apply_lora(model, training_args, lora_args):
-    """Freeze the LLM and wrap the model in LoRA adapters as ``lora_args`` lay them out (a PeftModel);
-    the defaults are those of the model's backend (backends.py, from its config)."""
-    backend = backends.backend_for(model.config)
-    for part in backend.language_model(model):
-        part.requires_grad_(False)
-    pattern = lora_args.lora_target_modules or backend.lora_targets
+def apply_lora(model, family, training_args, lora_args):
+    """Wrap the model in LoRA adapters as ``lora_args`` lay them out (a PeftModel); the defaults are
+    those of the model's ``family``. peft trains only the adapters and the modules saved in full:
+    the LLM's own weights stay as stages/prepare.adapt_model left them (frozen: --use_lora needs
+    --tune_llm false)."""
+    pattern = lora_args.lora_target_modules or family.lora_targets
     target_modules = pattern
     if lora_args.lora_layers_to_transform is not None:
         # peft selects layers only for module-name suffixes, not for a regex, and suffixes such as
@@ -77,11 +75,11 @@ def apply_lora(model, training_args, lora_args):
             )
     elif not any(re.fullmatch(target_modules, name) for name, _ in model.named_modules()):
         example = next(
-            (name for name, _ in model.named_modules() if re.fullmatch(backend.lora_targets, name)), "(none matches)"
+            (name for name, _ in model.named_modules() if re.fullmatch(family.lora_targets, name)), "(none matches)"
         )
         raise UsageError(
             f"--lora_target_modules {target_modules!r} matches no module of the model (the regex must match a "
-            f"whole module name, e.g. {example}); the default is {backend.lora_targets!r}"
+            f"whole module name, e.g. {example}); the default is {family.lora_targets!r}"
         )
     config = LoraConfig(
         r=lora_args.lora_r,
@@ -89,11 +87,11 @@ def apply_lora(model, training_args, lora_args):
         target_modules=target_modules,
         lora_dropout=lora_args.lora_dropout,
         bias=lora_args.lora_bias,
-        modules_to_save=modules_to_save(backend, training_args, lora_args),
+        modules_to_save=modules_to_save(family, training_args, lora_args),
     )
     if not hasattr(model, "get_input_embeddings"):
         # peft and gradient checkpointing reach the token embeddings through this method.
-        model.get_input_embeddings = model.llm.get_input_embeddings
+        model.get_input_embeddings = family.language_model(model)[0].get_input_embeddings
     if lora_args.q_lora:
         import bitsandbytes as bnb
 

@@ -45,8 +45,11 @@ def labelled_count(labels):
     return labels.ne(IGNORE_INDEX).sum().clamp(min=1)
 
 
-def _chunk_loss(head, hidden, targets, reduction):
-    return F.cross_entropy(head(hidden).float(), targets, reduction=reduction)
+def _chunk_loss(head, hidden, targets, reduction, temperature):
+    logits = head(hidden).float()
+    if temperature != 1.0:  # a division by 1 would still make a second chunk of logits
+        logits = logits / temperature
+    return F.cross_entropy(logits, targets, reduction=reduction)
 
 
 def _unused_head(head, hidden):
@@ -55,9 +58,10 @@ def _unused_head(head, hidden):
     return head(hidden.reshape(-1, hidden.size(-1))[:1]).float().sum() * 0.0
 
 
-def _labelled_chunks(head, hidden, labels, vocab_size, chunk_elements, reduction):
+def _labelled_chunks(head, hidden, labels, vocab_size, chunk_elements, reduction, temperature=1.0):
     """``(mask, parts)``: the labelled positions and their cross-entropies (``reduction`` per
-    chunk), ``chunk_elements`` logits at a time; ``parts`` is empty when nothing is labelled."""
+    chunk; of the logits divided by ``temperature``), ``chunk_elements`` logits at a time;
+    ``parts`` is empty when nothing is labelled."""
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"hidden states {tuple(hidden.shape)} do not match labels {tuple(labels.shape)}")
     labels = labels.to(hidden.device)
@@ -71,7 +75,7 @@ def _labelled_chunks(head, hidden, labels, vocab_size, chunk_elements, reduction
     recompute = torch.is_grad_enabled() and not any(hasattr(p, "ds_id") for p in head.parameters())
     parts = []
     for start in range(0, len(targets), step):
-        chunk = (head, picked[start : start + step], targets[start : start + step], reduction)
+        chunk = (head, picked[start : start + step], targets[start : start + step], reduction, temperature)
         parts.append(checkpoint(_chunk_loss, *chunk, use_reentrant=False) if recompute else _chunk_loss(*chunk))
     return mask, parts
 
@@ -97,23 +101,50 @@ def labelled_row_sums(head, hidden, labels, vocab_size, chunk_elements=None):
     return sums.index_add(0, rows, torch.cat(parts))
 
 
-class LabelledLossHead(torch.nn.Module):
-    """Stands in for an LLM's output head for one forward: returns the summed labelled loss."""
+def labelled_token_logps(head, hidden, labels, vocab_size, chunk_elements=None, temperature=1.0):
+    """``[B, L]``: the fp32 log-probability under ``head(hidden) / temperature`` of each labelled
+    token (0 where the label is -100), by the same chunked head as ``labelled_loss_sum``: the
+    per-token values a policy ratio needs (GRPO), without a ``[B, L, vocab]`` tensor. A
+    ``temperature`` other than 1 gives the distribution answers were sampled from."""
+    mask, parts = _labelled_chunks(head, hidden, labels, vocab_size, chunk_elements, "none", temperature)
+    logps = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    if not parts:
+        return logps + _unused_head(head, hidden)
+    # Row-major order, as hidden[mask] picked them.
+    return logps.masked_scatter(mask, -torch.cat(parts))
 
-    def __init__(self, head, labels, vocab_size, per_row=False):
+
+# What the stand-in head keeps of one forward: the batch's summed loss (SFT), each row's summed
+# loss (DPO's sequence log-probabilities) or each labelled token's log-probability (GRPO's ratios).
+LABELLED_VALUES = ("sum", "rows", "tokens")
+
+
+class LabelledLossHead(torch.nn.Module):
+    """Stands in for an LLM's output head for one forward: returns the summed labelled loss, and
+    keeps what ``values`` names at ``.loss_sum``, ``.row_sums`` or ``.token_logps``."""
+
+    def __init__(self, head, labels, vocab_size, values="sum", temperature=1.0):
         super().__init__()
+        if values not in LABELLED_VALUES:
+            raise ValueError(f"unknown labelled values {values!r}; one of {', '.join(LABELLED_VALUES)}")
         # Not registered as a submodule: the real head stays where it is in the module tree.
         self.__dict__["head"] = head
         self.labels = labels
         self.vocab_size = vocab_size
-        self.per_row = per_row
+        self.values = values
+        self.temperature = temperature
         self.loss_sum = None
         self.row_sums = None
+        self.token_logps = None
 
     def forward(self, hidden):
-        if self.per_row:
+        if self.values == "rows":
             self.row_sums = labelled_row_sums(self.head, hidden, self.labels, self.vocab_size)
             self.loss_sum = self.row_sums.sum()
+        elif self.values == "tokens":
+            self.token_logps = labelled_token_logps(self.head, hidden, self.labels, self.vocab_size,
+                                                    temperature=self.temperature)
+            self.loss_sum = -self.token_logps.sum()
         else:
             self.loss_sum = labelled_loss_sum(self.head, hidden, self.labels, self.vocab_size)
         return self.loss_sum
@@ -130,12 +161,15 @@ def full_logits_reason(llm):
 
 
 @contextmanager
-def loss_on_labelled(llm, labels, per_row=False):
-    """While active, the LLM's forward returns, as its logits, the summed labelled loss
-    (also at ``.loss_sum`` of the yielded stand-in; with ``per_row``, each row's sum at ``.row_sums``)."""
+def loss_on_labelled(llm, labels, values="sum", temperature=1.0):
+    """While active, the LLM's forward returns, as its logits, the summed labelled loss (also at
+    ``.loss_sum`` of the yielded stand-in); ``values="rows"`` keeps each row's sum at ``.row_sums``,
+    ``values="tokens"`` each labelled token's log-probability at ``.token_logps`` (``[B, L]``; of
+    the logits divided by ``temperature``)."""
     head = llm.get_output_embeddings()
     # A native model's config holds the vocabulary size in its text config.
-    stand_in = LabelledLossHead(head, labels, llm.config.get_text_config().vocab_size, per_row=per_row)
+    stand_in = LabelledLossHead(head, labels, llm.config.get_text_config().vocab_size, values=values,
+                                temperature=temperature)
     llm.set_output_embeddings(stand_in)
     try:
         yield stand_in
@@ -164,3 +198,80 @@ def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, be
     else:
         raise ValueError(f"unknown DPO loss type {loss_type!r}; one of {', '.join(DPO_LOSS_TYPES)}")
     return losses.mean(), beta * chosen.detach(), beta * rejected.detach()
+
+
+# Policy-gradient (GRPO) losses, over per-token log-probabilities of sampled answers.
+# grpo: each answer's tokens averaged, then the answers (Shao et al. 2024, DeepSeekMath); dapo: one
+# mean over every answer token of the batch, so long answers weigh by their length (Yu et al. 2025).
+GRPO_LOSS_TYPES = ("grpo", "dapo")
+# Added to a group's standard deviation, as TRL does: a group whose rewards barely differ gets
+# large but finite advantages.
+ADVANTAGE_EPS = 1e-4
+
+
+def group_advantages(rewards, group_size, scale=True):
+    """Advantages of ``rewards [N * group_size]`` (each prompt's answers contiguous): each reward
+    minus its group's mean, divided by the group's standard deviation (+ ``ADVANTAGE_EPS``) when
+    ``scale`` (GRPO; Dr. GRPO, Liu et al. 2025, leaves it out). A group whose rewards are all equal
+    teaches nothing: its advantages are exactly 0."""
+    if group_size < 2:
+        raise ValueError(f"a group needs at least 2 answers to compare, not {group_size}")
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards {tuple(rewards.shape)} are not groups of {group_size}")
+    groups = rewards.float().view(-1, group_size)
+    advantages = groups - groups.mean(dim=1, keepdim=True)
+    if scale:
+        advantages = advantages / (groups.std(dim=1, keepdim=True) + ADVANTAGE_EPS)
+    # Exactly 0: a mean computed in floating point can differ from the equal values by rounding.
+    uniform = groups.eq(groups[:, :1]).all(dim=1, keepdim=True)
+    return advantages.masked_fill(uniform, 0.0).flatten()
+
+
+def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, clip_eps=0.2, beta=0.04, loss_type="grpo",
+              num_items=None):
+    """``(loss, metrics)`` of sampled answers: ``logps``, ``old_logps`` (the policy that sampled them)
+    and ``ref_logps`` (the reference; None when ``beta`` is 0) are ``[B, L]`` per-token
+    log-probabilities, ``advantages`` ``[B]``, ``mask`` ``[B, L]`` the answer tokens.
+
+    The loss is minus the objective, per token: the clipped surrogate
+    ``min(r * A, clip(r, 1 - clip_eps, 1 + clip_eps) * A)`` with ``r = exp(logps - old_logps)``,
+    minus ``beta`` times the k3 estimate of the KL divergence to the reference,
+    ``exp(ref - logp) - (ref - logp) - 1`` (Schulman 2020: unbiased and never negative). "dapo"
+    divides the sum over answer tokens by ``num_items`` (default: this batch's answer tokens; the
+    stage passes their count over processes and accumulated batches, as the Trainer's
+    ``num_items_in_batch``). ``metrics``, detached 0-d tensors (for the stage to gather across
+    processes), means over answer tokens: ``clip_fraction`` (tokens whose clip stops their
+    gradient), ``ratio``, and ``kl`` when there is a reference.
+    """
+    if loss_type not in GRPO_LOSS_TYPES:
+        raise ValueError(f"unknown GRPO loss type {loss_type!r}; one of {', '.join(GRPO_LOSS_TYPES)}")
+    if beta and ref_logps is None:
+        raise ValueError(f"a KL term (beta={beta}) needs the reference's log-probabilities")
+    outside = ~mask.bool()
+    mask = mask.to(logps.dtype)
+    advantages = advantages.to(logps.dtype).unsqueeze(1)
+    # Differences are 0 outside the answers: whatever padding holds, no inf * 0 = NaN reaches the sums.
+    ratio = torch.exp((logps - old_logps).masked_fill(outside, 0.0))
+    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    per_token = -torch.min(ratio * advantages, clipped * advantages)
+    kl = None
+    if ref_logps is not None:
+        delta = (ref_logps - logps).masked_fill(outside, 0.0)
+        kl = torch.exp(delta) - delta - 1
+        if beta:
+            per_token = per_token + beta * kl
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
+    else:
+        loss = (per_token * mask).sum() / (mask.sum().clamp(min=1) if num_items is None else num_items)
+
+    def token_mean(values):
+        return (values.detach() * mask).sum() / mask.sum().clamp(min=1)
+
+    # The clip stops a token's gradient where it caps the objective: a ratio above 1 + eps on a
+    # positive advantage, below 1 - eps on a negative one.
+    stopped = ((ratio > 1 + clip_eps) & (advantages > 0)) | ((ratio < 1 - clip_eps) & (advantages < 0))
+    metrics = {"clip_fraction": token_mean(stopped.to(logps.dtype)), "ratio": token_mean(ratio)}
+    if kl is not None:
+        metrics["kl"] = token_mean(kl)
+    return loss, metrics

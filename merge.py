@@ -17,19 +17,20 @@ from pathlib import Path
 
 import torch
 
-import backends
+import families
 import loading
+from families.inference import load_for_inference
 
 logger = logging.getLogger(__name__)
 
 
 def merge(model_path, adapter, out_dir, dtype=torch.float32):
-    model, processing, _, backend = backends.load_for_inference(model_path, adapter, dtype)
+    model, processing, _, family = load_for_inference(model_path, adapter, dtype)
     merged = model.merge_and_unload()
     out_dir = Path(out_dir)
     merged.save_pretrained(out_dir)
     processing.save_pretrained(out_dir)
-    backend.save_extras(loading.model_source_dir(model_path), out_dir)
+    family.save_extras(loading.model_source_dir(model_path), out_dir)
     logger.info("Merged %s into %s", adapter, out_dir)
     return out_dir
 
@@ -44,7 +45,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         print(merge(args.model, args.adapter, args.out, getattr(torch, args.dtype)))
-    except loading.TransformersTooOld as e:
+    except families.TransformersTooOld as e:
         parser.error(str(e))
 
 

@@ -28,6 +28,7 @@ import uuid
 
 import preflight
 import resilience
+from data.preflight_cache import CACHE_NAME, file_identity
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ LOCK_NAME = "run.lock"
 RECORD_NAME = "run_record.json"
 # What a new run may write over without asking: what a run writes before it has trained anything
 # (preflight's report and its cache, the record, the lock) and TensorBoard's logs (one new subfolder per run).
-HARMLESS = {preflight.REPORT_NAME, preflight.CACHE_NAME, RECORD_NAME, LOCK_NAME, "runs"}
+HARMLESS = {preflight.REPORT_NAME, CACHE_NAME, RECORD_NAME, LOCK_NAME, "runs"}
 # The training arguments that, with the training file's content, fix which samples make which batch.
 BATCH_ORDER_ARGS = (
     "packing", "model_max_length", "train_sampling_strategy", "seed", "data_seed", "world_size",
@@ -259,7 +260,7 @@ def batch_order(data_args, training_args):
     settings["skip_bad_samples"] = data_args.skip_bad_samples
     # A file that cannot be read is preflight's to report.
     readable = data_args.data_path and os.path.exists(data_args.data_path) and os.access(data_args.data_path, os.R_OK)
-    settings["data"] = preflight.file_identity(data_args.data_path) if readable else None
+    settings["data"] = file_identity(data_args.data_path) if readable else None
     return settings
 
 
@@ -271,7 +272,7 @@ def content_of(identity):
 
 
 def describe_data(identity):
-    """A data file's identity (preflight.file_identity) in a phrase; a folder by its file count."""
+    """A data file's identity (data/preflight_cache.file_identity) in a phrase; a folder by its file count."""
     if "files" in identity:
         return f"{identity['path']} ({len(identity['files'])} files)"
     modified = datetime.datetime.fromtimestamp(identity["mtime_ns"] / 1e9, datetime.timezone.utc)

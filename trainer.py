@@ -1,10 +1,10 @@
-"""CPMTrainer: the two hooks where MiniCPM-V differs from a plain causal LM.
+"""CPMTrainer: the three places where MiniCPM-V differs from a plain causal LM.
 
 1. Loss. The remote-code MiniCPM-V's ``forward(data=...)`` takes the whole batch dict (ids,
    images, image bounds) and ignores ``labels``, so the loss is computed here, and for the native
-   models the same way (one token-weighted loss for every family). The backend (backends.py)
+   models the same way (one token-weighted loss for every family). The model's family (families/)
    calls the model and aligns the labels with the positions that predict them (``dataset.py``
-   stores them shifted already; native labels are shifted here), so the cross-entropy compares
+   stores them shifted already; the native family's ``loss_labels`` shifts theirs), so the cross-entropy compares
    outputs and labels position by position. The output head runs on the labelled positions only
    (``loss.py``); full logits are made only where metrics need them or the model cannot take
    that path.
@@ -14,7 +14,8 @@
    (``loading.write_repaired_classes``); native models need only their processor, which the
    Trainer saves as the processing class.
 3. Checkpoints. A crash during a save must not leave an unusable "latest" checkpoint, and
-   ``--resume_from_checkpoint`` must pick a complete one (see ``resilience.py``).
+   ``--resume_from_checkpoint`` must pick a complete one (``arguments.check_paths`` resolves it, see
+   ``resilience.py``; ``train`` takes the folder it found).
 
 Everything else (the loop, gradient accumulation, DeepSpeed, checkpoints, evaluation) is the
 stock ``transformers.Trainer``.
@@ -30,11 +31,11 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.modeling_outputs import CausalLMOutput
 
-import backends
 import loading
-from backends import unwrap_peft
 import resilience
-from dataset import DataError, record_lengths
+from data.errors import DataError
+from families import family_for
+from families.base import unwrap_peft
 from loss import full_logits_reason, labelled_count, loss_on_labelled, token_loss
 
 logger = logging.getLogger(__name__)
@@ -76,15 +77,21 @@ def drop_unused_weight_conversions(model):
 
 
 class CPMTrainer(transformers.Trainer):
-    def __init__(self, *args, model_source=None, earlier_checkpoints=(), **kwargs):
-        """``model_source``: folder of the base model, whose remote code full saves copy.
+    def __init__(self, *args, family=None, model_source=None, earlier_checkpoints=(), train_lengths=None,
+                 scored_evaluation=None, **kwargs):
+        """``family``: the model's (families/; default: the registry's answer for its config).
+        ``model_source``: folder of the base model, whose remote code full saves copy.
         ``earlier_checkpoints``: names of checkpoints an earlier run left in the output folder
-        (run_folder.claim), which --save_total_limit must not delete."""
+        (run_folder.claim), which --save_total_limit must not delete. ``train_lengths``: each
+        training sample's token count as preflight measured it (preflight.Checked.lengths, or a
+        PackedDataset's rows'), which --group_by_length groups by. ``scored_evaluation``: --eval_generate's
+        (evaluation/during_training.py), run at each evaluation."""
         super().__init__(*args, **kwargs)
+        self.train_lengths = train_lengths
+        self.scored_evaluation = scored_evaluation
         self.earlier_checkpoints = set(earlier_checkpoints)
         self.rotation_limit = self.args.save_total_limit  # applied by _save_checkpoint (see train)
-        # Remote code or native, as the model's config says (backends.py).
-        self.backend = backend = backends.backend_for(unwrap_peft(self.model).config)
+        self.family = family = family or family_for(unwrap_peft(self.model).config)
         self.model_source = model_source
         self.loss_guard = resilience.NonFiniteLossGuard()
         self.add_callback(self.loss_guard)
@@ -92,8 +99,8 @@ class CPMTrainer(transformers.Trainer):
             count = register_zero3_external_parameters(self.model)
             logger.info("ZeRO-3: registered %d attention output parameters for gathering", count)
             drop_unused_weight_conversions(unwrap_peft(self.model))
-            backend.prepare_zero3(unwrap_peft(self.model))
-        self.full_logits_reason = full_logits_reason(backend.loss_module(unwrap_peft(self.model)))
+            family.prepare_zero3(unwrap_peft(self.model))
+        self.full_logits_reason = full_logits_reason(family.loss_module(unwrap_peft(self.model)))
         if self.full_logits_reason:
             logger.warning("Loss from full logits over every position: %s", self.full_logits_reason)
 
@@ -105,10 +112,9 @@ class CPMTrainer(transformers.Trainer):
         # already measured each record.
         train_dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy == "group_by_length":
-            lengths = record_lengths(train_dataset)
-            if lengths is not None:
+            if self.train_lengths is not None:
                 return LengthGroupedSampler(
-                    self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=lengths
+                    self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=self.train_lengths
                 )
             logger.warning("Length grouping without preflight's lengths: every sample is built once to measure it")
         return super()._get_train_sampler(train_dataset)
@@ -138,7 +144,7 @@ class CPMTrainer(transformers.Trainer):
         return super().get_batch_samples(iter(fetched), num_batches, device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = self.backend.loss_labels(inputs["labels"])
+        labels = self.family.loss_labels(inputs["labels"])
         # The Trainer counts the learned tokens of the whole accumulated batch (it does for models
         # whose forward takes **kwargs, as MiniCPM-V's does), so every token weighs the same
         # however the batch was split. Without that count, this micro-batch's own count is used
@@ -148,11 +154,11 @@ class CPMTrainer(transformers.Trainer):
         # A PeftModel forwards keyword arguments to the base model inside its LoRA hooks.
         if self.full_logits_reason or (return_outputs and self.compute_metrics is not None):
             # Logits leave compute_loss only for compute_metrics (see prediction_step).
-            outputs = self.backend.forward(model, inputs, base)
+            outputs = self.family.forward(model, inputs, base)
             loss = self.token_loss(outputs.logits, labels, num_items)
         else:
-            with loss_on_labelled(self.backend.loss_module(base), labels) as head:
-                self.backend.forward(model, inputs, base)
+            with loss_on_labelled(self.family.loss_module(base), labels) as head:
+                self.family.forward(model, inputs, base)
             loss = head.loss_sum / num_items
             outputs = CausalLMOutput(loss=loss)
         if model.training:
@@ -170,8 +176,18 @@ class CPMTrainer(transformers.Trainer):
             prediction_loss_only = True
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        # The scores join the loss in the metrics that evaluate() logs (trainer_state.json's log_history,
+        # TensorBoard) and hands to the callbacks; predict() ("Prediction") gets none.
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self.scored_evaluation is not None and description == "Evaluation":
+            means = self.scored_evaluation.run(self.model, self.args, self.state.global_step)
+            output.metrics.update({f"{metric_key_prefix}_{name}": mean for name, mean in means.items()})
+        return output
+
     def train(self, resume_from_checkpoint=None, **kwargs):
-        resume_from_checkpoint = resilience.resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        """``resume_from_checkpoint``: a complete checkpoint folder (arguments.check_paths resolves the flag)."""
         # The rotation is resilience's (_save_checkpoint): it spares an earlier run's checkpoints and
         # deletes the commit record first. The Trainer sees no limit while it trains, so neither its
         # rotation nor its clean-up at the end (save_total_limit 1 with load_best_model_at_end deletes
@@ -214,7 +230,7 @@ class CPMTrainer(transformers.Trainer):
             super().save_model(output_dir, _internal_call=_internal_call)
         model = self.accelerator.unwrap_model(self.model)
         if self.args.should_save and self.model_source is not None and not isinstance(model, PeftModel):
-            self.backend.save_extras(self.model_source, output_dir)
+            self.family.save_extras(self.model_source, output_dir)
         elif self.args.should_save and self.model_source is not None:
             # An adapter folder: the saved tokenizer's auto_map may name files only the model folder holds.
             loading.copy_named_files(self.model_source, output_dir)

@@ -9,7 +9,7 @@ nothing downloaded: the config and this project's stand-in remote code (tiny_mod
 are written to a temporary folder and loaded as a user's checkpoint is, through
 ``AutoConfig`` / ``AutoModel`` with ``trust_remote_code``; the weights are created directly in
 bf16 on ``--device`` (no CPU copy of 8B parameters). LoRA, frozen parts and gradient checkpointing
-are those of finetune_lora.sh (its flags go through arguments.parse_args and finetune.adapt_model),
+are those of finetune_lora.sh (its flags go through arguments.parse_args and stages.prepare.adapt_model),
 and each step is CPMTrainer.training_step with the optimizer CPMTrainer creates.
 
 Synthetic samples: lengths drawn between a quarter of ``--length`` and ``--length``, one image
@@ -21,7 +21,7 @@ the process's peak RSS cannot be reset between cases). Loss paths: "old" is the 
 model's full [B, L, vocab] logits upcast to fp32 (CPMTrainer's full-logits path, forced), "new"
 the output head on the labelled positions only (loss.py), as CPMTrainer uses it by default. Both
 losses of the first batch are also computed on the same weights in eval mode (no dropout) and
-compared. Each case runs without and with packing (``--packing``: dataset.pack_lengths and
+compared. Each case runs without and with packing (``--packing``: data.packing.pack_lengths and
 pack_samples, as --packing true packs rows); tokens/s counts real tokens, so packing's gain is
 the padding it removes.
 
@@ -40,11 +40,12 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import backends  # noqa: E402
-import finetune  # noqa: E402
+import families  # noqa: E402
+from families.base import packing_attention_problem  # noqa: E402
+from stages import prepare  # noqa: E402
 import loading  # noqa: E402
 from arguments import parse_args  # noqa: E402
-from dataset import pack_lengths, pack_samples  # noqa: E402
+from data.packing import pack_lengths, pack_samples  # noqa: E402
 from loss import IGNORE_INDEX  # noqa: E402
 from tiny_models.build import auto_map, copy_remote_code, remote_module  # noqa: E402
 from trainer import CPMTrainer  # noqa: E402
@@ -265,15 +266,15 @@ def run(args):
         _, _, training_args, lora_args = parse_args(flags)
         transformers.set_seed(0)
         model, config = build_model(folder, device)
-        backend = backends.backend_for(config)
-        problem = args.packing != "off" and backends.packing_attention_problem(backend.loss_module(model))
+        family = families.family_for(config)
+        problem = args.packing != "off" and packing_attention_problem(family.loss_module(model))
         if problem:
             raise SystemExit(problem)
-        model = finetune.adapt_model(backend, model, training_args, lora_args)
+        model = prepare.adapt_model(family, model, training_args, lora_args)
         checkpointing = training_args.activation_checkpointing_kwargs
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
-        total, trainable = finetune.count_parameters(model)
-        collator = backend.collator(None, args.length)
+        total, trainable = prepare.count_parameters(model)
+        collator = family.collator("sft", None, args.length)
         trainer = make_trainer(model, training_args, collator)
         before = lora_weights(model)
         samples = synthetic_samples(config, max(args.batch) * (args.warmup + args.steps), args.length,

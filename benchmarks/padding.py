@@ -7,7 +7,7 @@ counts vary), builds the dataset as finetune.py does for a tiny MiniCPM-V 2.6 ch
 (max_slice_nums 9, model_max_length 2048; the tiny model's placeholders are shorter than the real
 model's 64 queries), runs preflight (which measures every record's length) and counts, per
 epoch of batches, real tokens / (batch size x longest sample of the batch). For packing (what
---packing trains on: dataset.PackedDataset, whole samples side by side up to model_max_length) a
+--packing trains on: data.packing.PackedDataset, whole samples side by side up to model_max_length) a
 batch is --rows packed rows, counted the same way. It also times what the stock Trainer does for
 length grouping without lengths: building every sample to measure it.
 """
@@ -27,11 +27,12 @@ from torch.utils.data import RandomSampler
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import backends  # noqa: E402
+import families  # noqa: E402
 import finetune  # noqa: E402
+from stages import prepare  # noqa: E402
 import loading  # noqa: E402
 import preflight  # noqa: E402
-from dataset import PackedDataset  # noqa: E402
+from data.packing import PackedDataset  # noqa: E402
 from tiny_models.build import build_checkpoint  # noqa: E402
 
 SIZES = ((112, 112), (224, 112), (336, 224), (448, 448), (560, 280))
@@ -88,18 +89,19 @@ def main(argv=None):
              "--llm_type", "qwen", "--max_slice_nums", "9", "--model_max_length", "2048"]
         )
         config = loading.load_config(model)
-        backend = backends.backend_for(config)
-        train, _ = finetune.build_datasets(backend, data_args, training_args, backend.load_processing(model), config)
+        family = families.family_for(config)
+        train, _ = prepare.build_datasets(family, data_args, training_args, family.load_processing(model), config)
         start = time.perf_counter()
-        train = preflight.run({"train": train}, str(tmp / "out"))["train"]
+        result = preflight.run({"train": train}, str(tmp / "out"))
+        train = result.datasets["train"]
         checked = time.perf_counter() - start
-        lengths = train.lengths
+        lengths = result.lengths["train"]
         start = time.perf_counter()
         measured = LengthGroupedSampler(args.batch, dataset=train).lengths
         built = time.perf_counter() - start
         assert measured == lengths, "preflight's lengths differ from the built samples'"
         start = time.perf_counter()
-        packed = PackedDataset(train, training_args.model_max_length)
+        packed = PackedDataset(train, lengths, training_args.model_max_length)
         packing = time.perf_counter() - start
         assert [len(packed[n]["input_ids"]) for n in range(len(packed))] == packed.lengths
 

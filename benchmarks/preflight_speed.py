@@ -6,12 +6,14 @@ Writes JPEG images of the given size (noise plus shapes: real decode work) and a
 single-image records (every 20th has two images, every 50th none) into a temporary folder,
 builds the dataset as finetune.py does for a tiny MiniCPM-V 2.6 checkpoint (its tokenizer is
 small; the real one's BPE vocabulary is larger), runs the preflight check with each --workers count (worker processes
-of one rank) and prints the time per 1,000 records and how many image decodes it did.
+of one rank) and prints the time per 1,000 records, wall and CPU (this process and its workers: what
+the check costs in core-seconds, whatever else loads the machine), and how many image decodes it did.
 """
 
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -22,8 +24,8 @@ from PIL import Image, ImageDraw, ImageFile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import arguments  # noqa: E402
-import backends  # noqa: E402
-import finetune  # noqa: E402
+import families  # noqa: E402
+from stages import prepare  # noqa: E402
 import loading  # noqa: E402
 import preflight  # noqa: E402
 from tiny_models.build import build_checkpoint  # noqa: E402
@@ -52,6 +54,12 @@ def write_data(folder, records, images, size):
     path = folder / "train.json"
     path.write_text(json.dumps(data))
     return path, sum(len(r.get("image", {})) if isinstance(r.get("image"), dict) else int("image" in r) for r in data)
+
+
+def cpu_seconds():
+    """CPU seconds of this process and of its children that have ended (the pool's workers, once joined)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
 
 
 def main(argv=None):
@@ -85,26 +93,26 @@ def main(argv=None):
              "--use_cpu", "true", "--llm_type", "qwen", "--report_to", "none"]
         )
         config = loading.load_config(model)
-        backend = backends.backend_for(config, training_args.llm_type)
-        processing = backend.load_processing(model)
-        train, _ = finetune.build_datasets(backend, data_args, training_args, processing, config)
+        family = families.family_for(config, training_args.llm_type)
+        processing = family.load_processing(model)
+        train, _ = prepare.build_datasets(family, data_args, training_args, processing, config)
         results = []
         for workers in args.workers:
             decodes = 0
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), cpu_seconds()
             bad, _ = preflight.check_all({"train": train}, tmp / "out", skip_bad=False, preflight_only=True,
                                          workers=workers, cache=False)
-            seconds = time.perf_counter() - start
+            seconds, cpu = time.perf_counter() - start, cpu_seconds() - start_cpu
             assert not bad["train"], bad
             # Decodes in worker processes are not counted here: with workers, only the time is.
             counted = f"; {decodes} image decodes ({decodes / max(references, 1):.2f} per image reference)"
             print(
                 f"preflight, {workers} worker{'s' * (workers > 1)}: {args.records} records ({references} image "
-                f"references) in {seconds:.2f} s = {1000 * seconds / args.records:.3f} s per 1,000 records"
-                f"{counted if workers == 1 else ''}"
+                f"references) in {seconds:.2f} s = {1000 * seconds / args.records:.3f} s per 1,000 records, "
+                f"{1000 * cpu / args.records:.3f} CPU s per 1,000 records{counted if workers == 1 else ''}"
             )
             results.append(dict(workers=workers, records=args.records, references=references, decodes=decodes,
-                                seconds=seconds))
+                                seconds=seconds, cpu_seconds=cpu))
     return results
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -115,6 +116,27 @@ def run_script(script, args=(), timeout=420, expect_ok=True, **env):
                expect_ok=expect_ok)
 
 
+def killed_at_checkpoint(script, args, out, step, **env):
+    """Run ``script`` in its own session and kill -9 it (bash, torchrun and every worker at once, as a
+    lost node would) as soon as ``out``'s checkpoint-``step`` is complete; asserts the run had not
+    finished."""
+    import resilience
+
+    killed = subprocess.Popen(
+        ["bash", REPO / script, *FAST_ARGS, *args], env=subprocess_env(OUTPUT_DIR=out, **env),
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not resilience.is_complete(Path(out) / f"checkpoint-{step}"):
+            assert killed.poll() is None and time.monotonic() < deadline, f"no checkpoint-{step} before the run ended"
+            time.sleep(0.05)
+    finally:
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait(timeout=60)
+    assert not (Path(out) / "trainer_state.json").exists(), "the run finished before it was killed"
+
+
 def finetune_command(*args):
     """``python finetune.py`` with the fast arguments, then ``args``."""
     return [sys.executable, REPO / "finetune.py", *FAST_ARGS, *args]
@@ -156,18 +178,20 @@ def load_state_dict(folder):
 def dataset_as_trained(model_dir, data_path, *argv):
     """The dataset finetune.train() builds from ``--data_path`` with these arguments, and its collator."""
     import arguments
-    import backends
-    import finetune
+    import families
     import loading
+    import stages
+    from stages import prepare
 
     _, data_args, training_args, _ = arguments.parse_args(
         [str(arg) for arg in finetune_args(model_dir, data_path, "unused", *FAST_ARGS, *argv)]
     )
     config = loading.load_config(model_dir)
-    backend = backends.backend_for(config, training_args.llm_type)
-    processing = backend.load_processing(model_dir)
-    dataset, _ = finetune.build_datasets(backend, data_args, training_args, processing, config)
-    return dataset, backend.collator(processing, training_args.model_max_length)
+    family = families.family_for(config, training_args.llm_type)
+    processing = family.load_processing(model_dir)
+    kind = stages.get(training_args.stage).sample_kind
+    dataset, _ = prepare.build_datasets(family, data_args, training_args, processing, config, kind)
+    return dataset, family.collator(kind, processing, training_args.model_max_length)
 
 
 def eval_loss(model, dataset, collator):
@@ -179,17 +203,17 @@ def eval_loss(model, dataset, collator):
     process reported differs by the rounding of logits of that size: compare with
     ``numerics.approx(reported, scale=largest_logit)``.
     """
-    import backends
+    import families
     from trainer import CPMTrainer
 
-    backend = backends.backend_for(model.config)  # remote code or native, as its config says
+    family = families.family_for(model.config)  # remote code or native, as its config says
     total, count, largest_logit = 0.0, 0, 0.0
     model.eval()
     with torch.no_grad():
         for i in range(len(dataset)):
             batch = collator([dataset[i]])
-            labels = backend.loss_labels(batch["labels"])
-            logits = backend.forward(model, batch).logits
+            labels = family.loss_labels(batch["labels"])
+            logits = family.forward(model, batch).logits
             total += CPMTrainer.token_loss(logits, labels, num_items=1).item()
             count += int(labels.ne(-100).sum())
             largest_logit = max(largest_logit, logits.abs().max().item())

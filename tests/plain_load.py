@@ -19,7 +19,8 @@ from PIL import Image
 from transformers import AutoModel, AutoTokenizer
 
 PROJECT_MODULES = (
-    "loading", "remote_code_repairs", "finetune", "arguments", "distributed", "lora", "usage", "dataset", "trainer", "merge", "infer"
+    "loading", "repairs", "finetune", "arguments", "distributed", "lora", "usage", "dataset", "trainer", "merge", "infer",
+    "families", "stages", "data", "evaluation", "preflight", "loss", "resilience", "run_folder",
 )
 
 

@@ -58,11 +58,14 @@ def test_reduced_run_on_cpu(tmp_path):
 TINY = {
     "preflight_speed.py": ["--records", "41", "--images", "7", "--size", "64x48", "--workers", "1", "2"],
     "padding.py": ["--records", "24", "--batch", "4", "--epochs", "1"],
-    "pipeline.py": ["--repeats", "1", "--passes", "1", "--workers", "0", "--images", "8"],
+    "pipeline.py": ["--repeats", "1", "--passes", "1", "--workers", "0", "1", "--images", "8", "--ships", "5",
+                    "--step_ms", "0", "--native"],
     "import_time.py": ["--repeats", "1"],
     "records_memory.py": ["--records", "5000"],
     "startup.py": ["--records", "12", "--distinct", "4", "--world", "1"],
     "loss_memory.py": ["--vocabs", "512", "--lengths", "64", "--fractions", "0.2", "--dtypes", "float32"],
+    "eval_answers.py": ["--records", "3", "--batches", "1", "3", "--new_tokens", "4"],
+    "grpo_speed.py": ["--steps", "2", "--batch", "1", "--generations", "2", "--max-new-tokens", "2"],
 }
 IN_PROCESS = {"gpu_train.py"}
 
@@ -104,7 +107,13 @@ def test_padding_benchmark(tmp_path):
 def test_pipeline_benchmark(tmp_path):
     out = run_benchmark("pipeline.py", tmp_path)
     assert "uint8 and float outputs identical" in out  # printed after check_identical's assertions
-    assert "0 workers, uint8:" in out and "0 workers, float:" in out
+    # One block shipped now, storage by storage before, for both kinds of collator.
+    for family in ("remote-code", "native 4.6"):
+        found = re.search(rf"{family}: (\d+) tensor storages.*\n.*before \(\s*(\d+) shipped\).*\n.*now \(\s*1 shipped\)", out)
+        assert found and found[1] == found[2] and int(found[1]) > 1, out
+    for workers in (0, 1):
+        for way in ("before", "now"):
+            assert re.search(rf"step\s+0 ms, {workers} workers,\s+{way}: +[\d.]+ samples/s", out), out
 
 
 @pytest.mark.launch
@@ -138,6 +147,24 @@ def test_startup_benchmark(tmp_path):
 def test_records_memory_benchmark(tmp_path):
     out = run_benchmark("records_memory.py", tmp_path)
     growth = {way: float(mib) for way, mib in re.findall(r"^\s+5000\s+[\d.]+\s+(\w+)\s+([\d.]+)", out, re.MULTILINE)}
-    assert set(growth) == {"parsed", "indexed"}, out
+    assert set(growth) == {"parsed", "indexed", "rank_of_2", "parquet_first", "parquet"}, out
     # 5,000 parsed records hold several MiB; their offsets 80 kB.
     assert growth["indexed"] < growth["parsed"] / 4, out
+
+
+@pytest.mark.launch
+def test_eval_answers_benchmark(tmp_path):
+    out = run_benchmark("eval_answers.py", tmp_path)
+    rows = re.findall(r"^\s+batch\s+(\d+):\s+([\d.]+) answers/s .*, (same answers as the first|ANSWERS DIFFER.*)$", out,
+                      re.MULTILINE)
+    assert [batch for batch, _, _ in rows] == ["1", "3"], out
+    assert all(float(rate) > 0 for _, rate, _ in rows)
+    assert {same for _, _, same in rows} == {"same answers as the first"}, out
+
+
+@pytest.mark.launch
+def test_grpo_speed_benchmark(tmp_path):
+    out = run_benchmark("grpo_speed.py", tmp_path)
+    found = re.search(r"1 prompts x 2 answers of at most 2 tokens a step: ([\d.]+) answers/s .* ([\d.]+)% of the step generating", out)
+    assert found, out
+    assert float(found.group(1)) > 0 and 0 < float(found.group(2)) < 100

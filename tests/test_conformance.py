@@ -1,7 +1,7 @@
 """The conformance run (conformance.py): the published MiniCPM-V remote code through the user journey.
 
 The journey itself needs copies of the published files, which CI cannot reach: it runs for every
-copy of conformance.KNOWN_COPIES found under $MINICPMV_PUBLISHED (the `fetch` tool's layout,
+copy of published_copies.KNOWN_COPIES found under $MINICPMV_PUBLISHED (the `fetch` tool's layout,
 OWNER+NAME/repo), and is skipped, saying so, where the variable is unset. What needs no copy (the
 builder on a git repository made here, the table, the error line) is tested always.
 """
@@ -16,6 +16,7 @@ import torch
 
 import conformance
 import loading
+import published_copies
 
 
 def git_copy(folder, files):
@@ -36,7 +37,7 @@ def published_like(tiny_checkpoint, tmp_path_factory):
     the builder must keep; and the files as committed."""
     source = tiny_checkpoint("minicpmv2_6")
     files = {path.name: path.read_bytes() for path in source.iterdir()
-             if path.suffix == ".py" or path.name in conformance.SETTINGS_FILES}
+             if path.suffix == ".py" or path.name in published_copies.SETTINGS_FILES}
     del files["generation_config.json"]  # the stand-in's pads with id 0, a byte, not a named token
     # Published tokenizer_config.json files list their added tokens (transformers 5 keeps them in tokenizer.json).
     tokenizer_config = json.loads(files["tokenizer_config.json"])
@@ -52,7 +53,7 @@ def published_like(tiny_checkpoint, tmp_path_factory):
 
 def test_build_keeps_code_bytes_and_nulls_and_shrinks_sizes_only(published_like, tmp_path):
     git_dir, commit, files = published_like
-    [copy] = conformance.parse_spec(f"{git_dir}@{commit[:7]}")
+    [copy] = published_copies.parse_spec(f"{git_dir}@{commit[:7]}")
     out = conformance.build([copy], tmp_path / "tiny")
     for name, data in files.items():
         if name.endswith(".py"):
@@ -78,8 +79,8 @@ def test_a_second_copy_supplies_only_the_files_the_first_lacks(published_like, t
     git_dir, commit, files = published_like
     code_only = {name: b"# another revision\n" + data for name, data in files.items() if name.endswith(".py")}
     other_dir, other_commit = git_copy(tmp_path / "other+copy", code_only)
-    copies = conformance.parse_spec(f"{other_dir}@{other_commit},{git_dir}@{commit}")
-    merged = conformance.published_files(copies)
+    copies = published_copies.parse_spec(f"{other_dir}@{other_commit},{git_dir}@{commit}")
+    merged = published_copies.published_files(copies)
     assert {name: merged[name] for name in code_only} == code_only
     assert merged["config.json"] == files["config.json"]
 
@@ -90,7 +91,7 @@ def test_a_second_copy_supplies_only_the_files_the_first_lacks(published_like, t
 ])
 def test_a_malformed_copy_is_refused_naming_it(spec, message):
     with pytest.raises(ValueError, match=message):
-        conformance.parse_spec(spec)
+        published_copies.parse_spec(spec)
 
 
 def test_the_first_error_line_is_the_exception_not_the_launcher():
@@ -113,15 +114,15 @@ def test_the_table_marks_failures_and_steps_not_run():
 
 @pytest.mark.launch
 def test_the_published_families_pass_the_whole_journey(tmp_path):
-    root = os.environ.get(conformance.PUBLISHED_ENV)
+    root = os.environ.get(published_copies.PUBLISHED_ENV)
     if not root:
-        pytest.skip(f"${conformance.PUBLISHED_ENV} is not set: the published remote code was NOT checked "
+        pytest.skip(f"${published_copies.PUBLISHED_ENV} is not set: the published remote code was NOT checked "
                     "(tests/test_tiny_models.py holds the stand-ins to the recorded published interfaces)")
-    found, missing = conformance.find_known(root)
+    found, missing = published_copies.find_known(root)
     if missing:
         warnings.warn(f"conformance: not found under {root}: {', '.join(missing)}")
-    assert found, f"${conformance.PUBLISHED_ENV}={root} holds none of {', '.join(conformance.KNOWN_COPIES)}"
-    rows = {label: conformance.check(label, conformance.parse_spec(spec, root), tmp_path / f"copy{i}")
+    assert found, f"${published_copies.PUBLISHED_ENV}={root} holds none of {', '.join(published_copies.KNOWN_COPIES)}"
+    rows = {label: conformance.check(label, published_copies.parse_spec(spec, root), tmp_path / f"copy{i}")
             for i, (label, spec) in enumerate(found.items())}
     text = conformance.table(rows, {label: found[label] for label in rows})
     print(f"conformance covered {', '.join(rows)}; not found: {', '.join(missing) or 'none'}\n{text}")

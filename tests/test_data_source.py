@@ -1,7 +1,9 @@
-"""data_source.py: Parquet, Arrow and datasets folders as training data; the column mappings."""
+"""data/sources/: the sources registry; Parquet, Arrow and datasets folders as training data; the column mappings."""
 
+import csv
 import io
 import json
+import os
 import pickle
 
 import datasets
@@ -9,10 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data_source
-import dataset
 import preflight
-from dataset import DataError, EmbeddedImage
+from data import sources
+from data.errors import DataError
+from data.media import EmbeddedImage
+from data.preference import PreferenceDataset, preference_pair
+from data.sources.arrow import is_arrow_source
+from data.sources.base import Source
+from data.sources.columns import check_columns, to_record
 from launch import dataset_as_trained, finetune_args, run_finetune, trainer_state
 from usage import UsageError
 
@@ -63,33 +69,33 @@ RLAIF_FEATURES = datasets.Features({
 
 def test_sharegpt_mapping():
     row = sharegpt_rows(1)[0]
-    record = data_source.to_record(row, 0, "sharegpt")
+    record = to_record(row, 0, "sharegpt")
     assert record["conversations"] == [
         {"role": "user", "content": "<image>\nWhat colour is it?"}, {"role": "assistant", "content": "A colour of number 0"},
     ]
     assert record["id"] == "r0" and isinstance(record["image"], EmbeddedImage) and record["image"] == "0.png"
     assert record["image"].data == row["image"]["bytes"]
-    assert data_source.to_record(row, 0, "llava") == record
+    assert to_record(row, 0, "llava") == record
 
 
 def test_rlaif_v_mapping_is_a_preference_record():
-    record = data_source.to_record(rlaif_rows(2)[1], 1, "rlaif-v")
+    record = to_record(rlaif_rows(2)[1], 1, "rlaif-v")
     assert record["id"] == 1 and record["conversations"] == [{"role": "user", "content": "<image>\nDescribe picture 1."}]
     assert (record["chosen"], record["rejected"]) == ("A red picture.", "A blue picture.")
     assert isinstance(record["image"], EmbeddedImage) and record["image"] == "image of row 1"  # no stored name
-    assert set(dataset.preference_pair(record, 1)) == {"chosen", "rejected"}
+    assert set(preference_pair(record, 1)) == {"chosen", "rejected"}
 
 
 def test_explicit_mapping_and_its_errors():
     row = {"uid": 7, "img": "a.png", "messages": [{"role": "user", "content": "<image>x"}], "extra": 1}
-    assert data_source.to_record(row, 0, "id=uid,image=img,conversations=messages") == {
+    assert to_record(row, 0, "id=uid,image=img,conversations=messages") == {
         "id": 7, "image": "a.png", "conversations": row["messages"]}
-    assert data_source.to_record(row, 0, None) is row  # our names already: taken as it is
-    images = data_source.to_record({"image": [{"bytes": b"1", "path": None}, {"bytes": None, "path": "b.png"}]}, 4, None)
+    assert to_record(row, 0, None) is row  # our names already: taken as it is
+    images = to_record({"image": [{"bytes": b"1", "path": None}, {"bytes": None, "path": "b.png"}]}, 4, None)
     assert images["image"] == {"<image_00>": "image of row 4[0]", "<image_01>": "b.png"}
-    assert data_source.check_columns("rlaif-v") is None and data_source.check_columns("id=uid") is None
-    assert "KEY=COLUMN" in data_source.check_columns("nonsense")
-    assert "'pictures' is not a record key" in data_source.check_columns("pictures=img")
+    assert check_columns("rlaif-v") is None and check_columns("id=uid") is None
+    assert "KEY=COLUMN" in check_columns("nonsense")
+    assert "'pictures' is not a record key" in check_columns("pictures=img")
     import arguments
 
     with pytest.raises(UsageError, match="--data_columns 'nonsense'"):
@@ -105,32 +111,32 @@ def tables(tmp_path):
     (tmp_path / "parts").mkdir()
     table.select(range(5)).to_parquet(tmp_path / "parts" / "a.parquet")
     table.select(range(5, 8)).to_parquet(tmp_path / "parts" / "b.parquet")
-    [arrow] = (tmp_path / "saved").glob("*.arrow")
-    return {"saved": tmp_path / "saved", "parquet": tmp_path / "one.parquet", "parts": tmp_path / "parts", "arrow": arrow}
+    [table] = (tmp_path / "saved").glob("*.arrow")
+    return {"saved": tmp_path / "saved", "parquet": tmp_path / "one.parquet", "parts": tmp_path / "parts", "arrow": table}
 
 
 def test_every_table_form_reads_the_same_records(tables):
-    expected = [data_source.to_record(row, n, "sharegpt") for n, row in enumerate(sharegpt_rows(8))]
+    expected = [to_record(row, n, "sharegpt") for n, row in enumerate(sharegpt_rows(8))]
     for name, path in tables.items():
-        assert data_source.is_arrow_source(path), name
-        records = data_source.load(path, "sharegpt")
+        assert is_arrow_source(path), name
+        records = sources.load(path, "sharegpt")
         assert len(records) == 8 and list(dict(records.items()).values()) == expected, name
         assert [r["image"].data for r in (records[n] for n in range(8))] == [r["image"].data for r in expected]
         # Memory-mapped: a copy (for another process) names the files, it does not carry the rows.
         assert len(pickle.dumps(records)) < sum(len(r["image"].data) for r in expected), name
-    assert not data_source.is_arrow_source(tables["saved"].parent / "x.json")
+    assert not is_arrow_source(tables["saved"].parent / "x.json")
 
 
 def test_a_folder_of_splits_and_an_unreadable_table_are_data_errors(tmp_path):
     table = datasets.Dataset.from_list(rlaif_rows(2), features=RLAIF_FEATURES)
     datasets.DatasetDict({"train": table, "test": table}).save_to_disk(tmp_path / "dict")
     with pytest.raises(DataError, match=r"holds the splits train, test, not one table: give the folder of one") as info:
-        data_source.load(tmp_path / "dict", "rlaif-v")
+        sources.load(tmp_path / "dict", "rlaif-v")
     assert info.value.code == "unreadable_file"
-    assert len(data_source.load(tmp_path / "dict" / "train", "rlaif-v")) == 2
+    assert len(sources.load(tmp_path / "dict" / "train", "rlaif-v")) == 2
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(DataError, match="cannot read the table") as info:
-        data_source.load(tmp_path / "bad.parquet")
+        sources.load(tmp_path / "bad.parquet")
     assert info.value.data_path == str(tmp_path / "bad.parquet")
 
 
@@ -160,7 +166,7 @@ def test_rlaif_v_parquet_builds_preference_pairs(tiny_checkpoint, tmp_path):
     datasets.Dataset.from_list(rlaif_rows(3), features=RLAIF_FEATURES).to_parquet(tmp_path / "rlaif.parquet")
     pairs = dataset_as_trained(tiny_checkpoint("minicpmv2_6"), tmp_path / "rlaif.parquet", "--data_columns", "rlaif-v",
                                "--stage", "dpo")[0]
-    assert isinstance(pairs, dataset.PreferenceDataset) and len(pairs) == 3
+    assert isinstance(pairs, PreferenceDataset) and len(pairs) == 3
     pair = pairs[2]
     assert set(pair) == {"chosen", "rejected"} and pair["chosen"]["record"] == pair["rejected"]["record"]
 
@@ -177,3 +183,44 @@ def test_parquet_trains_with_skip_mode_packing_and_length_grouping(tiny_checkpoi
     assert report["action"] == "skipped" and report["dropped"] == {"train": [3]}
     assert "dropping 1 of 8 train records" in output and "Packing: 7 samples into" in output
     assert trainer_state(out)["global_step"] >= 1
+
+
+class CsvSource(Source):
+    """A toy source for the registry test: a .csv of ``id,question,answer`` rows, a record each."""
+
+    @classmethod
+    def accepts(cls, path):
+        return os.fspath(path).lower().endswith(".csv")
+
+    def __init__(self, path, columns=None):
+        super().__init__(path, columns)
+        with open(self.path, newline="", encoding="utf-8") as f:
+            self.rows = list(csv.DictReader(f))
+
+    def __len__(self):
+        return len(self.rows)
+
+    def row(self, index):
+        row = self.rows[index]
+        return {"id": row["id"], "conversations": [{"role": "user", "content": row["question"]},
+                                                   {"role": "assistant", "content": row["answer"]}]}
+
+
+def test_a_registered_source_feeds_finetunes_data_path_and_preflight(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "SOURCES", list(sources.SOURCES))  # the registration ends with the test
+    sources.register(CsvSource)
+    path = tmp_path / "qa.csv"
+    lines = ["id,question,answer"] + [f"q{n},What is {n} + 1?,{n + 1}" for n in range(10)]
+    lines[5] = "q4,What is 4 + 1?,   "  # record 4: a white-space answer, nothing to learn
+    path.write_text("\n".join(lines) + "\n")
+    assert isinstance(sources.load(path), CsvSource) and len(sources.load(path)) == 10
+    train = dataset_as_trained(tiny_checkpoint("minicpmv2_6"), path)[0]  # through finetune.build_datasets
+    with pytest.raises(preflight.PreflightFailed, match="1 unusable records"):
+        preflight.run({"train": train, "eval": None}, tmp_path / "out", workers=1)
+    [problem] = json.loads((tmp_path / "out" / preflight.REPORT_NAME).read_text())["problems"]
+    assert (problem["reason"], problem["index"], problem["record_id"]) == ("empty_answer", 4, "q4")
+    checked = preflight.run({"train": train, "eval": None}, tmp_path / "out", skip_bad=True, workers=1)
+    kept = [n for n in range(10) if n != 4]
+    assert checked.datasets["train"].indices == kept
+    assert checked.lengths["train"] == [len(train[n]["input_ids"]) for n in kept]
+    assert train[0]["record"] == {"index": 0, "id": "q0"}

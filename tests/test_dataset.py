@@ -1,5 +1,6 @@
-"""dataset.py: slicing, placeholder layouts, chat templates, labels, image bounds, collator, errors."""
+"""dataset.py and data/: slicing, placeholder layouts, chat templates, labels, image bounds, collator, errors."""
 
+import io
 import json
 import pickle
 import re
@@ -11,7 +12,22 @@ import torch
 from PIL import Image
 
 import dataset
-from dataset import DataError, ensure_divide, find_best_resize, get_refine_size, slice_image
+import families
+from data.errors import DataError
+from data.layouts import LAYOUTS, layout_named, render_llama3, special_token_id
+from data.placeholders import image_placeholder, place_images
+from data.schema import record_images, validate_record
+from data.slicing import (
+    ensure_divide,
+    find_best_resize,
+    get_refine_size,
+    model_pixels,
+    reshape_by_patch,
+    slice_image,
+)
+from data.sources import load
+from data.sources.json_lines import JsonLines, is_json_lines
+from index_ranks import index_on_ranks
 
 # A copy of the team's shared golden file (shared/golden/slice_cases.json), kept in the repo so
 # the test runs on any checkout.
@@ -78,7 +94,7 @@ def test_reshape_by_patch_matches_the_processor_unfold_layout():
     # The model processor's formulation: unfold, then [3, p, p, n] -> permute -> [3, p, n*p].
     unfolded = torch.nn.functional.unfold(image, (p, p), stride=(p, p))
     expected = unfolded.reshape(3, p, p, -1).permute(0, 1, 3, 2).reshape(3, p, -1)
-    got = torch.from_numpy(dataset.reshape_by_patch(pixels, p).reshape(3, p, -1)).float()
+    got = torch.from_numpy(reshape_by_patch(pixels, p).reshape(3, p, -1)).float()
     assert got.shape == (3, p, 6 * p)
     assert torch.equal(got, expected)
     # Patch k (raster order) occupies columns k*p..(k+1)*p: patch 4 is row 1, column 1.
@@ -122,7 +138,7 @@ def write_image(path, size, color=(200, 30, 30), mode="RGB"):
 def make_dataset(records, tokenizer, llm_type, root, **overrides):
     kwargs = dict(
         slice_config=SLICE_CONFIG,
-        llm_type=llm_type,
+        layout=layout_named(llm_type),
         patch_size=14,
         query_num=Q,
         batch_vision=True,
@@ -281,21 +297,21 @@ def test_spliced_ids_equal_the_full_string_route(llm_type, tokenizers, tmp_path)
     for n, record in enumerate(records):
         sample = data[n]
         placeholders = {}
-        tags = list(dataset.record_images(record))
+        tags = list(record_images(record))
         for number, tag in enumerate(tags):
             _, rows = slice_image(Image.open(tmp_path / record_path(record, tag)), **SLICE_CONFIG)
             grid = [len(rows[0]), len(rows)] if rows else None
-            placeholders[tag] = dataset.image_placeholder(
+            placeholders[tag] = image_placeholder(
                 tok, query_num=5, grid=grid, new_schema=new_schema, image_id=number if new_schema else None
             )
-        messages = dataset.place_images(record["conversations"], placeholders)
+        messages = place_images(record["conversations"], placeholders)
         if llm_type == "minicpm":  # the reference: each piece encoded, bos dropped
             expected = []
             for i, m in enumerate(messages):
                 content = m["content"] + (tok.eos_token if i == len(messages) - 1 else "")
                 expected += tok.encode("<用户>" if m["role"] == "user" else "<AI>")[1:] + tok.encode(content)[1:]
         elif llm_type == "llama3":
-            expected = tok(dataset.render_llama3(messages, tok)[0], add_special_tokens=False)["input_ids"]
+            expected = tok(render_llama3(messages, tok)[0], add_special_tokens=False)["input_ids"]
         else:
             text = tok.apply_chat_template(messages, tokenize=False)
             expected = tok(text, add_special_tokens=False)["input_ids"]
@@ -403,25 +419,25 @@ def test_load_records_accepts_a_utf8_byte_order_mark(tmp_path):
     records = [{"id": "é", "conversations": conv("a", "b")}]
     (tmp_path / "bom.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8-sig")
     (tmp_path / "bom.jsonl").write_text(json.dumps(records[0], ensure_ascii=False) + "\n", encoding="utf-8-sig")
-    assert dataset.load_records(tmp_path / "bom.json") == records
-    assert list(dataset.load_records(tmp_path / "bom.jsonl")) == records
+    assert list(load(tmp_path / "bom.json")) == records
+    assert list(load(tmp_path / "bom.jsonl")) == records
 
 
 def test_load_records_json_and_jsonl(tmp_path):
     records = [two_turn_record(), {"id": "t", "conversations": []}]
     (tmp_path / "d.json").write_text(json.dumps(records))
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
-    assert dataset.load_records(tmp_path / "d.json") == records
-    assert list(dataset.load_records(str(tmp_path / "d.jsonl"))) == records
+    assert list(load(tmp_path / "d.json")) == records
+    assert list(load(str(tmp_path / "d.jsonl"))) == records
 
 
 @pytest.mark.parametrize("name", ["d.JSONL", "d.ndjson", "d.NDJson", "d.Jsonl"])
 def test_json_lines_by_extension_in_any_case(tmp_path, name):
     records = [two_turn_record(), {"id": "t", "conversations": []}]
-    assert dataset.is_json_lines(name)
+    assert is_json_lines(name)
     (tmp_path / name).write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    loaded = dataset.load_records(tmp_path / name)
-    assert isinstance(loaded, dataset.JsonLines) and list(loaded) == records
+    loaded = load(tmp_path / name)
+    assert isinstance(loaded, JsonLines) and list(loaded) == records
 
 
 @pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\u0085"])
@@ -432,14 +448,14 @@ def test_json_lines_split_at_newline_only(tmp_path, separator):
     path = tmp_path / "d.jsonl"
     path.write_bytes((json.dumps(record, ensure_ascii=False) + "\r\n" + json.dumps(other) + "\n").encode())
     assert separator in path.read_text(encoding="utf-8")  # written raw, not escaped
-    assert list(dataset.load_records(path)) == [record, other]
+    assert list(load(path)) == [record, other]
 
 
 def test_json_lines_are_read_on_demand(tmp_path):
     records = [{"id": n, "conversations": conv(f"q{n}", "a" * 1000 + str(n))} for n in range(50)]
     path = tmp_path / "d.jsonl"
     path.write_text("\n\n".join(json.dumps(r) for r in records) + "\n")
-    loaded = dataset.load_records(path)
+    loaded = load(path)
     # All it holds (what a copy to another process carries): 16 bytes a record, not the 50 kB of text.
     shipped = pickle.dumps(loaded)
     assert len(shipped) < 16 * len(records) + 1000 < path.stat().st_size // 20
@@ -450,12 +466,31 @@ def test_json_lines_are_read_on_demand(tmp_path):
     assert loaded.line_numbers[3] == 7  # blank lines between records are counted, not records
 
 
+def test_ranks_index_a_json_lines_file_by_halves_and_hold_the_same_index(tmp_path):
+    records = [{"id": n, "conversations": conv(f"q{n}", "a" * (n % 300) + str(n))} for n in range(4000)]
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text("\n\n".join(json.dumps(r) for r in records) + "\n")
+    raw = good.read_bytes()
+    at = raw.index(b'"q3500"') + 2  # a line that is not UTF-8, in the second half
+    bad.write_bytes(raw[:at] + b"\xe9" + raw[at + 1 :])
+    one = load(good)
+    with pytest.raises(DataError) as single:
+        load(bad)
+    longest = max(len(line) for line in raw.splitlines(keepends=True))
+    for (read, index), (_, error) in index_on_ranks([good, bad], tmp_path / "store"):
+        assert index == (one.offsets.tolist(), one.line_numbers.tolist())
+        # Its half of the file, the line across its edge and a buffer's read-ahead: not the whole file.
+        assert read <= len(raw) / 2 + longest + io.DEFAULT_BUFFER_SIZE
+        # Both ranks stop with the error one reader meets.
+        assert error == ("bad_encoding", str(single.value))
+
+
 def test_json_lines_encoding_is_checked_when_indexed(tmp_path):
     path = tmp_path / "d.jsonl"
     first = json.dumps(two_turn_record()).encode() + b"\n"
     path.write_bytes(first + b'{"id": "\xe9"}\n')
     with pytest.raises(DataError, match=rf"not UTF-8 text: byte 0xe9 at offset {len(first) + 8} ") as info:
-        dataset.load_records(path)
+        load(path)
     assert info.value.code == "bad_encoding"
 
 
@@ -625,9 +660,9 @@ def test_bad_record_raises_data_error_naming_it(case, tokenizers, tmp_path):
 
 
 def test_validate_record_is_usable_alone():
-    dataset.validate_record(two_turn_record(), 0)
+    validate_record(two_turn_record(), 0)
     with pytest.raises(DataError, match=r"record 5 \(id 'x'\): .*at least two messages"):
-        dataset.validate_record({"id": "x", "conversations": []}, 5)
+        validate_record({"id": "x", "conversations": []}, 5)
 
 
 def test_unexpected_failure_is_wrapped_naming_the_record(tokenizers, tmp_path, monkeypatch):
@@ -650,13 +685,13 @@ def test_load_records_errors_name_the_file(tmp_path, content, reason):
     path = tmp_path / "bad.json"
     path.write_text(content)
     with pytest.raises(DataError, match=reason) as info:
-        dataset.load_records(path)
+        load(path)
     assert info.value.path == str(path) and str(info.value).startswith(f"{path}: ")
     path = tmp_path / "bad.jsonl"
     path.write_text('{"id": 1}\n{oops\n')
-    records = dataset.load_records(path)  # a bad line is its record's problem, reported with the others
+    records = load(path)  # a bad line is its record's problem, reported with the others
     with pytest.raises(DataError, match=r"record 1 .*line 2 is not valid JSON") as info:
-        dataset.validate_record(records[1], 1, data_path=str(path))
+        validate_record(records[1], 1, data_path=str(path))
     assert info.value.code == "invalid_json"
 
 
@@ -667,7 +702,7 @@ def test_a_special_token_the_vocabulary_lacks_is_a_start_up_error(tokenizers, tm
     tokenizer = tokenizers["llama3"]
     assert not hasattr(tokenizer, "slice_end_id")  # as published: the ids come from the vocabulary
     with pytest.raises(ValueError, match=r"no single token '<think>'"):
-        dataset.special_token_id(tokenizer, "<think>", "a test")
+        special_token_id(tokenizer, "<think>", "a test")
 
 
 def test_unknown_llm_type_is_rejected(tokenizers, tmp_path):
@@ -744,7 +779,7 @@ def test_built_batch_feeds_the_tiny_model_forward(family, checkpoints, tmp_path)
     ]
     llm_type = FAMILY_LLM_TYPE[family]
     data = dataset.make_dataset(
-        records, tokenizer, dataset.data_settings(config, max_slice_nums=9), llm_type=llm_type, max_length=2048,
+        records, tokenizer, families.family_for(config).data_settings(config, max_slice_nums=9), layout=LAYOUTS[llm_type], max_length=2048,
         image_root=tmp_path, data_path=tmp_path / "data.json",
     )
     samples = [data[i] for i in range(len(data))]
@@ -753,7 +788,7 @@ def test_built_batch_feeds_the_tiny_model_forward(family, checkpoints, tmp_path)
         assert ((bounds[:, 1] - bounds[:, 0]) == config.query_num).all()
         assert len(bounds) == len(sample["pixel_values"])
     batch = dataset.DataCollator(max_length=2048, pad_token_id=0)(samples)
-    pixels = dataset.model_pixels(batch["pixel_values"], torch.float32)
+    pixels = model_pixels(batch["pixel_values"], torch.float32)
     with torch.no_grad():
         logits = model(data=dict(batch, pixel_values=pixels)).logits
     assert logits.shape == (*batch["input_ids"].shape, config.vocab_size)
@@ -767,7 +802,7 @@ def test_multi_image_pieces_join_like_chat():
         {"role": "user", "content": "<image_00>\n<image_01>\nWhat changed?"},
         {"role": "assistant", "content": "The door."},
     ]
-    placed = dataset.place_images(conversations, {"<image_00>": "[A]", "<image_01>": "[B]"})
+    placed = place_images(conversations, {"<image_00>": "[A]", "<image_01>": "[B]"})
     assert placed[0]["content"] == "[A]\n[B]\nWhat changed?"
     assert placed[1] == conversations[1]
 
@@ -791,7 +826,7 @@ def test_vision_tower_sees_the_torchvision_pixels(family, dtype, checkpoints, tm
     from torchvision import transforms
 
     import loading
-    from backends import RemoteCodeBackend
+    from families.remote_code import RemoteCodeFamily
 
     path = checkpoints(family)
     config = loading.load_config(str(path))
@@ -800,8 +835,8 @@ def test_vision_tower_sees_the_torchvision_pixels(family, dtype, checkpoints, tm
     Image.fromarray(pixels, "RGB").save(tmp_path / "noise.png")
     llm_type = FAMILY_LLM_TYPE[family]
     data = dataset.make_dataset(
-        [two_turn_record("noise.png")], loading.load_tokenizer(str(path)), dataset.data_settings(config, 9),
-        llm_type=llm_type, max_length=2048, image_root=tmp_path,
+        [two_turn_record("noise.png")], loading.load_tokenizer(str(path)), families.family_for(config).data_settings(config, 9),
+        layout=LAYOUTS[llm_type], max_length=2048, image_root=tmp_path,
     )
     batch = dataset.DataCollator(2048)([data[0]])
     assert {p.dtype for p in batch["pixel_values"][0]} == {torch.uint8}
@@ -812,14 +847,14 @@ def test_vision_tower_sees_the_torchvision_pixels(family, dtype, checkpoints, tm
     assert len(views) > 1  # sliced
     if data.batch_vision:
         views = [processor_layout(view, config.patch_size) for view in views]
-    got = dataset.model_pixels(batch["pixel_values"], dtype)[0]
+    got = model_pixels(batch["pixel_values"], dtype)[0]
     assert [p.dtype for p in got] == [dtype] * len(views)
     assert all(torch.equal(g, v.to(dtype)) for g, v in zip(got, views, strict=True))
 
     seen = []
     model.vpm.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     with torch.no_grad():
-        RemoteCodeBackend(llm_type).forward(model, batch)
+        RemoteCodeFamily().forward(model, batch)
         new = list(seen)
         seen.clear()
         model(data=dict(batch, pixel_values=[views]), use_cache=False)  # the float pixels, as before
@@ -843,7 +878,7 @@ def test_system_message_as_each_template_lays_it_out(llm_type, tokenizers, tmp_p
     question = {"role": "user", "content": "What is this?"}
     record = {"id": "sys", "conversations": [SYSTEM, question, {"role": "assistant", "content": "A cat."}]}
     data = make_dataset([record], tok, layout, tmp_path)
-    if layout not in dataset.SYSTEM_LLM_TYPES:
+    if not LAYOUTS[layout].takes_system:
         with pytest.raises(DataError) as error:
             data[0]
         assert error.value.code == "system_message" and "has none" in error.value.reason
@@ -858,5 +893,5 @@ def test_system_message_as_each_template_lays_it_out(llm_type, tokenizers, tmp_p
 
 
 def test_untagged_image_goes_to_the_first_user_message_after_a_system_one():
-    messages = dataset.place_images([SYSTEM, {"role": "user", "content": "What?"}], {"<image>": "[IMG]"})
+    messages = place_images([SYSTEM, {"role": "user", "content": "What?"}], {"<image>": "[IMG]"})
     assert messages == [SYSTEM, {"role": "user", "content": "[IMG]\nWhat?"}]

@@ -14,12 +14,14 @@ from peft import PeftModel
 from transformers import AutoModel, TrainerControl, TrainerState
 
 import arguments
-import backends
+import families
+from families.native import NATIVE_LLM_TYPE
 import finetune
 import loading
 import lora
 import numerics
 import resilience
+from stages import prepare
 from launch import (
     FAST_ARGS,
     LORA_ARGS,
@@ -291,7 +293,6 @@ def test_stop_at_eval_loss_stops_at_the_first_evaluation_below_it():
         ("minicpmv2_6", [*LORA_ARGS, "--lora_modules_to_save", "resampler"], "--lora_modules_to_save leaves out vpm"),
         ("minicpmv4_7", [*LORA_ARGS, "--lora_modules_to_save", "merger"], "--lora_modules_to_save leaves out vision_tower"),
         ("minicpmv2_6", ["--max_num_frames", "8"], "--max_num_frames and --stack_frames apply to video"),
-        ("minicpmv4_6", ["--stage", "dpo"], "--stage dpo: minicpmv4_6 is a natively supported checkpoint"),
         ("minicpmv2_0", ["--packing", "true"], "--packing is not supported for MiniCPM-V 2.0: its MiniCPM language"),
         ("minicpmv4_7", ["--packing", "true"], "--packing is not supported for the native MiniCPM-V models"),
     ],
@@ -302,7 +303,7 @@ def test_settings_that_contradict_the_checkpoint_are_refused_before_weights_load
     def no_weights(*args, **kwargs):
         raise AssertionError("weights were loaded")
 
-    monkeypatch.setattr(finetune, "load_model", no_weights)
+    monkeypatch.setattr(prepare, "load_model", no_weights)
     with pytest.raises(finetune.UsageError, match=re.escape(message)):
         finetune.train(*parse("--model_name_or_path", tiny_checkpoint(family), "--data_path", shapes, *argv,
                               output_dir=tmp_path))
@@ -310,8 +311,8 @@ def test_settings_that_contradict_the_checkpoint_are_refused_before_weights_load
 
 @pytest.mark.parametrize("family", [*LLM_TYPE, *NATIVE_FAMILIES])
 def test_llm_type_defaults_to_the_checkpoints(tiny_checkpoint, family):
-    expected = LLM_TYPE.get(family, backends.NATIVE_LLM_TYPE)
-    assert backends.backend_for(loading.load_config(tiny_checkpoint(family))).llm_type == expected
+    expected = LLM_TYPE.get(family, NATIVE_LLM_TYPE)
+    assert families.family_for(loading.load_config(tiny_checkpoint(family))).llm_type == expected
 
 
 @pytest.mark.launch
@@ -331,7 +332,7 @@ def test_lora_arguments_reach_peft(tiny_checkpoint, tmp_path):
     def build(*argv):
         _, _, training_args, lora_settings = parse(*LORA_ARGS, "--tune_vision", "false", *argv, output_dir=tmp_path)
         base = loading.load_model(model_dir, config, dtype=torch.float32)
-        return lora.apply_lora(base, training_args, lora_settings)
+        return lora.apply_lora(base, families.family_for(config), training_args, lora_settings)
 
     model = build("--lora_layers_to_transform", "1", "--lora_layers_pattern", "layers",
                   "--lora_modules_to_save", "resampler")
@@ -457,7 +458,7 @@ def test_command_line_mistake_prints_one_message_and_exits_2(case, tiny_checkpoi
     bad_json.write_text('{"train_batch_size": "auto",}')
     argv = [arg.format(bad_json=bad_json) for arg in argv]
     if case != "lora targets":  # every check that needs no weights runs before they load
-        monkeypatch.setattr(finetune.loading, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+        monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
     base = finetune_args(tiny_checkpoint("minicpmv2_6"), shapes, tmp_path / "out", "--max_steps", "1", "--report_to", "none")
     with pytest.raises(SystemExit) as exit:
         finetune.main([str(arg) for arg in base] + argv)
@@ -472,7 +473,7 @@ def test_a_missing_relative_folder_is_named_before_weights_load(flag, tiny_check
     # "output/merged" has one "/" like a hub id; its parent folder exists here, so it is a path.
     monkeypatch.chdir(tmp_path)
     (tmp_path / "output").mkdir()
-    monkeypatch.setattr(finetune.loading, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
     needs = {"model_name_or_path": [], "dpo_ref_model": ["--stage", "dpo"], "lora_weight_path": LORA_ARGS}[flag]
     base = finetune_args(tiny_checkpoint("minicpmv2_6"), shapes, tmp_path / "out", "--max_steps", "1", "--report_to", "none")
     with pytest.raises(SystemExit) as exit:

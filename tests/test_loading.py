@@ -1,4 +1,4 @@
-"""loading.py and remote_code_repairs.py: MiniCPM-V remote code written for transformers 4.4x.
+"""loading.py and the repairs package: MiniCPM-V remote code written for transformers 4.4x.
 
 The defective fixtures (tests/fixtures/defective_remote_code) are the tiny 2.6 model with the
 real code's defects: a resampler that gets `List` from `from torch.nn.functional import *`
@@ -17,16 +17,21 @@ import torch
 from peft import PeftModel
 from transformers import AutoModel
 
-import backends
+import families
+from families.inference import load_for_inference
+from families.minicpmo2_6 import OMNI_INIT_KWARGS
+from families.remote_code import generate_call
 import demo_data
 import infer
 import loading
 import numerics
-import remote_code_repairs
+import repairs
+from repairs.generation import prepares_inputs_as_in_4_36
+from repairs.typing_names import missing_typing_names
 from launch import LORA_ARGS, dataset_as_trained, eval_loss, eval_losses, finetune_args, run_finetune, train_losses
 
 FIXTURES = Path(__file__).parent / "fixtures" / "defective_remote_code"
-REPAIRS_LOGGER = remote_code_repairs.__name__
+REPAIRS_LOGGER = repairs.__name__  # every repair logs through the package's logger
 # defect name -> (replace resampler.py, model class in fixtures' modeling_legacy.py or None)
 DEFECTS = {
     "star_import": (True, None),
@@ -152,8 +157,11 @@ def test_every_non_persistent_buffer_matches_a_fresh_construction(defective_chec
         assert torch.equal(loaded[name], value), name
 
 
-def test_bf16_load_repairs_and_matches(defective_checkpoint, tiny_checkpoint, caplog):
+def test_bf16_load_repairs_and_matches(defective_checkpoint, tiny_checkpoint, caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger=REPAIRS_LOGGER)
+    # Instance repairs are said once per process (repairs.log.warn_once): as in a fresh process, whatever
+    # an earlier test loaded.
+    monkeypatch.setattr(repairs.log, "_warned", set())
     good = load(tiny_checkpoint("minicpmv2_6"), dtype=torch.bfloat16)
     assert repair_messages(caplog) == []  # a fine model in bf16 is not flagged
     repaired = load(defective_checkpoint("all"), dtype=torch.bfloat16)
@@ -163,7 +171,7 @@ def test_bf16_load_repairs_and_matches(defective_checkpoint, tiny_checkpoint, ca
 
 
 def test_missing_typing_names_detection():
-    detect = remote_code_repairs.missing_typing_names
+    detect = missing_typing_names
     # torch.nn.functional still exports Optional (it imports it itself), no longer List or Tuple.
     assert detect("from torch.nn.functional import *\ndef f(x: List[int]) -> Optional[Tuple[int]]: ...\n") == [
         "List", "Tuple"
@@ -179,11 +187,11 @@ def test_missing_typing_names_detection():
 def test_omni_init_kwargs_only_for_configs_that_declare_them(tiny_checkpoint):
     config_2_6 = loading.load_config(tiny_checkpoint("minicpmv2_6"))
     config_o_2_6 = loading.load_config(tiny_checkpoint("minicpmo2_6"))
-    assert loading.init_kwargs_for(config_2_6) == {}
-    assert loading.init_kwargs_for(config_o_2_6) == loading.OMNI_INIT_KWARGS
+    assert families.family_for(config_2_6).init_kwargs == {}
+    assert families.family_for(config_o_2_6).init_kwargs == OMNI_INIT_KWARGS
     with pytest.raises(TypeError):  # like the real 2.6 code
-        AutoModel.from_pretrained(tiny_checkpoint("minicpmv2_6"), trust_remote_code=True, **loading.OMNI_INIT_KWARGS)
-    omni = loading.load_model(tiny_checkpoint("minicpmo2_6"), config_o_2_6, dtype=torch.float32)
+        AutoModel.from_pretrained(tiny_checkpoint("minicpmv2_6"), trust_remote_code=True, **OMNI_INIT_KWARGS)
+    omni = families.family_for(config_o_2_6).load_model(tiny_checkpoint("minicpmo2_6"), config_o_2_6, dtype=torch.float32)
     assert (omni.config.init_vision, omni.config.init_audio, omni.config.init_tts) == (True, False, False)
 
 
@@ -232,8 +240,8 @@ def test_minicpmv2_0_generates_as_greedy_decoding_without_a_cache(tiny_checkpoin
     data = demo_data.generate(tmp_path / "data", count=2)
     folder = shutil.copytree(tiny_checkpoint("minicpmv2_0"), tmp_path / "saved")
     loading.write_repaired_classes(folder)
-    model, tokenizer, config, backend = backends.load_for_inference(tiny_checkpoint("minicpmv2_0"))
-    assert remote_code_repairs.prepares_inputs_as_in_4_36(type(model.llm).__dict__["prepare_inputs_for_generation"])
+    model, tokenizer, config, backend = load_for_inference(tiny_checkpoint("minicpmv2_0"))
+    assert prepares_inputs_as_in_4_36(type(model.llm).__dict__["prepare_inputs_for_generation"])
     record = json.loads(data.read_text())[0]
     dataset = backend.make_dataset([infer.first_exchange(record)], tokenizer, config, max_length=4096,
                                    image_root=data.parent, max_slice_nums=1)
@@ -244,7 +252,7 @@ def test_minicpmv2_0_generates_as_greedy_decoding_without_a_cache(tiny_checkpoin
     assert backend.generate(model, tokenizer, inputs, steps) == tokenizer.decode(expected).strip()
     saved = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
     assert type(saved.llm) is not type(model.llm)  # the folder's own copy of the class, wrapped by its repairs
-    args, kwargs = backends.generate_call(saved.generate, inputs)  # in the published 2.0 signature
+    args, kwargs = generate_call(saved.generate, inputs)  # in the published 2.0 signature
     assert saved.generate(*args, **kwargs, tokenizer=tokenizer, max_new_tokens=steps)[0].tolist() == expected
 
 

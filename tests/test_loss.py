@@ -12,8 +12,9 @@ import loading
 import lora
 import loss
 import numerics
-from backends import RemoteCodeBackend
-from dataset import model_pixels
+import families
+from data.slicing import model_pixels
+from families.remote_code import RemoteCodeFamily
 from launch import dataset_as_trained
 from tiny_models.build import LLM_TYPE
 from trainer import CPMTrainer
@@ -31,7 +32,7 @@ def make_trainer(model, tmp_path, *argv):
 
 
 def model_batch(batch):
-    """The collated batch as the model takes it (the trainer's backend normalises its uint8 pixels)."""
+    """The collated batch as the model takes it (the family's forward normalises its uint8 pixels)."""
     return dict(batch, pixel_values=model_pixels(batch["pixel_values"], torch.float32))
 
 
@@ -95,7 +96,7 @@ def test_lora_with_gradient_checkpointing(tiny_checkpoint, shapes, tmp_path, sma
     )
     model = AutoModel.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32)
     enable_checkpointing(model)
-    model = lora.apply_lora(model, training_args, lora_args)
+    model = lora.apply_lora(model, families.family_for(model.config), training_args, lora_args)
     for name, param in model.named_parameters():  # LoRA B starts at zero: give the adapters an effect
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.1)
@@ -117,8 +118,8 @@ def test_qlora(tiny_checkpoint, shapes, tmp_path, small_chunks):
     )
     config = loading.load_config(model_dir)
     model = loading.load_model(model_dir, config, dtype=torch.float32,
-                               quantization_config=lora.quantization_config(lora_args, torch.float32, RemoteCodeBackend.unquantized_modules))
-    model = lora.apply_lora(model, training_args, lora_args)
+                               quantization_config=lora.quantization_config(lora_args, torch.float32, RemoteCodeFamily.unquantized_modules))
+    model = lora.apply_lora(model, families.family_for(model.config), training_args, lora_args)
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.1)

@@ -1,4 +1,4 @@
-"""native_data: records -> a native model's inputs through the checkpoint's own processor.
+"""data/native.py: records -> a native model's inputs through the checkpoint's own processor.
 
 Parity: the sample up to its first learned token is exactly what the processor gives for the same
 conversation through its chat template with the generation prompt. Golden label masks per model.
@@ -18,8 +18,11 @@ from transformers.video_utils import load_video
 
 import numerics
 import preflight
-from dataset import IGNORE_INDEX, DataError
-from native_data import NativeCollator, NativeDataset, decode_video
+from data.errors import DataError
+from data.media import decode_video
+from data.native import NativeCollator, NativeDataset
+from data.preflight_report import REASONS
+from data.records import IGNORE_INDEX
 from tiny_models.build import NATIVE_FAMILIES
 
 SMALL = (60, 60)  # below the tiny scale_resolution (112): one unsliced view
@@ -235,7 +238,7 @@ def test_bad_videos_are_named_by_preflight(tiny_checkpoint, media, tmp_path):
         (8, "rec-pipe.mp4", "not_a_file"),
         (9, "rec-loop.mp4", "symlink_loop"),
     }
-    assert all(p.reason in preflight.REASONS for p in problems)
+    assert all(p.reason in REASONS for p in problems)
     assert all(p.path == str(tmp_path / "noise.mp4") for p in problems if p.reason == "unreadable_video")
     assert stats["bad"] == 9
     assert lengths[0] == len(data[0]["input_ids"]) and lengths[1:] == [None] * 9

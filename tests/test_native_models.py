@@ -13,9 +13,10 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 import finetune
+import families
 import loading
 import merge
-from backends import NATIVE_LORA_TARGETS
+from families.native import NATIVE_LORA_TARGETS, NATIVE_TRANSFORMERS_FLOOR
 from launch import finetune_args
 from tiny_models.build import NATIVE_CLASSES, NATIVE_FAMILIES, NATIVE_MEDIA_TOKENS, build_checkpoint
 
@@ -29,9 +30,9 @@ def test_a_transformers_older_than_the_native_floor_is_a_usage_error(tiny_checkp
                                                                      monkeypatch):
     native, remote = tiny_checkpoint("minicpm_ocr"), tiny_checkpoint("minicpmv2_6")
     monkeypatch.setattr(loading.transformers, "__version__", "5.20.0")
-    floor = re.escape(loading.NATIVE_TRANSFORMERS_FLOOR)
-    with pytest.raises(loading.TransformersTooOld, match=rf"minicpm_ocr checkpoint, which needs transformers {floor} or newer \(installed: 5\.20\.0\)"):
-        loading.load_config(native)
+    floor = re.escape(NATIVE_TRANSFORMERS_FLOOR)
+    with pytest.raises(families.TransformersTooOld, match=rf"minicpm_ocr checkpoint, which needs transformers {floor} or newer \(installed: 5\.20\.0\)"):
+        families.load_config(native)
     # finetune.py and merge.py (infer.py as merge.py) say so in one line, exit 2, no traceback.
     with pytest.raises(SystemExit) as stop:
         finetune.main([str(a) for a in finetune_args(native, shapes, tmp_path / "out", "--report_to", "none")])
@@ -41,14 +42,14 @@ def test_a_transformers_older_than_the_native_floor_is_a_usage_error(tiny_checkp
         merge.main(["--model", str(native), "--adapter", str(native), "--out", str(tmp_path / "merged")])
     assert stop.value.code == 2 and "which needs transformers" in capsys.readouterr().err
     # Remote-code checkpoints keep the whole supported range.
-    assert loading.load_config(remote).version == 2.6
-    monkeypatch.setattr(loading.transformers, "__version__", loading.NATIVE_TRANSFORMERS_FLOOR)
-    assert loading.load_config(native).model_type == "minicpm_ocr"
+    assert families.load_config(remote).version == 2.6
+    monkeypatch.setattr(loading.transformers, "__version__", NATIVE_TRANSFORMERS_FLOOR)
+    assert families.load_config(native).model_type == "minicpm_ocr"
 
 
 def test_requirements_state_the_native_floor():
     requirements = (Path(__file__).parent.parent / "requirements.txt").read_text()
-    assert f"native-models transformers>={loading.NATIVE_TRANSFORMERS_FLOOR}\n" in requirements
+    assert f"native-models transformers>={NATIVE_TRANSFORMERS_FLOOR}\n" in requirements
 
 
 @pytest.mark.parametrize("family", NATIVE_FAMILIES)

@@ -1,5 +1,5 @@
 """The native checkpoints (4.6, 4.7, MiniCPM-OCR) through finetune.py, the launchers, infer.py and
-merge.py, as users run them: the backend is chosen from the checkpoint's config."""
+merge.py, as users run them: the family is chosen from the checkpoint's config."""
 
 import json
 import shutil
@@ -11,11 +11,13 @@ from peft import PeftModel
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainingArguments
 
 import arguments
-import backends
+from families.native import NativeFamily
 import finetune
 import numerics
 import preflight
-from dataset import IGNORE_INDEX, DataError
+from data.errors import DataError
+from data.preflight_report import REASONS
+from data.records import IGNORE_INDEX
 from launch import (
     FAST_ARGS,
     REPO,
@@ -61,7 +63,7 @@ def test_trainer_loss_is_the_models_own_loss(tiny_checkpoint, native_set, tmp_pa
     assert "pixel_values_videos" in batch and "pixel_values" in batch
     model = AutoModelForImageTextToText.from_pretrained(model_dir)
     trainer = CPMTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"))
-    assert isinstance(trainer.backend, backends.NativeBackend)
+    assert isinstance(trainer.family, NativeFamily)
     assert trainer.full_logits_reason is None
     count = batch["labels"][:, 1:].ne(IGNORE_INDEX).sum() + 5  # as if other micro-batches held 5 more tokens
 
@@ -99,7 +101,7 @@ def test_remote_code_models_refuse_a_video_record(tiny_checkpoint, native_set):
     with pytest.raises(DataError, match="takes no video") as error:
         dataset.check(1)
     assert (error.value.index, error.value.record_id, error.value.code) == (1, "clip", "video_unsupported")
-    assert error.value.code in preflight.REASONS
+    assert error.value.code in REASONS
 
 
 @pytest.mark.launch
@@ -115,7 +117,7 @@ def test_lora_launcher_trains_a_native_model_then_infer_and_merge(tiny_checkpoin
         GPUS_PER_NODE=2, MODEL=model, DATA=train, EVAL_DATA=evaluate, OUTPUT_DIR=out,
     )
     assert "Training with DeepSpeed ZeRO-2 on 2 process(es)" in output
-    assert "NativeBackend, llm_type native" in output
+    assert "family minicpmv4_6, llm_type native" in output
     assert "LoRA on 9 modules: model.language_model.layers.*.linear_attn." in output
     assert trainer_state(out)["global_step"] == 30
     assert_falls(train_losses(out))

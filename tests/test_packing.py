@@ -5,14 +5,16 @@ import torch
 from transformers import AutoModel
 
 import arguments
-import backends
+from families.base import PACKING_ATTENTION, packing_attention_problem
 import numerics
 import preflight
-from dataset import IGNORE_INDEX, PackedDataset, model_pixels, pack_lengths, pack_samples
+from data.packing import PackedDataset, pack_lengths, pack_samples
+from data.records import IGNORE_INDEX
+from data.slicing import model_pixels
 from launch import dataset_as_trained
 from trainer import CPMTrainer
 
-# The remote-code families whose LLM packs (MiniCPM-V 2.0 is refused: backends.MINICPM_PACKING_PROBLEM).
+# The remote-code families whose LLM packs (MiniCPM-V 2.0 is refused: families/minicpmv2_0.py MINICPM_PACKING_PROBLEM).
 # o-2.6 runs 2.6's code with the same Qwen2 LLM.
 PACKING_FAMILIES = ("minicpmv2_5", "minicpmv2_6", "minicpmv4_5")
 
@@ -67,9 +69,9 @@ def test_a_packed_row_has_the_logits_and_loss_of_its_samples_unpacked(tiny_check
 
     _, _, args, _ = arguments.parse_args(["--output_dir", str(tmp_path), "--use_cpu", "true", "--report_to", "none"])
     trainer = CPMTrainer(model=model, args=args)
-    for attention in backends.PACKING_ATTENTION:
+    for attention in PACKING_ATTENTION:
         model.llm.set_attn_implementation(attention)
-        assert backends.packing_attention_problem(model.llm) is None
+        assert packing_attention_problem(model.llm) is None
         with torch.no_grad():
             logits = logits_of(packed)
             start = 0
@@ -86,7 +88,7 @@ def test_a_packed_row_has_the_logits_and_loss_of_its_samples_unpacked(tiny_check
             assert (logits_of(running)[start - 1] - alone[-1]).abs().max() > 1e-3
     model.llm.config._attn_implementation = "flash_attention_2"  # finds packed samples only in a batch of one row
     try:
-        assert "uses 'flash_attention_2'" in backends.packing_attention_problem(model.llm)
+        assert "uses 'flash_attention_2'" in packing_attention_problem(model.llm)
     finally:
         model.llm.set_attn_implementation("sdpa")
 
@@ -94,9 +96,10 @@ def test_a_packed_row_has_the_logits_and_loss_of_its_samples_unpacked(tiny_check
 def test_packed_dataset_rows_from_preflight_lengths(tiny_checkpoint, shapes, tmp_path):
     dataset, collator = dataset_as_trained(tiny_checkpoint("minicpmv2_6"), shapes)
     with pytest.raises(ValueError, match="run preflight over the dataset first"):
-        PackedDataset(dataset, 160)
-    checked = preflight.run({"train": dataset, "eval": None}, str(tmp_path))["train"]
-    packed = PackedDataset(checked, 160)
+        PackedDataset(dataset, [], 160)
+    checked = preflight.run({"train": dataset, "eval": None}, str(tmp_path))
+    lengths = checked.lengths["train"]
+    packed = PackedDataset(checked.datasets["train"], lengths, 160)
     assert sorted(i for row in packed.rows for i in row) == list(range(len(dataset)))
     assert 1 < len(packed) < len(dataset)
     assert packed.lengths == [len(packed[n]["input_ids"]) for n in range(len(packed))]
@@ -104,4 +107,4 @@ def test_packed_dataset_rows_from_preflight_lengths(tiny_checkpoint, shapes, tmp
     batch = collator([packed[0], dataset[row[0]]])  # a packed row batched with an unpacked sample (as in eval)
     assert batch["records"] == [dataset[i]["record"] for i in row] + [dataset[row[0]]["record"]]
     starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
-    assert starts[: len(row)] == [sum(checked.lengths[i] for i in row[:n]) for n in range(len(row))]
+    assert starts[: len(row)] == [sum(lengths[i] for i in row[:n]) for n in range(len(row))]

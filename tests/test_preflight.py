@@ -12,9 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-import data_source
 import dataset
 import preflight
+from data import sources
+from data.errors import DataError, MediaProblem
+from data.media import open_image, open_rgb
+from data.preflight_cache import CACHE_NAME, cache_key
+from data.preflight_report import REASONS
+from data.schema import KEEP_ON_PURPOSE, validate_record
 from launch import dataset_as_trained, finetune_args, run, run_finetune, subprocess_env, torchrun_finetune, trainer_state
 
 MAX_LENGTH = 512  # FAST_ARGS's --model_max_length
@@ -160,7 +165,7 @@ def filler_that_cuts_the_image(model, folder):
         data.records = [{"id": "probe", "image": "images/rgb.png", "conversations": conv("a " * words + "<image>", "x")}]
         try:
             data.check(0)
-        except dataset.DataError as e:
+        except DataError as e:
             if e.code == "too_long":
                 return words
     raise AssertionError("no filler length cuts the image placeholder")
@@ -182,15 +187,15 @@ def test_image_modes_convert_as_the_remote_code_processor_converts_them(tmp_path
     """image_processing_minicpmv.py converts every image with PIL's convert("RGB"): transparency is
     dropped (the colour under it stays), not composited; 16-bit values within 0..255 are kept exactly."""
     write_images(tmp_path)
-    assert dataset.open_rgb(tmp_path / "cmyk.jpg").getpixel((5, 5)) == (255, 255, 255)
-    assert dataset.open_rgb(tmp_path / "palette.png").getpixel((5, 5)) == (255, 0, 0)  # the palette colour
-    assert dataset.open_rgb(tmp_path / "rgba.png").getpixel((5, 5)) == (255, 0, 0)  # the colour under alpha 0
+    assert open_rgb(tmp_path / "cmyk.jpg").getpixel((5, 5)) == (255, 255, 255)
+    assert open_rgb(tmp_path / "palette.png").getpixel((5, 5)) == (255, 0, 0)  # the palette colour
+    assert open_rgb(tmp_path / "rgba.png").getpixel((5, 5)) == (255, 0, 0)  # the colour under alpha 0
     for name in ("cmyk.jpg", "palette.png", "rgba.png", "gray16_low.png"):
         with Image.open(tmp_path / name) as published:
-            assert np.array_equal(np.asarray(dataset.open_rgb(tmp_path / name)), np.asarray(published.convert("RGB")))
-    gray = np.asarray(dataset.open_rgb(tmp_path / "gray16_low.png"))
+            assert np.array_equal(np.asarray(open_rgb(tmp_path / name)), np.asarray(published.convert("RGB")))
+    gray = np.asarray(open_rgb(tmp_path / "gray16_low.png"))
     assert np.array_equal(gray[..., 1], np.arange(600).reshape(20, 30) % 256)  # every 16-bit value kept
-    rotated = dataset.open_rgb(tmp_path / "rotated.jpg")
+    rotated = open_rgb(tmp_path / "rotated.jpg")
     assert rotated.size == (30, 60)  # EXIF orientation applied
     assert all(abs(a - b) < 8 for a, b in zip(rotated.getpixel((15, 30)), (0, 0, 255)))
 
@@ -203,8 +208,8 @@ def test_image_modes_convert_as_the_remote_code_processor_converts_them(tmp_path
 ])
 def test_wide_images_that_8_bits_cannot_hold_are_refused(values, seen, tmp_path):
     Image.fromarray(values).save(tmp_path / "wide.tif")
-    with pytest.raises(dataset.ImageProblem, match=f"a {seen}.*clipping to 0..255") as caught:
-        dataset.open_image(tmp_path / "wide.tif")
+    with pytest.raises(MediaProblem, match=f"a {seen}.*clipping to 0..255") as caught:
+        open_image(tmp_path / "wide.tif")
     assert caught.value.code == "image_mode"
 
 
@@ -227,7 +232,7 @@ def test_corpus_every_bad_record_is_reported_with_its_reason(corpus, tmp_path):
         record_id = record.get("id") if isinstance(record, dict) else None
         assert problem["record_id"] == record_id and problem["file"] == str(path)
         assert problem["message"].startswith(f"record {problem['index']} (id {record_id!r}) of {path}: ")
-        assert problem["reason"] in preflight.REASONS
+        assert problem["reason"] in REASONS
     [stats] = report["files"]
     assert stats["records"] == len(records) and stats["bad"] == len(expected)
     good_truncated = next(i for i, r in enumerate(records) if isinstance(r, dict) and r.get("id") == "good-truncated")
@@ -324,7 +329,7 @@ def test_unusable_data_file_is_reported_like_a_record_and_stops_even_in_skip_mod
         preflight.run({"train": train, "eval": None}, tmp_path / "out", skip_bad=True)
     report = json.loads((tmp_path / "out" / preflight.REPORT_NAME).read_text())
     [problem] = report["problems"]
-    assert report["action"] == "stopped" and report["reasons"] == {reason: 1} and reason in preflight.REASONS
+    assert report["action"] == "stopped" and report["reasons"] == {reason: 1} and reason in REASONS
     assert problem["file"] == str(path) and problem["index"] is None
     assert problem["message"].startswith(f"{path}: ") and re.search(message, problem["message"]), problem["message"]
 
@@ -334,7 +339,7 @@ def test_bad_jsonl_line_is_a_record_problem_that_skip_mode_drops(tiny_checkpoint
     good = json.dumps(GOOD_RECORD, ensure_ascii=False)
     path.write_text(f"{good}\n\n{{oops\n{good}\n", encoding="utf-8")
     train = dataset_as_trained(tiny_checkpoint("minicpmv2_6"), path)[0]
-    kept = preflight.run({"train": train, "eval": None}, tmp_path, skip_bad=True)["train"]
+    kept = preflight.run({"train": train, "eval": None}, tmp_path, skip_bad=True).datasets["train"]
     assert list(kept.indices) == [0, 2]
     [problem] = json.loads((tmp_path / preflight.REPORT_NAME).read_text())["problems"]
     assert (problem["index"], problem["reason"]) == (1, "invalid_json")
@@ -399,9 +404,9 @@ RECORD_CASES = {
 def test_record_problems_are_named_with_how_to_fix_them(case):
     record, system, reason, said = RECORD_CASES[case]
     record = {"id": "r", **record}
-    with pytest.raises(dataset.DataError) as caught:
-        dataset.validate_record(record, 4, data_path="d.json", system=system)
-    assert caught.value.code == reason and reason in preflight.REASONS
+    with pytest.raises(DataError) as caught:
+        validate_record(record, 4, data_path="d.json", system=system)
+    assert caught.value.code == reason and reason in REASONS
     assert re.search(said, str(caught.value)), str(caught.value)
     assert str(caught.value).startswith(f"record 4 (id {record['id']!r}) of d.json: ")
 
@@ -410,22 +415,22 @@ def test_metadata_keys_are_refused_unless_data_columns_names_the_keys_to_read(tm
     """A key kept on purpose (a source) is refused with the way to keep it: --data_columns naming the
     keys to read leaves the others out, and the record then passes."""
     record = {"id": "m", "source": "web", "conversations": conv("hi", "yo")}
-    with pytest.raises(dataset.DataError) as caught:
-        dataset.validate_record(record, 0, data_path="d.json")
+    with pytest.raises(DataError) as caught:
+        validate_record(record, 0, data_path="d.json")
     assert caught.value.code == "unknown_key" and "'source' (remove it)" in str(caught.value)
-    assert dataset.KEEP_ON_PURPOSE in str(caught.value)
+    assert KEEP_ON_PURPOSE in str(caught.value)
     path = tmp_path / "d.json"
     path.write_text(json.dumps([record]))
-    [mapped] = data_source.load(path, "id=id,image=image,conversations=conversations")
+    [mapped] = sources.load(path, "id=id,image=image,conversations=conversations")
     assert mapped == {"id": "m", "conversations": conv("hi", "yo")}
-    dataset.validate_record(mapped, 0, data_path=str(path))
+    validate_record(mapped, 0, data_path=str(path))
 
 
 def test_system_message_first_passes_where_the_template_has_one():
     record = {"id": "s", "conversations": [{"role": "system", "content": "Be brief."}, *conv("hi", "yo")]}
-    dataset.validate_record(record, 0, system=True)
-    with pytest.raises(dataset.DataError, match="has none"):
-        dataset.validate_record(record, 0, system=False)
+    validate_record(record, 0, system=True)
+    with pytest.raises(DataError, match="has none"):
+        validate_record(record, 0, system=False)
 
 
 def test_duplicate_keys_are_reported_wherever_they_sit(tiny_checkpoint, tmp_path):
@@ -441,7 +446,7 @@ def test_duplicate_keys_are_reported_wherever_they_sit(tiny_checkpoint, tmp_path
     path = tmp_path / "train.jsonl"
     path.write_text("\n".join(lines) + "\n")
     train = dataset_as_trained(tiny_checkpoint("minicpmv2_6"), path)[0]
-    kept = preflight.run({"train": train, "eval": None}, tmp_path, skip_bad=True)["train"]
+    kept = preflight.run({"train": train, "eval": None}, tmp_path, skip_bad=True).datasets["train"]
     assert list(kept.indices) == [3]
     problems = json.loads((tmp_path / preflight.REPORT_NAME).read_text())["problems"]
     assert [(p["index"], p["reason"]) for p in problems] == [(0, "duplicate_key"), (1, "duplicate_key"), (2, "duplicate_key")]
@@ -456,14 +461,14 @@ def test_json_nested_too_deeply_is_invalid_json_not_a_traceback(tiny_checkpoint,
     lines = tmp_path / "train.jsonl"
     lines.write_text(f'{good}\n{{"id": "deep", "conversations": {deep}}}\n')
     train = dataset_as_trained(tiny_checkpoint("minicpmv2_6"), lines)[0]
-    kept = preflight.run({"train": train, "eval": None}, tmp_path / "lines", skip_bad=True)["train"]
+    kept = preflight.run({"train": train, "eval": None}, tmp_path / "lines", skip_bad=True).datasets["train"]
     assert list(kept.indices) == [0]
     [problem] = json.loads((tmp_path / "lines" / preflight.REPORT_NAME).read_text())["problems"]
     assert problem["reason"] == "invalid_json" and "line 2 is not valid JSON: nested too deeply" in problem["message"]
     whole = tmp_path / "train.json"
     whole.write_text(f"[{good}, {deep}]")
-    with pytest.raises(dataset.DataError, match="not valid JSON: nested too deeply") as caught:
-        dataset.load_records(whole)
+    with pytest.raises(DataError, match="not valid JSON: nested too deeply") as caught:
+        sources.load(whole)
     assert caught.value.code == "invalid_json"
 
 
@@ -473,14 +478,14 @@ def test_any_error_checking_a_record_is_that_records_problem(tiny_checkpoint, tm
     path = tmp_path / "train.json"
     path.write_text(json.dumps(records))
     train = dataset_as_trained(tiny_checkpoint("minicpmv2_6"), path)[0]
-    real = dataset.validate_record
+    real = validate_record
 
     def validate(record, index, **kwargs):
         if index == 1:
             raise RecursionError("maximum recursion depth exceeded")
         return real(record, index, **kwargs)
 
-    monkeypatch.setattr(dataset, "validate_record", validate)
+    monkeypatch.setattr("data.records.validate_record", validate)
     bad, lengths = preflight.check_all({"train": train}, tmp_path, skip_bad=False, preflight_only=True, progress=False)
     assert bad == {"train": [1]} and lengths["train"][0] and lengths["train"][2]
     [problem] = json.loads((tmp_path / preflight.REPORT_NAME).read_text())["problems"]
@@ -518,7 +523,7 @@ class LoggedChecks:
         with open(self.log, "a") as f:
             f.write(f"{index} {os.getpid()}\n")
         if index % 7 == 3:
-            raise dataset.DataError("bad", index=index, record_id=f"r{index}", data_path=self.data_path, code="bad_content")
+            raise DataError("bad", index=index, record_id=f"r{index}", data_path=self.data_path, code="bad_content")
         return {"tokens": 10 + index, "length": min(10 + index, self.max_length), "truncated": 10 + index > self.max_length}
 
 
@@ -617,7 +622,7 @@ def test_cache_reuses_an_unchanged_check_and_anything_changed_checks_again(tiny_
         return reused, result
 
     first, result = check()
-    assert not first and (out / preflight.CACHE_NAME).exists()
+    assert not first and (out / CACHE_NAME).exists()
     assert check() == (True, result)  # a restart: the same data and settings
     assert sum("its results are reused" in r.getMessage() for r in caplog.records) == 1
     assert not check(model_max_length=400)[0]
@@ -634,6 +639,6 @@ def test_cache_reuses_an_unchanged_check_and_anything_changed_checks_again(tiny_
     assert not check(max_slice_nums=1)[0]
     # Another tokenizer (one token more) is another check.
     train = dataset_as_trained(model, data, "--max_slice_nums=1")[0]
-    key = preflight.cache_key({"train": train})
+    key = cache_key({"train": train})
     train.tokenizer.add_tokens(["<extra_token_for_the_test>"])
-    assert preflight.cache_key({"train": train}) != key
+    assert cache_key({"train": train}) != key

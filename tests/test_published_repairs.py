@@ -1,5 +1,5 @@
-"""Repairs the conformance run of the published MiniCPM-V code called for (remote_code_repairs,
-defects 6 to 11): each on a small piece of remote code written here the way the published file
+"""Repairs the conformance run of the published MiniCPM-V code called for (the repairs
+package, defects 6 to 11): each on a small piece of remote code written here the way the published file
 writes it, repaired only where its defect is there. (Defect 8, the failing get_input_embeddings, is
 the tiny 2.0 stand-in's: tests/test_tiny_models.py.)"""
 
@@ -14,7 +14,11 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import loading
-import remote_code_repairs
+from repairs.embeddings import repair_tied_weights_keys
+from repairs.generation import repair_generation_mixin
+from repairs.rope import repair_legacy_rope_scaling
+from repairs.tokenizer import repair_sentencepiece_ids
+from repairs.zero3 import repair_cuda_under_zero3
 
 
 def remote_module(tmp_path, name, source):
@@ -49,14 +53,14 @@ def test_rope_scaling_reads_as_transformers_4_did_where_code_reads_its_type(tmp_
     unscaled = {"rope_type": "default", "rope_theta": 10000.0}
     with pytest.raises(KeyError, match="type"):
         module.init_rope(module.LegacyConfig(rope_parameters=dict(unscaled)))
-    assert remote_code_repairs.repair_legacy_rope_scaling(module.LegacyConfig, [path]) == [path.name]
+    assert repair_legacy_rope_scaling(module.LegacyConfig, [path]) == [path.name]
     assert module.init_rope(module.LegacyConfig(rope_parameters=dict(unscaled))) == "plain"
     scaled = module.LegacyConfig(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
     assert module.init_rope(scaled) == ("linear", 2.0)
     assert scaled.rope_parameters["rope_type"] == "linear"  # transformers' own view is unchanged
     # Code that never reads rope_scaling["type"] keeps transformers' view.
     other, other_path = remote_module(tmp_path, "modern_rope", LEGACY_ROPE.replace('["type"]', '["rope_type"]'))
-    assert remote_code_repairs.repair_legacy_rope_scaling(other.LegacyConfig, [other_path]) == []
+    assert repair_legacy_rope_scaling(other.LegacyConfig, [other_path]) == []
     assert other.LegacyConfig(rope_parameters=dict(unscaled)).rope_scaling == unscaled
 
 
@@ -84,11 +88,11 @@ def test_a_list_of_tied_weights_becomes_the_mapping_and_the_model_saves(tmp_path
     model = module.TinyLM(transformers.PretrainedConfig(tie_word_embeddings=False))
     with pytest.raises(AttributeError, match="keys"):
         model.save_pretrained(tmp_path / "before")
-    assert remote_code_repairs.repair_tied_weights_keys(model) == ["TinyLM"]
+    assert repair_tied_weights_keys(model) == ["TinyLM"]
     assert model._tied_weights_keys == {"lm_head.weight": "embed.weight"}
     model.save_pretrained(tmp_path / "after")
     assert (tmp_path / "after" / "model.safetensors").is_file()
-    assert remote_code_repairs.repair_tied_weights_keys(model) == []  # done once
+    assert repair_tied_weights_keys(model) == []  # done once
 
 
 NO_MIXIN = '''
@@ -110,10 +114,10 @@ class OldLM(PreTrainedModel):
 def test_a_language_model_without_generation_mixin_gets_it(tmp_path):
     module, _ = remote_module(tmp_path, "no_mixin", NO_MIXIN)
     assert not hasattr(module.OldLM, "generate")
-    assert remote_code_repairs.repair_generation_mixin(module.OldLM) == ["OldLM"]
+    assert repair_generation_mixin(module.OldLM) == ["OldLM"]
     assert issubclass(module.OldLM, transformers.GenerationMixin) and hasattr(module.OldLM, "generate")
     assert module.OldLM(transformers.PretrainedConfig()).generation_config is not None
-    assert remote_code_repairs.repair_generation_mixin(module.OldLM) == []
+    assert repair_generation_mixin(module.OldLM) == []
 
 
 CUDA_UNDER_ZERO3 = '''
@@ -131,7 +135,7 @@ class Holder(torch.nn.Module):
 def test_cuda_under_zero3_stays_off_cuda_on_a_machine_without_it(tmp_path, monkeypatch):
     module, _ = remote_module(tmp_path, "cuda_zero3", CUDA_UNDER_ZERO3)
     monkeypatch.setattr(module, "is_deepspeed_zero3_enabled", lambda: True)  # as under a ZeRO-3 run
-    repaired = remote_code_repairs.repair_cuda_under_zero3(module.Holder)
+    repaired = repair_cuda_under_zero3(module.Holder)
     if torch.cuda.is_available():
         assert repaired == [] and module.Holder().place().device.type == "cuda"
     else:
@@ -169,7 +173,7 @@ def test_a_tokenizer_reading_sentencepiece_ids_gets_them_from_its_special_tokens
     except AttributeError:
         broken = True
     assert broken
-    assert remote_code_repairs.repair_sentencepiece_ids(tokenizer)
+    assert repair_sentencepiece_ids(tokenizer)
     assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.im_start_id) == (1, 2, 3)
 
     # A saved folder: tokenizer_config.json's auto_map goes through repaired_tokenizer.py; plain
@@ -177,7 +181,7 @@ def test_a_tokenizer_reading_sentencepiece_ids_gets_them_from_its_special_tokens
     folder = tmp_path / "saved"
     tokenizer.save_pretrained(folder)
     shutil.copyfile(path, folder / path.name)
-    shutil.copyfile(remote_code_repairs.__file__, folder / "remote_code_repairs.py")
+    loading.copy_repairs(folder)
     config_path = folder / "tokenizer_config.json"
     tokenizer_config = json.loads(config_path.read_text())
     tokenizer_config["auto_map"] = {"AutoTokenizer": ["sp_tokenizer.OldTokenizer", None]}

@@ -1,5 +1,5 @@
 """Stand-ins for transformers names the published MiniCPM-V remote code imports but transformers
-removed (remote_code_repairs, defect 4), the imports table of the published code, and the
+removed (repairs.removed_names and repairs.stand_ins, defect 4), the imports table of the published code, and the
 checkpoints whose remote code imports those names (tests/fixtures/removed_names).
 
 Golden values: tests/golden/removed_names/*.json, recorded by tests/golden/record_removed_names.py
@@ -23,7 +23,8 @@ from transformers.cache_utils import DynamicCache
 import demo_data
 import loading
 import numerics
-import remote_code_repairs
+from repairs.removed_names import SUPPORTED_TRANSFORMERS, UnsupportedTransformersError, resolves
+from repairs.stand_ins import STAND_INS
 from golden import record_removed_names as recorded
 from launch import LORA_ARGS, dataset_as_trained, eval_loss, eval_losses, finetune_args, run, run_finetune, train_losses
 from tiny_models.build import LLM_TYPE
@@ -42,14 +43,14 @@ FIXTURE_CASES = {
 
 
 def stand_in(module_name, name):
-    return remote_code_repairs.STAND_INS[(module_name, name)]()
+    return STAND_INS[(module_name, name)]()
 
 
 class CacheWithStandIns(DynamicCache):
     """DynamicCache with the cache stand-ins, so this process's transformers stays unpatched."""
 
 
-for (_module, _name), _build in remote_code_repairs.STAND_INS.items():
+for (_module, _name), _build in STAND_INS.items():
     if _module == "transformers.cache_utils":
         setattr(CacheWithStandIns, _name.split(".")[1], _build())
 
@@ -76,7 +77,7 @@ def stand_in_outputs():
 
 
 def test_every_stand_in_has_golden_values():
-    names = {name for _, name in remote_code_repairs.STAND_INS}
+    names = {name for _, name in STAND_INS}
     assert {path.stem for path in GOLDEN.glob("*.json")} == names
 
 
@@ -98,8 +99,8 @@ def test_every_published_import_resolves_or_is_supplied():
     unresolved = [
         (row["family"], row["file"], row["module"], row["name"])
         for row in rows
-        if not remote_code_repairs.resolves(row["module"], row["name"])
-        and (row["module"], row["name"]) not in remote_code_repairs.STAND_INS
+        if not resolves(row["module"], row["name"])
+        and (row["module"], row["name"]) not in STAND_INS
     ]
     assert unresolved == []
 
@@ -133,7 +134,7 @@ def test_every_third_party_module_the_published_code_imports_is_installed_by_req
 def test_requirements_state_the_supported_range():
     requirements = (Path(__file__).parent.parent / "requirements.txt").read_text().splitlines()
     [line] = [line for line in requirements if line.startswith("transformers")]
-    assert line == "transformers" + remote_code_repairs.SUPPORTED_TRANSFORMERS
+    assert line == "transformers" + SUPPORTED_TRANSFORMERS
 
 
 # ---- checkpoints whose remote code imports removed names --------------------------------------
@@ -226,27 +227,29 @@ def test_o_2_6_fixture_uses_its_stand_ins(fixture_checkpoint):
 
 def test_unsupported_removed_name_is_named_before_anything_loads(tiny_checkpoint, tmp_path):
     folder = build_fixture_checkpoint("unsupported", tiny_checkpoint("minicpmv2_6"), tmp_path / "unsupported")
-    with pytest.raises(remote_code_repairs.UnsupportedTransformersError) as raised:
+    with pytest.raises(UnsupportedTransformersError) as raised:
         loading.load_config(folder)
     message = str(raised.value)
     for part in ("MiniCPM-V 2.6", "LlamaFlashAttention2", "modeling_navit_siglip.py",
-                 remote_code_repairs.SUPPORTED_TRANSFORMERS):
+                 SUPPORTED_TRANSFORMERS):
         assert part in message, message
 
 
 PROBE = """
 import json, logging, sys
 import torch, transformers
-import loading, remote_code_repairs
+import loading, repairs
+from repairs.removed_names import resolves
+from repairs.stand_ins import STAND_INS
 
 records = []
 handler = logging.Handler()
 handler.emit = lambda record: records.append(record.getMessage())
-logging.getLogger(remote_code_repairs.__name__).addHandler(handler)
-logging.getLogger(remote_code_repairs.__name__).setLevel(logging.INFO)
+logging.getLogger(repairs.__name__).addHandler(handler)
+logging.getLogger(repairs.__name__).setLevel(logging.INFO)
 # Which removed names this transformers lacks before anything loads.
-result = {"missing": [name for (module, name) in remote_code_repairs.STAND_INS
-                      if not remote_code_repairs.resolves(module, name)]}
+result = {"missing": [name for (module, name) in STAND_INS
+                      if not resolves(module, name)]}
 for name, folder in json.loads(sys.argv[1]):
     before = len(records)
     config = loading.load_config(folder)
@@ -256,8 +259,8 @@ for name, folder in json.loads(sys.argv[1]):
     result[name] = {
         "messages": records[before:],
         "stand_in_mask_module": mask_module is not None and getattr(mask_module, "__file__", None) is None,
-        "fx_available": remote_code_repairs.resolves("transformers.utils.import_utils", "is_torch_fx_available"),
-        "legacy_cache": remote_code_repairs.resolves("transformers.cache_utils", "DynamicCache.from_legacy_cache"),
+        "fx_available": resolves("transformers.utils.import_utils", "is_torch_fx_available"),
+        "legacy_cache": resolves("transformers.cache_utils", "DynamicCache.from_legacy_cache"),
     }
 result["messages"] = records
 print("PROBE", json.dumps(result))

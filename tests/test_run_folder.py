@@ -15,10 +15,12 @@ from peft import LoraConfig
 
 import demo_data
 import finetune
+from stages import prepare
 import preflight
 import resilience
 import run_folder
 from arguments import parse_args
+from data.preflight_cache import CACHE_NAME
 from launch import LORA_ARGS, FAST_ARGS, REPO, Launched, finetune_args, finetune_command, logged_steps, run, subprocess_env
 
 
@@ -43,7 +45,7 @@ def call_main(argv, monkeypatch, capsys):
     def no_weights(*args, **kwargs):
         raise WeightsLoaded
 
-    monkeypatch.setattr(finetune, "load_model", no_weights)
+    monkeypatch.setattr(prepare, "load_model", no_weights)
     try:
         finetune.main([str(arg) for arg in argv])
         code = "returned"
@@ -127,7 +129,7 @@ def test_a_folder_holding_an_earlier_run_is_refused_byte_for_byte_unchanged(tiny
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     (fresh / preflight.REPORT_NAME).write_text("{}")
-    (fresh / preflight.CACHE_NAME).write_text("{}")
+    (fresh / CACHE_NAME).write_text("{}")
     code, err = call_main(finetune_args(model, shapes, fresh), monkeypatch, capsys)
     assert code is None, err
     assert not (fresh / run_folder.LOCK_NAME).exists()  # released when the run stopped
@@ -249,14 +251,14 @@ def test_best_model_clean_up_at_the_end_spares_an_earlier_runs_checkpoint(tiny_c
 
 def test_image_deleted_after_preflight_stops_naming_the_record(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     data = demo_data.generate(tmp_path / "data", count=2)
-    log_sample = finetune.log_sample
+    log_sample = prepare.log_sample
 
     def delete_after_checks(*args, **kwargs):  # the last use of the data before training
         log_sample(*args, **kwargs)
         for image in (tmp_path / "data" / "images").iterdir():
             image.unlink()
 
-    monkeypatch.setattr(finetune, "log_sample", delete_after_checks)
+    monkeypatch.setattr(prepare, "log_sample", delete_after_checks)
     out = tmp_path / "out"
     argv = finetune_args(tiny_checkpoint("minicpmv2_6"), data, out, *FAST_ARGS, *LORA_ARGS, "--max_steps", "2",
                          "--per_device_train_batch_size", "4")

@@ -1,6 +1,9 @@
 """--group_by_length: batches of similar length, from the lengths preflight measured."""
 
+import json
+
 import pytest
+from torch.utils.data import Subset
 from transformers import AutoModel
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -15,9 +18,9 @@ from trainer import CPMTrainer
 def test_group_by_length_uses_preflight_lengths_without_building_samples(tiny_checkpoint, tmp_path, monkeypatch):
     model_dir = tiny_checkpoint("minicpmv2_6")
     dataset, collator = dataset_as_trained(model_dir, demo_data.generate(tmp_path / "data", count=8))
-    checked = preflight.run({"train": dataset, "eval": None}, str(tmp_path))["train"]
+    checked = preflight.run({"train": dataset, "eval": None}, str(tmp_path))
     expected = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
-    assert checked.lengths == expected and len(set(expected)) > 1
+    assert checked.lengths["train"] == expected and len(set(expected)) > 1
 
     _, _, args, _ = arguments.parse_args(["--output_dir", str(tmp_path), "--use_cpu", "true", "--report_to", "none",
                                           "--group_by_length", "true", "--per_device_train_batch_size", "2"])
@@ -28,20 +31,23 @@ def test_group_by_length_uses_preflight_lengths_without_building_samples(tiny_ch
 
     monkeypatch.setattr(SupervisedDataset, "__getitem__", refuse)
     model = AutoModel.from_pretrained(model_dir, trust_remote_code=True)
-    trainer = CPMTrainer(model=model, args=args, train_dataset=checked, data_collator=collator)
+    trainer = CPMTrainer(model=model, args=args, train_dataset=checked.datasets["train"],
+                         train_lengths=checked.lengths["train"], data_collator=collator)
     sampler = trainer._get_train_sampler()
     assert isinstance(sampler, LengthGroupedSampler) and sampler.lengths == expected
     assert sorted(sampler) == list(range(len(dataset)))
 
 
-def test_subset_lengths_follow_its_indices(tiny_checkpoint, tmp_path):
-    from torch.utils.data import Subset
-
-    from dataset import record_lengths
-
-    dataset, _ = dataset_as_trained(tiny_checkpoint("minicpmv2_6"), demo_data.generate(tmp_path, count=4))
-    dataset.lengths = [10, 20, 30, 40]
-    assert record_lengths(Subset(dataset, [3, 1])) == [40, 20]
+def test_skipped_records_lengths_follow_the_kept_indices(tiny_checkpoint, tmp_path):
+    data = demo_data.generate(tmp_path / "data", count=4)
+    records = json.loads(data.read_text())
+    records[2]["conversations"] = []  # unusable: dropped by --skip_bad_samples
+    data.write_text(json.dumps(records))
+    dataset, _ = dataset_as_trained(tiny_checkpoint("minicpmv2_6"), data)
+    checked = preflight.run({"train": dataset, "eval": None}, str(tmp_path), skip_bad=True)
+    kept = checked.datasets["train"]
+    assert isinstance(kept, Subset) and kept.indices == [i for i in range(len(dataset)) if i != 2]
+    assert checked.lengths["train"] == [len(dataset[i]["input_ids"]) for i in kept.indices]
 
 
 def test_group_by_length_contradicting_another_sampler_is_refused():

@@ -23,7 +23,8 @@ import demo_data
 import loading
 import merge
 import numerics
-from backends import REMOTE_CODE_LORA_TARGETS as DEFAULT_LORA_TARGETS
+from families.remote_code import REMOTE_CODE_LORA_TARGETS as DEFAULT_LORA_TARGETS
+from repairs.files import REPAIRS_FILE_PREFIX
 from launch import LORA_ARGS, REPO, finetune_args, run, run_finetune, subprocess_env
 from test_loading import DEFECTS, batch, defective_checkpoint, load, logits  # noqa: F401 (a fixture)
 from trainer import CPMTrainer
@@ -63,7 +64,8 @@ def without_repairs(folder, tmp_path):
     config["auto_map"] = config.pop(loading.PUBLISHED_AUTO_MAP)
     (copy / "config.json").write_text(json.dumps(config))
     (copy / f"{loading.REPAIRED_MODULE}.py").unlink()
-    (copy / "remote_code_repairs.py").unlink()
+    for repairs_copy in copy.glob(f"{REPAIRS_FILE_PREFIX}*.py"):
+        repairs_copy.unlink()
     return copy
 
 
@@ -137,7 +139,14 @@ def test_write_repaired_classes_keeps_the_published_targets(defective_checkpoint
     published = json.loads((folder / "config.json").read_text())["auto_map"]
     written = loading.write_repaired_classes(folder)
     assert written and all((folder / name).is_file() for name in written)
-    assert (folder / "remote_code_repairs.py").read_text() == (REPO / "remote_code_repairs.py").read_text()
+    # A copy of every module of the repairs package, the same code with its imports of its siblings
+    # renamed as the copies are.
+    modules = sorted(path.name for path in (REPO / "repairs").glob("*.py") if path.name != "__init__.py")
+    assert sorted(path.name for path in folder.glob(f"{REPAIRS_FILE_PREFIX}*.py")) == [
+        REPAIRS_FILE_PREFIX + name for name in modules]
+    for name in modules:
+        copied = (folder / f"{REPAIRS_FILE_PREFIX}{name}").read_text()
+        assert copied.replace(f"from .{REPAIRS_FILE_PREFIX}", "from .") == (REPO / "repairs" / name).read_text()
     config = json.loads((folder / "config.json").read_text())
     assert config[loading.PUBLISHED_AUTO_MAP] == published
     assert set(config["auto_map"].values()) == {f"{loading.REPAIRED_MODULE}.MiniCPMVConfig",
@@ -145,6 +154,43 @@ def test_write_repaired_classes_keeps_the_published_targets(defective_checkpoint
     # Saving again (as a run started from a saved folder does) wraps the same published classes.
     loading.write_repaired_classes(folder)
     assert json.loads((folder / "config.json").read_text()) == config
+
+
+# The two files write_repaired_classes wrote into the defect fixture's folder (DEFECTS "all") before the
+# repairs became a package (at 94f27ba): a single remote_code_repairs.py beside repaired_classes.py.
+SAVED_BEFORE_PACKAGE = Path(__file__).parent / "fixtures" / "saved_before_repairs_package"
+
+
+def saved_before_package(defective_checkpoint, folder):
+    """The defect fixture with every defect, as the previous version of this project saved it."""
+    folder = shutil.copytree(defective_checkpoint("all"), folder)
+    for path in SAVED_BEFORE_PACKAGE.glob("*.py"):
+        shutil.copyfile(path, folder / path.name)
+    config = json.loads((folder / "config.json").read_text())
+    config[loading.PUBLISHED_AUTO_MAP] = config["auto_map"]
+    config["auto_map"] = {key: f"{loading.REPAIRED_MODULE}.{target.rpartition('.')[2]}"
+                          for key, target in config["auto_map"].items()}
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+@pytest.mark.numerics
+def test_a_folder_saved_before_the_repairs_package_still_loads_and_is_saved_anew(defective_checkpoint, tmp_path):
+    """Its own copy of the repairs loads it with plain transformers and through the loader; writing the
+    repairs again (as every save does) replaces that copy with the package's modules."""
+    expected = logits(load(defective_checkpoint("all")))
+    old = saved_before_package(defective_checkpoint, tmp_path / "old")
+    assert torch.equal(logits(load(old)), expected)
+    resaved = shutil.copytree(old, tmp_path / "resaved")
+    written = loading.write_repaired_classes(resaved)
+    assert not (resaved / "remote_code_repairs.py").exists()
+    assert f"{REPAIRS_FILE_PREFIX}classes.py" in written and all((resaved / name).is_file() for name in written)
+    assert json.loads((resaved / "config.json").read_text()) == json.loads((old / "config.json").read_text())
+    torch.save(batch(loading.load_config(old).vocab_size), tmp_path / "batch.pt")
+    results = plain_load([{"name": name, "folder": folder, "batch": tmp_path / "batch.pt"}
+                          for name, folder in (("old", old), ("resaved", resaved))], tmp_path)
+    for name in ("old", "resaved"):
+        assert mismatch(results[name], expected) is None, results[name].get("traceback")
 
 
 # ---- real runs: LoRA, merge, then a full fine-tune started from the merged folder -------------
@@ -162,7 +208,7 @@ def trained_folders(defective_checkpoint, tmp_path_factory):
     run_finetune(finetune_args(base, data, tmp_path / "lora", *LORA_ARGS, *common))
     merged = merge.merge(base, tmp_path / "lora", tmp_path / "merged")
     _, output = run_finetune(finetune_args(merged, data, tmp_path / "full", "--save_steps", "1", *common))
-    assert f"Wrote {loading.REPAIRED_MODULE}.py and remote_code_repairs.py into {tmp_path / 'full'}" in output
+    assert f"Wrote {loading.REPAIRED_MODULE}.py and the repairs ({REPAIRS_FILE_PREFIX}*.py) into {tmp_path / 'full'}" in output
     # The checkpoint first: moving the run folder moves it too.
     return {"merged": merged, "checkpoint": tmp_path / "full" / "checkpoint-1", "full": tmp_path / "full"}
 
@@ -202,7 +248,7 @@ def test_an_adapter_folder_naming_a_file_it_lacks_gets_it_or_the_base_tokenizer(
     processor's file (2.6: AutoProcessor -> processing_minicpmv); the folder then gets the files it names
     (copy_named_files, as CPMTrainer's adapter saves do), and an older such folder makes inference take
     the base model's tokenizer instead of failing."""
-    import backends
+    from families.inference import load_for_inference
 
     base = tiny_checkpoint("minicpmv2_6")
     adapter = tmp_path / "adapter"
@@ -216,8 +262,8 @@ def test_an_adapter_folder_naming_a_file_it_lacks_gets_it_or_the_base_tokenizer(
     older = shutil.copytree(adapter, tmp_path / "older")
     model = get_peft_model(load(base), LoraConfig(r=2, target_modules=DEFAULT_LORA_TARGETS))
     model.save_pretrained(older)
-    with caplog.at_level("WARNING", logger="backends"):
-        _, tokenizer, _, _ = backends.load_for_inference(str(base), str(older))
+    with caplog.at_level("WARNING", logger="families.inference"):
+        _, tokenizer, _, _ = load_for_inference(str(base), str(older))
     assert f"taking the tokenizer and processor from {base}" in caplog.text
     assert type(tokenizer).__name__ == "MiniCPMVTokenizerFast"
 

@@ -1,9 +1,13 @@
-"""demo_data.py, infer.py, merge.py and the demo itself, on the tiny checkpoints."""
+"""The launchers' command lines; demo_data.py, infer.py, merge.py and the demo itself, on the tiny checkpoints."""
 
 import ast
 import json
+import os
 import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,11 +15,14 @@ from peft import PeftModel
 from transformers import AutoModel
 
 import demo_data
+import families
 import infer
 import loading
 import numerics
-from backends import RemoteCodeBackend
-from dataset import DataCollator, data_settings, make_dataset, model_pixels
+from data.layouts import LAYOUTS
+from data.slicing import model_pixels
+from dataset import DataCollator, make_dataset
+from families.remote_code import RemoteCodeFamily
 from launch import LORA_ARGS, REPO, finetune_args, run, run_finetune, subprocess_env
 
 
@@ -38,8 +45,8 @@ def adapter(tiny_checkpoint, demo_set, tmp_path_factory):
 def samples(model_dir, data, indices):
     config, tokenizer = loading.load_config(model_dir), loading.load_tokenizer(model_dir)
     dataset = make_dataset(
-        json.loads(data.read_text()), tokenizer, data_settings(config, max_slice_nums=2),
-        llm_type="qwen", max_length=512, image_root=data.parent,
+        json.loads(data.read_text()), tokenizer, families.family_for(config).data_settings(config, max_slice_nums=2),
+        layout=LAYOUTS["qwen"], max_length=512, image_root=data.parent,
     )
     if not indices:
         return None, dataset
@@ -70,7 +77,7 @@ def test_prompt_ends_where_the_answer_starts(tiny_checkpoint, demo_set):
     model_dir = tiny_checkpoint("minicpmv2_6")
     _, dataset = samples(model_dir, demo_set, [])
     tokenizer = loading.load_tokenizer(model_dir)
-    prompt = RemoteCodeBackend("qwen").prompt_inputs(dataset[0], "cpu")
+    prompt = RemoteCodeFamily().prompt_inputs(dataset[0], "cpu")
     text = tokenizer.decode(prompt["input_ids"][0])
     assert text.endswith("<|im_start|>assistant\n")
     assert "a red square" not in text and text.count("<image>") == 1
@@ -101,8 +108,11 @@ def test_merge_is_standalone_and_matches_the_adapter(tiny_checkpoint, demo_set, 
 
 @pytest.mark.launch
 def test_inference_and_merging_import_no_training_code():
-    """infer.py and merge.py depend on loading and data code only, never on the training modules."""
-    training = {"finetune", "arguments", "distributed", "lora", "trainer", "loss", "preflight", "resilience", "usage"}
+    """infer.py and merge.py depend on loading, data and evaluation code only, never on the training modules.
+    (usage.py, the command-line error type every entry point shares, is not training code: the metrics
+    registry raises it for an unknown metric name, in infer.py's --metrics as in finetune.py's.)"""
+    training = {"finetune", "arguments", "distributed", "lora", "trainer", "loss", "preflight", "resilience",
+                "stages", "evaluation.during_training"}
     _, output = run([sys.executable, "-c", "import sys, infer, merge; print('modules:', sorted(sys.modules))"])
     imported = set(ast.literal_eval(re.search(r"^modules: (.*)$", output, flags=re.M).group(1)))
     assert {"loading", "dataset"} <= imported and not imported & training, imported & training
@@ -157,3 +167,68 @@ def test_infer_names_a_bad_questions_line_before_loading_weights(tmp_path, capsy
     assert stop.value.code == 2
     message = capsys.readouterr().err
     assert "record 1" in message and "line 2 is not valid JSON" in message and str(questions) in message
+
+
+# The finetune.py command line each launcher runs, recorded from the launchers as they were before
+# they shared launch.sh (commit 94f27ba) by record_launcher_argv(). A change to a launcher's
+# variables or flags is a change to this file, made on purpose:
+#   python -c "import sys; sys.path[:0] = ['.', 'tests']; import test_scripts; test_scripts.record_launcher_argv()"
+LAUNCHER_ARGV = REPO / "tests" / "golden" / "launcher_argv.json"
+LAUNCHERS = {  # name: (script, environment)
+    "lora": ("finetune_lora.sh", {}),
+    "full": ("finetune_ds.sh", {}),
+    "dpo": ("finetune_dpo.sh", {}),
+    "dpo full": ("finetune_dpo.sh", {"USE_LORA": "false"}),
+}
+EVERY_VARIABLE = {
+    "GPUS_PER_NODE": "2", "NNODES": "3", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "7001",
+    "MODEL": "my models/MiniCPM-V-4_5", "LLM_TYPE": "qwen", "DATA": "train data.json", "EVAL_DATA": "eval.jsonl",
+    "OUTPUT_DIR": "runs/one", "MODEL_MAX_Length": "4096", "DS_CONFIG": "my_zero2.json", "DATALOADER_WORKERS": "4",
+}
+LAUNCHER_CASES = {  # name: (environment, arguments after the script, what the GPU probe answers)
+    "defaults, CPU": ({}, [], "cpu"),
+    "defaults, bf16 GPU": ({}, [], "bf16"),
+    "every variable, fp16 chosen on a bf16 GPU, arguments": (
+        {**EVERY_VARIABLE, "PRECISION": "fp16"}, ["--max_steps", "5", "--learning_rate", "1e-5"], "bf16"),
+    "no evaluation, own device flags, own torchrun": (
+        {"EVAL_DATA": "", "DEVICE_ARGS": "--bf16 true --tf32 true", "TORCHRUN": "{python} my_torchrun"}, [], "fp16"),
+    "fp32 on an fp16 GPU": ({"PRECISION": "fp32"}, ["--seed", "3"], "fp16"),
+}
+
+
+def launcher_argv(folder, script, env, args, gpu, tmp_path):
+    """The command line ``bash folder/script args`` executes, with a stand-in Python that answers the
+    GPU probe with ``gpu`` and, run as torchrun (the default TORCHRUN), prints its arguments; the
+    script's folder reads ``{HERE}``."""
+    python = tmp_path / "python"
+    python.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                      f"print({gpu!r} if sys.argv[1] == '-c' else json.dumps(sys.argv[1:]))\n")
+    python.chmod(0o755)
+    env = {"PATH": os.environ["PATH"], "PYTHON": str(python),
+           **{key: value.format(python=python) for key, value in env.items()}}
+    result = subprocess.run(["bash", str(Path(folder) / script), *args], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return [arg.replace(str(folder), "{HERE}") for arg in json.loads(result.stdout)]
+
+
+def launcher_argvs(folder, tmp_path):
+    return {f"{launcher} | {case}": launcher_argv(folder, script, {**script_env, **env}, args, gpu, tmp_path)
+            for launcher, (script, script_env) in LAUNCHERS.items()
+            for case, (env, args, gpu) in LAUNCHER_CASES.items()}
+
+
+def record_launcher_argv():
+    with tempfile.TemporaryDirectory() as tmp:
+        LAUNCHER_ARGV.write_text(json.dumps(launcher_argvs(REPO, Path(tmp)), indent=1) + "\n")
+
+
+@pytest.mark.launch
+def test_launchers_run_the_recorded_command_lines(tmp_path):
+    """Every variable users set and every flag each launcher passes, as the launchers passed them
+    before they shared launch.sh."""
+    expected = json.loads(LAUNCHER_ARGV.read_text())
+    got = launcher_argvs(REPO, tmp_path)
+    assert got.keys() == expected.keys()
+    for case in expected:
+        assert got[case] == expected[case], case

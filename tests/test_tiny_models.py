@@ -14,11 +14,11 @@ from PIL import Image
 from transformers import AutoConfig, AutoModel, AutoProcessor, AutoTokenizer, PreTrainedTokenizerFast
 
 import numerics
-import remote_code_repairs
+from repairs.embeddings import repair_input_embeddings
 from launch import dataset_as_trained
 from test_loss import enable_checkpointing
-from backends import REMOTE_CODE_LORA_TARGETS as DEFAULT_LORA_TARGETS
-from backends import RemoteCodeBackend
+from families.remote_code import REMOTE_CODE_LORA_TARGETS as DEFAULT_LORA_TARGETS
+from families.remote_code import RemoteCodeFamily
 from tiny_models.build import (
     FAMILIES,
     LLM_TYPE,
@@ -314,7 +314,7 @@ def test_lora_with_modules_to_save_trains_saves_and_reloads(tiny_checkpoint, tmp
     if family == "minicpmv2_0":  # like the published 2.0 code, its get_input_embeddings fails: the loader's repair
         with pytest.raises(AttributeError):
             model.get_input_embeddings()
-        assert remote_code_repairs.repair_input_embeddings(model)
+        assert repair_input_embeddings(model)
     config = LoraConfig(
         r=4, lora_alpha=8, target_modules=DEFAULT_LORA_TARGETS, modules_to_save=["embed_tokens", "resampler"]
     )
@@ -348,7 +348,7 @@ def test_lora_with_modules_to_save_trains_saves_and_reloads(tiny_checkpoint, tmp
 def test_bf16_lora_with_gradient_checkpointing_backpropagates(tiny_checkpoint, family):
     model, tokenizer = load(tiny_checkpoint(family), dtype=torch.bfloat16)
     assert model.llm.model.embed_tokens.weight.dtype == torch.bfloat16
-    remote_code_repairs.repair_input_embeddings(model)  # 2.0: as loading.load_model does
+    repair_input_embeddings(model)  # 2.0: as loading.load_model does
     model.requires_grad_(False)
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=DEFAULT_LORA_TARGETS))
     enable_checkpointing(peft_model)
@@ -449,7 +449,7 @@ def test_processor_lays_out_a_prompt_as_training_does(tiny_checkpoint, tmp_path,
         {"role": "user", "content": "<image>\nWhat is this?"}, {"role": "assistant", "content": "Noise."}]}
     (tmp_path / "data.json").write_text(json.dumps([record]))
     dataset, _ = dataset_as_trained(folder, tmp_path / "data.json", "--max_slice_nums", "3")
-    trained = RemoteCodeBackend("qwen").prompt_inputs(dataset[0], "cpu")
+    trained = RemoteCodeFamily().prompt_inputs(dataset[0], "cpu")
 
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     prompt = processor.tokenizer.apply_chat_template(

@@ -1,5 +1,9 @@
 """Write a tiny, randomly initialised MiniCPM-V checkpoint.
 
+(About 580 lines, over the ~400 a module should hold: the remote-code and native halves share the BPE
+trainer, the chat templates and the sizes, and the tests, the demo and conformance.py take them all
+from this one builder, test scaffolding rather than the training pipeline.)
+
     python -m tiny_models.build minicpmv2_6 /tmp/tiny-2_6 [--seed 0]
 
 Remote-code families (FAMILIES): the folder holds config.json (auto_map to the remote code), the
@@ -31,7 +35,7 @@ from .remote_code.configuration_minicpm import TINY_SCALE_RESOLUTION
 
 # What each family's published remote code exposes: tokenizer names, config.json fields (data).
 PUBLISHED_RECORD = pathlib.Path(__file__).parent / "published_remote_code.json"
-# The config fields the data pipeline reads (dataset.data_settings, dataset.py).
+# The config fields the data pipeline reads (each family's data_settings, families/remote_code.py).
 PIPELINE_CONFIG_FIELDS = tuple(json.loads(PUBLISHED_RECORD.read_text())["pipeline_config_fields"])
 
 FAMILIES = ("minicpmv2_0", "minicpmv2_5", "minicpmv2_6", "minicpmo2_6", "minicpmv4_5")

@@ -11,7 +11,7 @@ get_usable_length), 4.48.3 (Cache.get_max_length), 4.52.4 (WHISPER_ATTENTION_CLA
 _prepare_4d_causal_attention_mask_with_cache_position), 4.48.3 (LogitsWarper). Run them oldest
 first; each later run overwrites only the names it still has.
 
-tests/test_removed_names.py replays the same cases (`CASES`) on remote_code_repairs' stand-ins.
+tests/test_removed_names.py replays the same cases (`CASES`) on the stand-ins of repairs/stand_ins.py.
 """
 
 import importlib

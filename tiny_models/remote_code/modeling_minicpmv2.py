@@ -4,7 +4,7 @@ With the interfaces of the published 2.0 (HwwwwwwwH/MiniCPM-V-2@84ce9b0:modeling
 tiny_models/published_remote_code.json records them): `forward(data)` reads the bounds from
 `data["image_bounds"]`; `generate(input_ids, pixel_values, image_sizes, image_bounds, tgt_sizes,
 tokenizer, vision_hidden_states, **kwargs)` returns token ids; `get_input_embeddings` returns
-`self.llm.embed_tokens`, which the LLM does not have (remote_code_repairs, defect 8, repairs it at
+`self.llm.embed_tokens`, which the LLM does not have (repairs/embeddings.py, defect 8, repairs it at
 load); the modules the published files import at their top are imported here too. Its LLM
 (MiniCPM-2B, `MiniCPMForCausalLM`) prepares its generation inputs the way transformers 4.36 did.
 """

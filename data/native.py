@@ -13,70 +13,41 @@ Labels use the standard causal-LM layout, ``labels[i] = input_ids[i]`` where tok
 because these models shift inside their own loss. (The remote-code families' dataset builds labels
 already shifted by one, the reference fine-tuner's layout; see dataset.shifted_labels.) Learned are
 each assistant turn's content, its think block where the record has one, and the ``<|im_end|>``
-that ends the turn -- the same spans as dataset.render_qwen.
+that ends the turn -- the same spans as data.layouts.render_qwen.
 
-Videos are decoded with PyAV; which frames is the video processor's own ``sample_frames``.
+Videos are decoded with PyAV (data/media.py); which frames is the video processor's own ``sample_frames``.
 """
 
 import functools
 import logging
 import re
 
-import av
-import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
-from transformers.video_utils import VideoMetadata
 
-from dataset import (
-    IGNORE_INDEX,
-    LITERAL_TAG_HINT,
-    MULTI_IMAGE_TAG,
-    SINGLE_IMAGE_TAG,
-    DataError,
-    RecordDataset,
-    chatml_assistant_spans,
-    context_flags,
-    open_image,
-    record_images,
-    regular_file_size,
-    wants_thinking,
-)
+from data.errors import MediaProblem
+from data.layouts import chatml_assistant_spans, context_flags, wants_thinking
+from data.media import decode_video, open_image
+from data.records import IGNORE_INDEX, RecordDataset
+from data.preference import PreferencePairs
+from data.schema import MULTI_IMAGE_TAG, PREFERENCE_ANSWERS, SINGLE_IMAGE_TAG, VIDEO_TAG, record_images, validate_video
+from data.shipping import ShippedBatch
 
 logger = logging.getLogger(__name__)
 
-VIDEO_TAG = "<video>"
 MEDIA_TAG = re.compile(rf"({SINGLE_IMAGE_TAG}|{MULTI_IMAGE_TAG.pattern}|{VIDEO_TAG})")
+# The model inputs of a sample's images and video frames (the collator packs them).
+PIXEL_KEYS = ("pixel_values", "target_sizes", "pixel_values_videos", "target_sizes_videos")
+# Where rows of a batch share an earlier row's images (a group's later rows: a preference pair's
+# rejected row, GRPO's answers after the first), they carry the images' patch grids (target_sizes:
+# the model lays out every row's positions by them, 4.7's M-RoPE) but not the pixels; the collator
+# then gives the grids of the pixels it holds under this key, for the vision tower (NativeFamily.forward).
+ENCODED_SIZES = "encoded_target_sizes"
 
 
-class VideoProblem(Exception):
-    """A video file that cannot be used; ``code`` as in DataError."""
-
-    def __init__(self, code, message):
-        super().__init__(message)
-        self.code = code
-
-
-def validate_video(record, index, *, data_path=None):
-    """The video part of a record's structure: ``"video"`` a path; ``<video>`` at most once, in a
-    user message, and only when there is a video."""
-    record_id = record.get("id")
-
-    def fail(code, reason):
-        raise DataError(reason, index=index, record_id=record_id, data_path=data_path, code=code)
-
-    video = record.get("video")
-    if video is not None and (not isinstance(video, str) or not video):
-        fail("bad_video_field", f"'video' must be a path, got {video!r:.80}")
-    tagged = [n for n, m in enumerate(record["conversations"]) if VIDEO_TAG in m["content"]]
-    if video is None and tagged:
-        fail("unknown_video_tag", "a message contains <video> but the record has no 'video' path; " + LITERAL_TAG_HINT)
-    if sum(m["content"].count(VIDEO_TAG) for m in record["conversations"]) > 1:
-        fail("video_tag_count", "<video> appears more than once, but a record has at most one video")
-    if tagged and record["conversations"][tagged[0]]["role"] != "user":
-        role = record["conversations"][tagged[0]]["role"]
-        article = "an" if role == "assistant" else "a"
-        fail("video_in_assistant", f"<video> sits in message {tagged[0]}, {article} {role} message; put it in a user message")
+def prompt_length(sample):
+    """Where a sample's answer starts (labels are not shifted: its first learned position)."""
+    return int((sample["labels"] != IGNORE_INDEX).nonzero()[0])
 
 
 def record_messages(conversations, *, image_untagged, video_untagged):
@@ -107,61 +78,6 @@ def record_messages(conversations, *, image_untagged, video_untagged):
                 parts.append({"type": "text", "text": piece})
         messages.append({"role": "user", "content": parts})
     return messages, media
-
-
-def count_frames(path):
-    """The frames of ``path``'s first video stream, counted by decoding it: for containers that store
-    no count (Matroska, WebM). Decoded, not demuxed: a packet need not be a shown frame (VP8's hidden
-    alt-ref frames), and the count must be what decode_video can pick from."""
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        return sum(1 for _ in container.decode(stream))
-
-
-def decode_video(path, sample_indices):
-    """Decode the frames ``sample_indices(metadata)`` picks, as RGB ``[T, H, W, 3]``, with PyAV.
-
-    Raises VideoProblem: missing, a folder, a symlink loop, a FIFO or device (never opened: that
-    would block), empty, not a video, no frames, or frames that do not decode.
-    """
-    if regular_file_size(path, "video", VideoProblem) == 0:
-        raise VideoProblem("empty_video", "the file is empty (0 bytes)")
-    try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise VideoProblem("no_video_frames", "the file has no video stream")
-            stream = container.streams.video[0]
-            total = stream.frames or count_frames(path)
-            fps = float(stream.average_rate or 0)
-            if not fps and total and container.duration:  # no frame rate stored: frames over the duration
-                fps = total / (container.duration / av.time_base)
-            if not total or not fps:
-                raise VideoProblem("no_video_frames", f"no frames to sample ({total} frames at {fps} fps)")
-            metadata = VideoMetadata(
-                total_num_frames=int(total),
-                fps=fps,
-                duration=total / fps,
-                video_backend="pyav",
-                height=stream.height,
-                width=stream.width,
-            )
-            indices = [int(i) for i in sample_indices(metadata=metadata)]
-            wanted, frames = set(indices), {}
-            for number, frame in enumerate(container.decode(stream)):
-                if number in wanted:
-                    frames[number] = frame.to_ndarray(format="rgb24")
-                if number >= indices[-1]:
-                    break
-    except av.error.FFmpegError as e:
-        raise VideoProblem("unreadable_video", f"PyAV cannot decode it: {e}") from e
-    missing = sorted(wanted - set(frames))
-    if missing:
-        raise VideoProblem(
-            "unreadable_video", f"frames {missing[:5]} of {metadata.total_num_frames} could not be decoded (truncated?)"
-        )
-    metadata.frames_indices = indices
-    return np.stack([frames[i] for i in indices]), metadata
 
 
 class NativeDataset(RecordDataset):
@@ -245,7 +161,7 @@ class NativeDataset(RecordDataset):
         sample = functools.partial(self.processor.video_processor.sample_frames, **self.videos_kwargs)
         try:
             return decode_video(full_path, sample)
-        except VideoProblem as e:
+        except MediaProblem as e:
             raise self._error(
                 index, record, f"cannot load video from {full_path}: {e}", path=full_path, code=e.code
             ) from e
@@ -301,6 +217,7 @@ class NativeDataset(RecordDataset):
         sample["labels"] = labels
 
         full_length = len(ids)
+        self._refuse_truncation(index, record, full_length)
         if full_length > self.max_length:
             media_positions = torch.where(torch.isin(ids, self.media_ids))[0]
             if len(media_positions) and int(media_positions[-1]) >= self.max_length:
@@ -320,7 +237,7 @@ class NativeDataset(RecordDataset):
         if not (sample["labels"] != IGNORE_INDEX).any():
             after = f" after truncation to max_length {self.max_length}" if full_length > self.max_length else ""
             raise self._error(index, record, f"no learnable token left{after}", code="no_learnable_tokens")
-        for key in ("pixel_values", "target_sizes", "pixel_values_videos", "target_sizes_videos"):
+        for key in PIXEL_KEYS:
             if key in inputs:
                 sample[key] = inputs[key]
         sample["record"] = {"index": index, "id": record.get("id")}  # names the record if its loss goes bad
@@ -332,7 +249,8 @@ class NativeCollator:
 
     The native models take all images of a batch as one ``[1, 3, patch, total]`` tensor with a
     ``target_sizes`` row per image or slice, in the order their placeholders appear in the batch
-    (sample by sample), which is concatenation in sample order.
+    (sample by sample), which is concatenation in sample order. The batch is a ShippedBatch: from a
+    DataLoader worker, its tensors travel as one block (data/shipping.py).
     """
 
     PAD = {"input_ids": None, "attention_mask": 0, "labels": IGNORE_INDEX, "mm_token_type_ids": 0}
@@ -341,7 +259,7 @@ class NativeCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, examples):
-        batch = {}
+        batch = ShippedBatch()
         for key, value in self.PAD.items():
             if key in examples[0]:
                 value = self.pad_token_id if value is None else value
@@ -351,5 +269,56 @@ class NativeCollator:
             if present:
                 batch[pixels] = torch.cat([e[pixels] for e in present], dim=-1)
                 batch[sizes] = torch.cat([e[sizes] for e in present], dim=0)
+        sharing = [e for e in examples if "target_sizes" in e and "pixel_values" not in e]
+        if sharing:
+            batch[ENCODED_SIZES] = batch["target_sizes"]
+            batch["target_sizes"] = torch.cat([e["target_sizes"] for e in examples if "target_sizes" in e], dim=0)
         batch["records"] = [e["record"] for e in examples]
         return batch
+
+
+class NativePreferenceDataset(PreferencePairs, NativeDataset):
+    """Preference records -> ``{"chosen": sample, "rejected": sample}``: each the SFT sample of the
+    prompt with that answer (NativeDataset: the answer and its ``<|im_end|>`` labelled), the pair
+    never truncated (``pair_too_long``). Only the chosen sample keeps the pixels; the rejected one
+    keeps their grids, ``target_sizes`` (see ENCODED_SIZES), and has the same prompt (checked:
+    ``prompts_differ``): the trainer encodes the images once per pair (NativeFamily.forward with
+    ``group=2``). A video record is refused (``video_preference``): that grouped forward shares
+    images only."""
+
+    def validate(self, record, index):
+        super().validate(record, index)
+        if "video" in record:
+            raise self._error(index, record, "--stage dpo takes preference records with images or text only, not "
+                              "a video: each pair's vision features are shared by its two answers, and that "
+                              "is done for images only", code="video_preference")
+
+    def __getitem__(self, index):
+        pair = self._same_prompt(index, True)
+        chosen, rejected = (pair[key][0] for key in PREFERENCE_ANSWERS)
+        return {"chosen": chosen, "rejected": {k: v for k, v in rejected.items() if k != "pixel_values"}}
+
+    def check(self, index):
+        """As NativeDataset.check, of the pair's longer row (the collator pads both to it)."""
+        tokens = max(length for _, length in self._same_prompt(index, False).values())
+        return {"tokens": tokens, "truncated": False, "length": tokens}
+
+    def _same_prompt(self, index, *args):
+        pair = self._pair(index, *args)
+        prompts = [sample["input_ids"][: prompt_length(sample)] for sample, _ in pair.values()]
+        if not torch.equal(*prompts):
+            raise self._error(
+                index, self.records[index],
+                "the chosen and the rejected answer lay out different prompts (the chat template renders the prompt "
+                "by its answers: a think block in one answer and not the other?); give both answers the same form",
+                code="prompts_differ")
+        return pair
+
+
+class NativePreferenceCollator(NativeCollator):
+    """Batches B pairs as 2B rows, each pair's chosen row then its rejected row (which carries the
+    images' grids but not their pixels: ENCODED_SIZES): a group of 2 answers to one prompt, as
+    NativeFamily.answered_batch lays them out and ``forward(..., group=2)`` takes them."""
+
+    def __call__(self, examples):
+        return super().__call__([example[key] for example in examples for key in PREFERENCE_ANSWERS])
