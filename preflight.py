@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import time
 from dataclasses import dataclass, field
+from multiprocessing import forkserver
 
 import numpy as np
 import torch.distributed as dist
@@ -123,8 +124,8 @@ def _check_task(task):
     return check_range(_worker_datasets[split], split, start, stop)
 
 
-# A worker is a fresh interpreter (spawned, see check_shares) that imports torch and transformers and
-# unpickles the datasets before it checks anything: several seconds. At about 3 ms a record, a worker
+# A worker (worker_context) unpickles the datasets before it checks anything, and the first check of a
+# process waits for the fork server to import torch and transformers: several seconds. At about 3 ms a record, a worker
 # pays for that only with thousands of records, so the default gives each at least this many.
 MIN_RECORDS_PER_WORKER = 2000
 
@@ -134,6 +135,27 @@ def default_workers(records):
     among the node's ranks, and no more than give each worker MIN_RECORDS_PER_WORKER records."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)), records // MIN_RECORDS_PER_WORKER))
+
+
+def worker_context():
+    """The multiprocessing context the check's workers start from: a fork server. Not a fork of this
+    process: a fork copies the locks of its threads (OpenMP's pool once torch has computed, logging,
+    tokenizers) as they are, and a worker that needs one held at the fork waits forever (it did, in a
+    process that had trained before: train() called twice, a notebook). Not a spawn either: every
+    spawned worker imports torch, transformers and the script's modules again (about 8 CPU s each
+    here). The fork server is a fresh, single-threaded interpreter that imports them once (the
+    script and this module); each worker is a fork of it, and it stays for later checks. Where the
+    fork server cannot start (its socket's path under a TMPDIR of over ~100 characters is too long),
+    the workers are spawned, and the log says why."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", __name__])
+    try:
+        forkserver.ensure_running()
+    except OSError as error:
+        logger.warning("Preflight workers are spawned (each imports torch and transformers itself): the "
+                       "fork server could not start: %s", error)
+        return multiprocessing.get_context("spawn")
+    return context
 
 
 def rank_range(count, rank, world_size):
@@ -156,10 +178,7 @@ def check_shares(datasets, ranges, workers, *, progress=True):
     ]
     results = {split: [] for split in ranges}
     if workers > 1 and len(tasks) > 1:
-        # Spawned, not forked: a fork copies the locks of the parent's threads (OpenMP's pool once torch
-        # has computed, logging, tokenizers) as they are, and a worker that needs one held at the fork
-        # waits forever (it did, in a process that had trained before: train() called twice, a notebook).
-        context = multiprocessing.get_context("spawn")
+        context = worker_context()
         with context.Pool(min(workers, len(tasks)), initializer=_start_worker, initargs=(datasets,)) as pool:
             for task, share in zip(tasks, pool.imap(_check_task, tasks)):
                 results[task[0]].append(share)

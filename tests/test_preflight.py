@@ -4,6 +4,8 @@ import json
 import os
 import re
 import struct
+import subprocess
+import sys
 import time
 import zlib
 
@@ -541,8 +543,8 @@ def test_worker_processes_check_each_record_once_and_results_come_back_in_order(
     one = preflight.check_dataset(data, "train", progress=False, workers=1)
     assert sorted(int(line.split()[0]) for line in log.read_text().splitlines()) == list(range(300))
     log.unlink()
-    # This process has computed with torch's thread pool: forked workers inherit its locks as held
-    # and hung here; spawned ones start clean.
+    # This process has computed with torch's thread pool: workers forked from it inherit its locks as
+    # held and hung here; workers forked from the fork server (a fresh process) start clean.
     torch.set_num_threads(2)
     torch.ones(512, 512) @ torch.ones(512, 512)
     three = preflight.check_dataset(data, "train", progress=False, workers=3)
@@ -554,6 +556,28 @@ def test_worker_processes_check_each_record_once_and_results_come_back_in_order(
     assert {**stats, "seconds": 0} == {**stats1, "seconds": 0}
     assert [p.index for p in problems] == list(range(3, 300, 7))
     assert stats["truncated"] == [i for i in range(91, 300) if i % 7 != 3] and stats["longest_tokens"] == 309
+
+
+@pytest.mark.launch
+def test_workers_are_spawned_with_a_warning_where_the_fork_server_cannot_start(tmp_path):
+    # A fork server listens on a socket under TMPDIR; a path of over ~108 bytes cannot be bound.
+    long_tmp = tmp_path / ("t" * 120)
+    long_tmp.mkdir()
+    log = tmp_path / "checks.log"
+    code = (
+        "import logging, sys; logging.basicConfig(); import preflight; from test_preflight import LoggedChecks; "
+        f"problems, _, _ = preflight.check_dataset(LoggedChecks({str(log)!r}, 40), 'train', progress=False, workers=2); "
+        "import os; print('bad', [p.index for p in problems], 'parent', os.getpid())"
+    )
+    tests = os.path.dirname(__file__)
+    done = subprocess.run([sys.executable, "-c", code], env=subprocess_env(TMPDIR=long_tmp, PYTHONPATH=f"{os.path.dirname(tests)}:{tests}"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Preflight workers are spawned" in done.stderr and "AF_UNIX path too long" in done.stderr
+    assert "bad [3, 10, 17, 24, 31, 38]" in done.stdout
+    checks = [line.split() for line in log.read_text().splitlines()]
+    assert sorted(int(index) for index, _ in checks) == list(range(40))
+    assert done.stdout.split()[-1] not in {pid for _, pid in checks}  # by the spawned workers
 
 
 @pytest.mark.launch
