@@ -131,8 +131,9 @@ def test_loss_memory_benchmark(tmp_path):
 def test_import_time_benchmark(tmp_path):
     out = run_benchmark("import_time.py", tmp_path)
     rows = dict(re.findall(r"^\s*(.+?):\s+[\d.]+\s+[\d.]+\s+\((bitsandbytes: \w+)", out, re.MULTILINE))
-    assert rows == {"--help": "bitsandbytes: no", "--help --q_lora true": "bitsandbytes: yes",
-                    "import finetune": "bitsandbytes: yes"}, out
+    assert set(rows) == {"--help", "--help --q_lora true", "import finetune"}, out
+    # Ours to keep out; the other two import it where peft does (peft 0.22 no longer does at import).
+    assert rows["--help"] == "bitsandbytes: no", out
 
 
 @pytest.mark.launch
