@@ -22,6 +22,7 @@ import datetime
 import logging
 import multiprocessing
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from multiprocessing import forkserver
@@ -137,18 +138,34 @@ def default_workers(records):
     return max(1, min(cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)), records // MIN_RECORDS_PER_WORKER))
 
 
+def script_module():
+    """The name under which the running script (``finetune.py``) imports as a module, or None. A
+    worker runs the script's top level again (its imports, as ``__mp_main__``); with the module
+    imported in the fork server first, what it imports is there already. (Python 3.11's own preload
+    of ``__main__`` never takes effect: the fork server is not told the script's path.)"""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if getattr(main, "__spec__", None) is not None or not path:
+        return None  # run as ``python -m NAME`` or interactively: a worker does not run it again
+    folder, name = os.path.split(os.path.abspath(path))
+    stem, suffix = os.path.splitext(name)
+    if suffix != ".py" or not stem.isidentifier() or os.path.abspath(sys.path[0] or os.curdir) != folder:
+        return None
+    return stem
+
+
 def worker_context():
     """The multiprocessing context the check's workers start from: a fork server. Not a fork of this
     process: a fork copies the locks of its threads (OpenMP's pool once torch has computed, logging,
     tokenizers) as they are, and a worker that needs one held at the fork waits forever (it did, in a
     process that had trained before: train() called twice, a notebook). Not a spawn either: every
     spawned worker imports torch, transformers and the script's modules again (about 8 CPU s each
-    here). The fork server is a fresh, single-threaded interpreter that imports them once (the
-    script and this module); each worker is a fork of it, and it stays for later checks. Where the
-    fork server cannot start (its socket's path under a TMPDIR of over ~100 characters is too long),
-    the workers are spawned, and the log says why."""
+    here). The fork server is a fresh, single-threaded interpreter that imports them once (this
+    module and the script's, see script_module); each worker is a fork of it, and it stays for later
+    checks. Where the fork server cannot start (its socket's path under a TMPDIR of over ~100
+    characters is too long), the workers are spawned, and the log says why."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["__main__", __name__])
+    context.set_forkserver_preload([name for name in (__name__, script_module()) if name])
     try:
         forkserver.ensure_running()
     except OSError as error:

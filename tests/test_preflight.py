@@ -1,5 +1,6 @@
 """Preflight: a corpus of malformed records, each reported with its reason; the CLI; skip mode."""
 
+import importlib.machinery
 import json
 import os
 import re
@@ -7,6 +8,7 @@ import struct
 import subprocess
 import sys
 import time
+import types
 import zlib
 
 import numpy as np
@@ -556,6 +558,22 @@ def test_worker_processes_check_each_record_once_and_results_come_back_in_order(
     assert {**stats, "seconds": 0} == {**stats1, "seconds": 0}
     assert [p.index for p in problems] == list(range(3, 300, 7))
     assert stats["truncated"] == [i for i in range(91, 300) if i % 7 != 3] and stats["longest_tokens"] == 309
+
+
+def test_the_fork_server_imports_the_script_that_workers_run_again(monkeypatch):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(preflight.__file__)))
+    script = types.ModuleType("__main__")
+    script.__file__, script.__spec__ = os.path.join(root, "finetune.py"), None
+    monkeypatch.setitem(sys.modules, "__main__", script)
+    monkeypatch.setattr(sys, "path", [root, *sys.path[1:]])
+    assert preflight.script_module() == "finetune"
+    monkeypatch.setattr(sys, "path", [os.path.join(root, "tests"), *sys.path[1:]])
+    assert preflight.script_module() is None  # not importable under that name from here
+    monkeypatch.setattr(sys, "path", [root, *sys.path[1:]])
+    script.__file__ = os.path.join(root, ".venv", "bin", "pytest")
+    assert preflight.script_module() is None  # a console script, not a module
+    script.__file__, script.__spec__ = os.path.join(root, "finetune.py"), importlib.machinery.ModuleSpec("finetune", None)
+    assert preflight.script_module() is None  # python -m: a worker does not run it again
 
 
 @pytest.mark.launch
