@@ -126,8 +126,9 @@ def _check_task(task):
 
 
 # A worker (worker_context) unpickles the datasets before it checks anything, and the first check of a
-# process waits for the fork server to import torch and transformers: several seconds. At about 3 ms a record, a worker
-# pays for that only with thousands of records, so the default gives each at least this many.
+# process waits for the fork server to import torch and transformers: several seconds. At about 3 ms
+# a record, a worker pays for that only with thousands of records, so the default gives each at
+# least this many.
 MIN_RECORDS_PER_WORKER = 2000
 
 
