@@ -187,6 +187,17 @@ def test_seeded_run_raises_the_margin_and_held_out_accuracy(tiny_checkpoint, sha
     assert evaluation["eval_loss"] < math.log(2)
 
 
+def preference_problems(checkpoint, records, tmp_path):
+    """The problems preflight reports (``--stage dpo --preflight_only true``, which must stop) for
+    ``records``, written as the data file."""
+    data, out = tmp_path / "bad.json", tmp_path / "out"
+    data.write_text(json.dumps(records))
+    with pytest.raises(preflight.PreflightFailed):
+        finetune.main([str(a) for a in finetune_args(checkpoint, data, out, *FAST_ARGS, "--stage", "dpo",
+                                                       "--preflight_only", "true")])
+    return json.loads((out / preflight.REPORT_NAME).read_text())["problems"]
+
+
 def test_bad_preference_records_are_reported_by_preflight(tiny_checkpoint, preferences, tmp_path):
     good = json.loads(preferences.read_text())[0]
     bad = [
@@ -197,15 +208,8 @@ def test_bad_preference_records_are_reported_by_preflight(tiny_checkpoint, prefe
         {**good, "id": "sft-record", "conversations": good["conversations"] + [{"role": "assistant", "content": "x"}]},
         {**good, "id": "too-long", "rejected": "word " * 600},
     ]
-    data = tmp_path / "bad.json"
-    data.write_text(json.dumps(bad))
-    out = tmp_path / "out"
-    with pytest.raises(preflight.PreflightFailed):
-        finetune.main([str(a) for a in finetune_args(
-            tiny_checkpoint("minicpmv2_6"), data, out, *FAST_ARGS, "--stage", "dpo", "--preflight_only", "true",
-        )])
-    report = json.loads((out / preflight.REPORT_NAME).read_text())
-    found = {(p["index"], p["record_id"], p["reason"]) for p in report["problems"]}
+    problems = preference_problems(tiny_checkpoint("minicpmv2_6"), bad, tmp_path)
+    found = {(p["index"], p["record_id"], p["reason"]) for p in problems}
     assert found == {
         (1, "no-rejected", "missing_answer"),
         (2, "empty-chosen", "missing_answer"),
@@ -214,7 +218,7 @@ def test_bad_preference_records_are_reported_by_preflight(tiny_checkpoint, prefe
         (5, "too-long", "pair_too_long"),
     }
     assert {reason for *_, reason in found} <= set(REASONS)
-    [too_long] = [p for p in report["problems"] if p["reason"] == "pair_too_long"]
+    [too_long] = [p for p in problems if p["reason"] == "pair_too_long"]
     assert "with the rejected answer" in too_long["message"] and "max_length 512" in too_long["message"]
 
 

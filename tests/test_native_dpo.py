@@ -13,7 +13,6 @@ import arguments
 import families
 import finetune
 import loading
-import preflight
 from data.native import ENCODED_SIZES
 from data.preference import preference_pair
 from data.preflight_report import REASONS
@@ -22,7 +21,7 @@ from families.base import unwrap_peft
 from launch import FAST_ARGS, LORA_ARGS, finetune_args, run_script, train_losses, trainer_state
 from loss import IGNORE_INDEX, labelled_row_sums
 from stages import dpo, prepare
-from test_dpo import write_preferences
+from test_dpo import preference_problems, write_preferences
 from tiny_models.build import NATIVE_FAMILIES
 
 NATIVE = "minicpmv4_6"
@@ -162,15 +161,8 @@ def test_bad_native_preference_records_are_reported_by_preflight(tiny_checkpoint
         # The chat template renders the prompt of a thinking answer with thinking on, of the other off.
         {**good, "id": "thinks-once", "chosen": "<think>It is red.</think>" + good["chosen"]},
     ]
-    data = tmp_path / "bad.json"
-    data.write_text(json.dumps(bad))
-    out = tmp_path / "out"
-    with pytest.raises(preflight.PreflightFailed):
-        finetune.main([str(a) for a in finetune_args(
-            tiny_checkpoint(NATIVE), data, out, *FAST_ARGS, "--stage", "dpo", "--preflight_only", "true",
-        )])
-    report = json.loads((out / preflight.REPORT_NAME).read_text())
-    found = {(p["index"], p["record_id"], p["reason"]) for p in report["problems"]}
+    problems = preference_problems(tiny_checkpoint(NATIVE), bad, tmp_path)
+    found = {(p["index"], p["record_id"], p["reason"]) for p in problems}
     assert found == {
         (1, "no-rejected", "missing_answer"),
         (2, "same", "identical_answers"),
@@ -180,7 +172,7 @@ def test_bad_native_preference_records_are_reported_by_preflight(tiny_checkpoint
         (6, "thinks-once", "prompts_differ"),
     }
     assert {reason for *_, reason in found} <= set(REASONS)
-    [too_long] = [p for p in report["problems"] if p["reason"] == "pair_too_long"]
+    [too_long] = [p for p in problems if p["reason"] == "pair_too_long"]
     assert "with the rejected answer" in too_long["message"] and "max_length 512" in too_long["message"]
 
 
