@@ -67,17 +67,23 @@ def grpo_args(model_dir, data, output_dir, *extra, tuning=LORA_ARGS):
     )]
 
 
+def policy_and_prompts(model_dir, colours, tmp_path):
+    """``(config, family, processing, dataset, model)``: the checkpoint's family and processing, the
+    colour records as GRPO reads them (SFT-form samples) and its model in fp32, in eval mode."""
+    _, data_args, training_args, _ = arguments.parse_args(grpo_args(model_dir, colours, tmp_path))
+    config = loading.load_config(model_dir)
+    fam = families.family_for(config)
+    processing = fam.load_processing(model_dir)
+    dataset, _ = prepare.build_datasets(fam, data_args, training_args, processing, config, "sft")
+    return config, fam, processing, dataset, fam.load_model(model_dir, config, dtype=torch.float32).eval()
+
+
 @pytest.mark.numerics  # grouped and single rows: other kernel shapes, compared within a tolerance
 # 4.7 lays out every row's positions by its images' grids (M-RoPE): the later rows of a group carry them.
 @pytest.mark.parametrize("family", ["minicpmv2_6", "minicpmv4_6", "minicpmv4_7"])
 def test_grouped_forward_reuses_vision_and_matches_each_row_alone(family, tiny_checkpoint, colours, tmp_path):
     model_dir = tiny_checkpoint(family)
-    model_args, data_args, training_args, lora_args = arguments.parse_args(grpo_args(model_dir, colours, tmp_path))
-    config = loading.load_config(model_dir)
-    fam = families.family_for(config)
-    processing = fam.load_processing(model_dir)
-    dataset, _ = prepare.build_datasets(fam, data_args, training_args, processing, config, "sft")
-    model = fam.load_model(model_dir, config, dtype=torch.float32).eval()
+    config, fam, processing, dataset, model = policy_and_prompts(model_dir, colours, tmp_path)
     samples = [dataset[0], dataset[1]]
     torch.manual_seed(0)
     answers = fam.sample(model, processing, samples, GROUP, 1.0, 3)
@@ -110,12 +116,7 @@ def test_native_sampling_never_answers_with_a_media_placeholder(tiny_checkpoint,
     """The native forward finds a row's images by their placeholder tokens: one sampled into an
     answer (a random tiny model does it at seed 0) would take image features the prompt lacks."""
     model_dir = tiny_checkpoint("minicpmv4_6")
-    model_args, data_args, training_args, lora_args = arguments.parse_args(grpo_args(model_dir, colours, tmp_path))
-    config = loading.load_config(model_dir)
-    fam = families.family_for(config)
-    processing = fam.load_processing(model_dir)
-    dataset, _ = prepare.build_datasets(fam, data_args, training_args, processing, config, "sft")
-    model = fam.load_model(model_dir, config, dtype=torch.float32).eval()
+    config, fam, processing, dataset, model = policy_and_prompts(model_dir, colours, tmp_path)
     placeholders = [config.image_token_id, config.video_token_id]
 
     def favour_placeholders(module, args, logits):
